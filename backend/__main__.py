@@ -1,0 +1,49 @@
+"""`python -m backend serve [--home DIR]`: run the backend in the foreground.
+
+`qlw serve` (without --foreground) and `qlw` itself start this detached from the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from backend import __version__, protocol as P
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend", description="the qlw backend")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    serve = sub.add_parser("serve", help="run the backend in the foreground")
+    serve.add_argument("--home", type=Path, default=None, help="data home (default: $QLW_HOME or the user data dir)")
+    serve.add_argument("--log-level", default=os.environ.get("QLW_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+
+    home = (args.home or P.data_home()).expanduser().resolve()
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from backend.server import AlreadyRunning, serve as run_server
+
+    try:
+        asyncio.run(run_server(home))
+    except AlreadyRunning as exc:
+        print(f"qlw backend: {exc}", file=sys.stderr)
+        return 3
+    # A job thread that ignored its stop request would keep the interpreter alive forever.
+    if any(t.name.startswith("qlw-job") and t.is_alive() for t in threading.enumerate()):
+        logging.getLogger("qlw").warning("a job thread is still running at exit; ending the process")
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

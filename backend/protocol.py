@@ -1,0 +1,500 @@
+"""The contract between the qlw front end and the backend.
+
+Everything the two processes share lives here: where the socket is, the protocol version, the
+envelope types, the typed request parameters and event payloads, and their wire encoding. It is
+pure Python (stdlib + platformdirs) and cheap to import: the front end imports nothing else from
+the backend.
+
+Wire format: one JSON object per line (UTF-8, ``\\n``-terminated, at most ``MAX_MESSAGE_BYTES``).
+Every object has ``"type"``, one of ``hello``, ``welcome``, ``request``, ``reply``, ``event``.
+
+- The client opens with :class:`Hello`; the server answers :class:`Welcome` or, on a protocol
+  version mismatch, a :class:`Reply` with status ``error`` and code ``version_mismatch``, then
+  closes.
+- A :class:`Request` names a ``method`` (see ``REQUESTS``) and carries an ``id``; it gets exactly
+  one :class:`Reply` with that id: ``ok`` (done, with a result), ``accepted`` (a job started; its
+  progress follows as events), ``refused`` (valid, but not possible now: ``reason`` says why) or
+  ``error`` (malformed, unknown, or failed: ``code`` and ``reason``).
+- An :class:`Event` reports anything that happens later. Events of a session carry that session's
+  id and a sequence number (1, 2, ... per session); they are written to the store before they are
+  sent, so a client that re-attaches with ``attach(session, since=N)`` gets every event after N,
+  then the live stream, with no gap and no duplicate. Telemetry events (``ephemeral``, e.g. GPU
+  samples) have no session and no sequence number and are never replayed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+#: The largest line either side accepts; a longer one gets a ``too_large`` error and is skipped.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: AF_UNIX paths longer than this fail to bind on Linux.
+MAX_SOCKET_PATH_BYTES = 107
+
+# Error codes carried by ``Reply(status="error")``.
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+UNKNOWN_TYPE = "unknown_type"
+UNKNOWN_METHOD = "unknown_method"
+TOO_LARGE = "too_large"
+VERSION_MISMATCH = "version_mismatch"
+NOT_READY = "not_ready"
+FAILED = "failed"
+
+REPLY_STATUSES = ("ok", "accepted", "refused", "error")
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted: ``code`` is one of the error codes above."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+# --------------------------------------------------------------------------------------------
+# Rendezvous: the data home and the socket.
+
+
+def data_home() -> Path:
+    """The one folder qlw writes to: ``$QLW_HOME`` or the platform's user data dir."""
+    env = os.environ.get("QLW_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("qlw", appauthor=False))
+
+
+def socket_path(home: Path | None = None) -> Path:
+    """Where the backend of ``home`` listens: ``<home>/run/backend.sock``.
+
+    When that path is too long for AF_UNIX (deep test or home folders), a short private folder
+    under ``$XDG_RUNTIME_DIR`` (or the temp dir) named after a hash of the home is used instead.
+    """
+    home = Path(home) if home is not None else data_home()
+    path = home / "run" / "backend.sock"
+    if len(os.fsencode(str(path))) <= MAX_SOCKET_PATH_BYTES:
+        return path
+    digest = hashlib.sha256(os.fsencode(str(home.resolve()))).hexdigest()[:16]
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"qlw-{os.getuid()}-{digest}" / "backend.sock"
+
+
+# --------------------------------------------------------------------------------------------
+# Envelopes.
+
+
+@dataclass
+class Hello:
+    """First line a client sends: the protocol it speaks and who it is (for logs and status)."""
+
+    TYPE: ClassVar[str] = "hello"
+    protocol: int
+    client: str = ""
+
+
+@dataclass
+class Welcome:
+    """The server's answer to a matching :class:`Hello`."""
+
+    TYPE: ClassVar[str] = "welcome"
+    protocol: int
+    server_version: str
+    pid: int
+    started: float
+    data_home: str
+
+
+@dataclass
+class Request:
+    """A call from a client. ``params`` are checked against ``REQUESTS[method]``."""
+
+    TYPE: ClassVar[str] = "request"
+    id: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """The one answer to a :class:`Request` (``id`` is empty when the request had none)."""
+
+    TYPE: ClassVar[str] = "reply"
+    id: str
+    status: str
+    result: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    code: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "accepted")
+
+
+@dataclass
+class Event:
+    """Something that happened. ``payload`` is checked against ``EVENTS[kind]`` when known.
+
+    ``session``/``seq`` are set for recorded events and ``None`` for ephemeral telemetry.
+    """
+
+    TYPE: ClassVar[str] = "event"
+    kind: str
+    payload: dict[str, Any]
+    time: float
+    session: str | None = None
+    seq: int | None = None
+
+
+ENVELOPES: dict[str, type] = {c.TYPE: c for c in (Hello, Welcome, Request, Reply, Event)}
+
+
+# --------------------------------------------------------------------------------------------
+# Typed request parameters and event payloads.
+
+REQUESTS: dict[str, type] = {}
+EVENTS: dict[str, type] = {}
+#: Event kinds that are broadcast but neither stored nor replayed.
+EPHEMERAL: set[str] = set()
+
+
+def request(method: str):
+    """Register a dataclass as the parameters of request ``method``."""
+
+    def wrap(cls):
+        cls = dataclass(cls)
+        cls.METHOD = method
+        REQUESTS[method] = cls
+        return cls
+
+    return wrap
+
+
+def event(kind: str, *, ephemeral: bool = False):
+    """Register a dataclass as the payload of event ``kind``."""
+
+    def wrap(cls):
+        cls = dataclass(cls)
+        cls.KIND = kind
+        EVENTS[kind] = cls
+        if ephemeral:
+            EPHEMERAL.add(kind)
+        return cls
+
+    return wrap
+
+
+# Requests -------------------------------------------------------------------------------------
+
+
+@request("ping")
+class Ping:
+    """Liveness check; the reply echoes ``payload`` with the server's clock."""
+
+    payload: str = ""
+
+
+@request("status")
+class Status:
+    """Server facts: pid, uptime, protocol, data home, current session and job, clients."""
+
+
+@request("attach")
+class Attach:
+    """Follow the backend: replay ``session``'s events after ``since``, then stream live.
+
+    ``session=None`` means the current session (the latest one if none is active). The reply
+    comes after the replay, with ``{"session": id or None, "last_seq": int}``. Live events of
+    every session follow, whichever session was replayed.
+    """
+
+    session: str | None = None
+    since: int = 0
+
+
+@request("sessions.list")
+class ListSessions:
+    """Past and present sessions, newest first: ``{"sessions": [SessionInfo, ...]}``."""
+
+    limit: int = 200
+
+
+@request("sessions.new")
+class NewSession:
+    """Start a new session and make it current: ``{"session": SessionInfo}``."""
+
+    name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@request("job.cancel")
+class CancelJob:
+    """Ask the running job to stop (it saves what it can first). ``job_id`` guards against
+    cancelling a newer job than the one the user saw; empty means whatever runs."""
+
+    job_id: str = ""
+
+
+@request("tiny.prepare")
+class PrepareTiny:
+    """Job: build (once) the embedded tiny model in the data home; progress as job events."""
+
+
+@request("diag.ticker")
+class DiagTicker:
+    """Job: emit ``count`` ``diag.tick`` events at ``rate`` per second (0 = as fast as
+    possible). A diagnostic for the channel: used by ``qlw doctor``, tests and bench/."""
+
+    count: int = 100
+    rate: float = 100.0
+
+
+@request("diag.burn")
+class DiagBurn:
+    """Job: keep one core busy in pure Python (holding the GIL) for ``seconds``, the worst case
+    for the event loop. A diagnostic: proves that ``ping`` stays fast while a job computes."""
+
+    seconds: float = 1.0
+
+
+@request("shutdown")
+class Shutdown:
+    """Stop the backend. With ``graceful``, a running job is asked to stop and save first and
+    the server waits up to ``timeout`` seconds for it."""
+
+    graceful: bool = True
+    timeout: float = 60.0
+
+
+# Events ---------------------------------------------------------------------------------------
+
+
+@event("session.created")
+class SessionCreated:
+    """A new session became current."""
+
+    session: str
+    name: str
+    created: float
+
+
+@event("session.status")
+class SessionStatus:
+    """A session's status changed: idle, running, finished, failed, cancelled, interrupted."""
+
+    session: str
+    status: str
+
+
+@event("job.started")
+class JobStarted:
+    """A job began running."""
+
+    job_id: str
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@event("job.progress")
+class JobProgress:
+    """Progress of the running job: ``done`` of ``total`` (``total`` 0 when unknown)."""
+
+    job_id: str
+    stage: str = ""
+    done: float = 0
+    total: float = 0
+    unit: str = ""
+    message: str = ""
+
+
+@event("job.finished")
+class JobFinished:
+    """A job ended. ``status``: done, cancelled or failed (then ``error`` is set)."""
+
+    job_id: str
+    kind: str
+    status: str
+    elapsed_s: float
+    result: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+
+
+@event("error")
+class ErrorEvent:
+    """Something failed, said for people: what, where, and what to do next."""
+
+    message: str
+    where: str = ""
+    hint: str = ""
+    detail: str = ""
+    job_id: str = ""
+
+
+@event("log")
+class LogEvent:
+    """A line worth showing to the user (not debug noise)."""
+
+    level: str
+    message: str
+
+
+@event("diag.tick")
+class DiagTick:
+    """One event of the ``diag.ticker`` job."""
+
+    job_id: str
+    n: int
+    total: int
+    sent: float
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding, decoding, validation.
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        names = {f.name for f in dataclasses.fields(cls)}  # excludes ClassVars
+        hints = {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+        _HINTS[cls] = hints
+    return hints
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        tp = origin
+    if tp is dict:
+        return isinstance(value, dict)
+    if tp is list:
+        return isinstance(value, list)
+    return isinstance(value, tp)
+
+
+def build(cls: type, data: Any, what: str):
+    """Construct dataclass ``cls`` from a JSON object, checking names and types.
+
+    Raises :class:`ProtocolError` (``bad_message``) saying which field is wrong and why.
+    """
+    if not isinstance(data, dict):
+        raise ProtocolError(BAD_MESSAGE, f"{what}: expected an object, got {type(data).__name__}")
+    hints = _hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ProtocolError(BAD_MESSAGE, f"{what}: unknown field(s) {', '.join(unknown)}")
+    for f in dataclasses.fields(cls):
+        name = f.name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(BAD_MESSAGE, f"{what}: missing field {name!r}")
+            continue
+        if not _matches(data[name], hints[name]):
+            raise ProtocolError(
+                BAD_MESSAGE,
+                f"{what}: field {name!r} must be {_type_name(hints[name])}, got {data[name]!r:.60}",
+            )
+    return cls(**data)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass instance as plain JSON-able data (shallow: fields are already JSON data)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def encode(msg: Any) -> bytes:
+    """One envelope as a wire line."""
+    data = {"type": msg.TYPE, **to_dict(msg)}
+    line = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=True)  # a NaN loss must still be reported
+    return line.encode("utf-8") + b"\n"
+
+
+def decode(line: bytes | str):
+    """A wire line as an envelope; :class:`ProtocolError` if it is not a valid one.
+
+    Requests keep ``params`` as a dict (check them with :func:`request_params`), so that a bad
+    parameter can be answered with the request's own id.
+    """
+    if isinstance(line, bytes):
+        if len(line) > MAX_MESSAGE_BYTES:
+            raise ProtocolError(TOO_LARGE, f"message of {len(line)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(BAD_JSON, f"message is not UTF-8: {exc}") from None
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(BAD_JSON, f"message is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(BAD_MESSAGE, "message must be a JSON object")
+    kind = data.pop("type", None)
+    cls = ENVELOPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind!r:.40}", _id_of(data))
+    try:
+        return build(cls, data, kind)
+    except ProtocolError as exc:
+        exc.request_id = _id_of(data)
+        raise
+
+
+def _id_of(data: dict) -> str | None:
+    rid = data.get("id")
+    return rid if isinstance(rid, str) else None
+
+
+def request_params(req: Request):
+    """The typed parameters of ``req``; :class:`ProtocolError` for an unknown method or bad
+    parameters (with the request's id, so the error reply can name it)."""
+    cls = REQUESTS.get(req.method)
+    if cls is None:
+        raise ProtocolError(UNKNOWN_METHOD, f"unknown method {req.method!r:.60}", req.id)
+    try:
+        return build(cls, req.params, req.method)
+    except ProtocolError as exc:
+        exc.request_id = req.id
+        raise
+
+
+def make_request(request_id: str, params: Any) -> Request:
+    """A :class:`Request` from a typed parameters object such as ``Ping()``."""
+    return Request(id=request_id, method=params.METHOD, params=to_dict(params))
+
+
+def event_payload(ev: Event):
+    """The typed payload of ``ev``, or ``None`` for a kind this side does not know (newer peers
+    may send kinds an older client ignores)."""
+    cls = EVENTS.get(ev.kind)
+    if cls is None:
+        return None
+    return build(cls, ev.payload, ev.kind)
