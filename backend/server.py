@@ -27,8 +27,8 @@ from sessions.store import Store
 
 log = logging.getLogger("qlw.server")
 
-#: Lines a client may have waiting before it is dropped as too slow.
-CLIENT_QUEUE_LIMIT = 20_000
+#: Lines a client may have waiting before it is dropped as too slow (QLW_CLIENT_QUEUE_LIMIT).
+CLIENT_QUEUE_LIMIT = int(os.environ.get("QLW_CLIENT_QUEUE_LIMIT", "20000"))
 _READ_CHUNK = 256 * 1024
 
 

@@ -1,0 +1,86 @@
+"""Shared fixtures: an isolated data home per test and a real backend process on it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_env():
+    """No test may reach the Hub or write to the user's caches."""
+    cache = tempfile.mkdtemp(prefix="qlw-hf-")
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=cache)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture
+def qlw_home(monkeypatch):
+    """A fresh data home under a short path (AF_UNIX paths are limited to 107 bytes)."""
+    home = Path(tempfile.mkdtemp(prefix="qlw-", dir="/tmp"))
+    monkeypatch.setenv("QLW_HOME", str(home))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def start_backend(home: Path, timeout: float = 20.0) -> subprocess.Popen:
+    """Start `python -m backend serve` on ``home`` (foreground child of the test) and wait until
+    its socket answers."""
+    from backend import protocol as P
+    from tui.client import Connection
+
+    env = dict(os.environ, QLW_HOME=str(home), PYTHONPATH=str(ROOT))
+    log = open(home / "backend-test.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--home", str(home)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(home))
+    deadline = time.monotonic() + timeout
+
+    async def probe():
+        conn = await Connection.open(P.socket_path(home), "probe", timeout=1)
+        await conn.close()
+
+    while True:
+        try:
+            asyncio.run(probe())
+            return proc
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"backend did not start: {(home / 'backend-test.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+
+
+def stop_backend(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def backend(qlw_home):
+    """A real backend process serving ``qlw_home``; yields the home."""
+    proc = start_backend(qlw_home)
+    yield qlw_home
+    stop_backend(proc)
