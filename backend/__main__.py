@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from backend.server import AlreadyRunning, serve as run_server
 
+    # A job thread in pure Python holds the GIL for up to the switch interval each time the loop
+    # asks for it; 1 ms instead of 5 keeps replies prompt. An idle loop asks nothing, so a job
+    # alone runs as before.
+    sys.setswitchinterval(0.001)
+
     try:
         asyncio.run(run_server(home))
     except AlreadyRunning as exc:
