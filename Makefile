@@ -1,0 +1,27 @@
+# The two set-up commands of the README: `make run` and `make test`. Each installs what it
+# needs into .venv on a fresh machine (Python >= 3.11), then runs.
+PYTHON ?= python3
+VENV   ?= .venv
+STAMP  := $(VENV)/.qlw-installed
+
+.PHONY: run test bench-channel clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	# torch first and pinned, so that the resolver never swaps it for another build.
+	$(VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/qlw
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench-channel: $(STAMP)
+	$(VENV)/bin/python bench/channel.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
