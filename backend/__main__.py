@@ -38,10 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.001)
 
     try:
-        asyncio.run(run_server(home))
+        restart = asyncio.run(run_server(home))
     except AlreadyRunning as exc:
         print(f"qlw backend: {exc}", file=sys.stderr)
         return 3
+    if restart:
+        # A fresh process: the only way to release a CUDA context. Same pid, socket and home;
+        # the lock and the socket were let go by the shutdown (fds are close-on-exec).
+        logging.getLogger("qlw").info("restarting the backend")
+        logging.shutdown()
+        os.execv(sys.executable, [sys.executable, "-m", "backend", "serve", "--home", str(home),
+                                  "--log-level", args.log_level])
     # A job thread that ignored its stop request would keep the interpreter alive forever.
     if any(t.name.startswith("qlw-job") and t.is_alive() for t in threading.enumerate()):
         logging.getLogger("qlw").warning("a job thread is still running at exit; ending the process")

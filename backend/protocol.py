@@ -50,6 +50,8 @@ TOO_LARGE = "too_large"
 VERSION_MISMATCH = "version_mismatch"
 NOT_READY = "not_ready"
 FAILED = "failed"
+#: Carried by a ``refused`` reply that the user may overrule (e.g. stop the running job first).
+CONFIRM = "confirm"
 
 REPLY_STATUSES = ("ok", "accepted", "refused", "error")
 
@@ -270,6 +272,36 @@ class DiagBurn:
     seconds: float = 1.0
 
 
+@request("gpu.history")
+class GpuHistory:
+    """The recent ``gpu.sample`` payloads (up to 5 minutes), oldest first: ``{"samples": [...]}``,
+    so a pane that attaches late can draw its sparklines at once."""
+
+
+@request("gpu.interval")
+class GpuInterval:
+    """Set the GPU sampling interval, 0.25 to 10 seconds (default 1)."""
+
+    seconds: float = 1.0
+
+
+@request("gpu.free")
+class FreeMemory:
+    """Job: drop every model, trainer, optimizer, pipeline, streamer and cache the backend holds,
+    collect garbage and empty torch's CUDA cache; the result has before/after figures and what is
+    still held and why. Refused while a job runs unless ``stop_job`` (the user confirmed): then
+    the job is asked to stop and save first."""
+
+    stop_job: bool = False
+
+
+@request("backend.restart")
+class RestartBackend:
+    """Restart the backend process in place (same socket and data home): the heavier way to free
+    the GPU, since only the end of a process releases its CUDA context. A running job is asked
+    to stop and save first; clients re-attach by themselves."""
+
+
 @request("shutdown")
 class Shutdown:
     """Stop the backend. With ``graceful``, a running job is asked to stop and save first and
@@ -349,6 +381,20 @@ class LogEvent:
 
     level: str
     message: str
+
+
+@event("gpu.sample", ephemeral=True)
+class GpuSample:
+    """One monitoring tick: every visible GPU (``None`` for a metric the card does not report),
+    the host's CPU and RAM, and the backend process (RSS, torch memory per device).
+    ``nvml_error`` says why no GPU is visible, when none is."""
+
+    time: float
+    gpus: list[dict[str, Any]]
+    host: dict[str, Any]
+    backend: dict[str, Any]
+    nvml_error: str | None = None
+    driver: str | None = None
 
 
 @event("diag.tick")

@@ -18,6 +18,7 @@ import os
 import signal
 import stat
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -196,6 +197,12 @@ class BackendServer:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._next_cid = 0
+        self.restart_requested = False
+        # GPU monitoring: sampled off the loop while someone is attached; 5 minutes kept.
+        self.gpu_interval = min(10.0, max(0.25, float(os.environ.get("QLW_GPU_INTERVAL", "1"))))
+        self.gpu_history: deque[dict] = deque()
+        self._sampler = None
+        self._sample_task: asyncio.Task | None = None
         self.handlers: dict[str, Callable[[Client, Any], Awaitable[P.Reply]]] = {
             "ping": self._ping,
             "status": self._status,
@@ -204,6 +211,10 @@ class BackendServer:
             "sessions.new": self._new_session,
             "job.cancel": self._cancel_job,
             "shutdown": self._shutdown,
+            "gpu.history": self._gpu_history,
+            "gpu.interval": self._gpu_interval,
+            "gpu.free": self._gpu_free,
+            "backend.restart": self._restart,
         }
         # Job requests: method -> function that builds the job callable from the typed params.
         from backend import diag
@@ -239,6 +250,7 @@ class BackendServer:
         os.chmod(self.socket, 0o600)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.shutdown(graceful=True)))
+        self._sample_task = loop.create_task(self._sample_loop())
         loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: the backend outlives terminals"))
         log.info("qlw backend %s (protocol %d) pid %d listening on %s, data home %s",
                  __version__, P.PROTOCOL_VERSION, os.getpid(), self.socket, self.home)
@@ -252,6 +264,8 @@ class BackendServer:
             return
         self._stopping = True
         log.info("shutting down (graceful=%s)", graceful)
+        if self._sample_task is not None:
+            self._sample_task.cancel()
         job = self.jobs.current if self.jobs else None
         if job is not None:
             self.jobs.cancel()
@@ -403,10 +417,10 @@ class BackendServer:
 
     # Handlers -----------------------------------------------------------------------------------
 
-    def _start_job(self, method: str, params: Any) -> P.Reply:
+    def _start_job(self, method: str, params: Any, fn: Callable | None = None) -> P.Reply:
         if self._stopping:
             return P.Reply("", "refused", reason="the backend is shutting down")
-        fn = self.job_factories[method](params)
+        fn = fn or self.job_factories[method](params)
         session = self.ensure_session()
         try:
             info = self.jobs.start(method, fn, session, P.to_dict(params))
@@ -424,6 +438,71 @@ class BackendServer:
         )
         ctx.check_cancelled()
         return {"path": str(path)}
+
+    # GPU --------------------------------------------------------------------------------------
+
+    async def _sample_loop(self) -> None:
+        from backend.gpu import GpuSampler
+
+        while True:
+            if any(c.attached for c in self.clients):
+                try:
+                    if self._sampler is None:
+                        self._sampler = await asyncio.to_thread(GpuSampler)
+                    snap = await asyncio.to_thread(self._sampler.sample)
+                except Exception:  # monitoring must never take the backend down
+                    log.exception("GPU sampling failed; retrying in 10 s")
+                    await asyncio.sleep(10)
+                    continue
+                self.gpu_history.append(snap)
+                while self.gpu_history and snap["time"] - self.gpu_history[0]["time"] > 300:
+                    self.gpu_history.popleft()
+                self.publish(None, "gpu.sample", snap)
+            await asyncio.sleep(self.gpu_interval)
+
+    async def _gpu_history(self, client: Client, params: P.GpuHistory) -> P.Reply:
+        return P.Reply("", "ok", {"samples": list(self.gpu_history), "interval": self.gpu_interval})
+
+    async def _gpu_interval(self, client: Client, params: P.GpuInterval) -> P.Reply:
+        if not 0.25 <= params.seconds <= 10:
+            return P.Reply("", "error", code=P.BAD_MESSAGE,
+                           reason=f"gpu.interval: seconds must be between 0.25 and 10, got {params.seconds:g}")
+        self.gpu_interval = params.seconds
+        return P.Reply("", "ok", {"interval": self.gpu_interval})
+
+    async def _stop_running_job(self, confirmed: bool, action: str) -> P.Reply | None:
+        """None when no job runs (any more); otherwise a refusal to send back."""
+        job = self.jobs.current
+        if job is None:
+            return None
+        if not confirmed:
+            return P.Reply("", "refused", code=P.CONFIRM,
+                           reason=f"a {job.kind} job ({job.job_id}) is running: confirm to stop it "
+                                  f"(it saves what it can) and {action}")
+        self.jobs.cancel()
+        if not await self.jobs.wait(120):
+            return P.Reply("", "refused", reason=f"the {job.kind} job did not stop within 120 s; try again")
+        return None
+
+    async def _gpu_free(self, client: Client, params: P.FreeMemory) -> P.Reply:
+        refusal = await self._stop_running_job(params.stop_job, "free the memory")
+        if refusal is not None:
+            return refusal
+        return self._start_job("gpu.free", params, self._free_job)
+
+    def _free_job(self, ctx) -> dict:
+        from backend.gpu import GpuSampler, free_memory
+        from backend.holdings import HOLDINGS
+
+        ctx.progress("freeing memory", 0, 1)
+        result = free_memory(HOLDINGS, self._sampler or GpuSampler())
+        ctx.progress("freeing memory", 1, 1)
+        return result
+
+    async def _restart(self, client: Client, params: P.RestartBackend) -> P.Reply:
+        self.restart_requested = True
+        asyncio.get_running_loop().create_task(self.shutdown(graceful=True))
+        return P.Reply("", "ok", {"pid": os.getpid()})
 
     async def _ping(self, client: Client, params: P.Ping) -> P.Reply:
         return P.Reply("", "ok", {"payload": params.payload, "time": time.time()})
@@ -499,10 +578,12 @@ class BackendServer:
         return P.Reply("", "ok", {"stopping_job": job.job_id if job else None})
 
 
-async def serve(home: Path) -> None:
+async def serve(home: Path) -> bool:
+    """Serve ``home`` until shut down; True when a restart was asked for."""
     server = BackendServer(home)
     await server.start()
     try:
         await server.serve_forever()
     finally:
         await server.shutdown(graceful=False)
+    return server.restart_requested
