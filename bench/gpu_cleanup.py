@@ -1,0 +1,272 @@
+"""GPU benchmark for the monitor and the one-key cleanup (issue 3).
+
+    python bench/gpu_cleanup.py            # on the GPU machine: Mistral-7B shape, 4-bit nf4
+    python bench/gpu_cleanup.py --smoke    # anywhere: a tiny model of the same architecture
+
+1. Measures the CUDA context alone (a fresh context, nothing allocated) through NVML.
+2. Builds a Mistral-7B-shaped model with random weights on the GPU, saves it, and loads it back
+   through the real 4-bit path (bitsandbytes nf4, double quantisation, bf16 compute).
+3. Trains LoRA (r=16, all linear layers) with trl's SFTTrainer and paged_adamw_8bit, in blocks
+   of steps with the backend's GPU sampler (1 s) off and on, alternated, and compares the
+   throughput of the two.
+4. Puts model, trainer, optimizer and tokenizer into the backend's holdings, drops every other
+   reference, and runs the backend's free_memory: torch reserved and the process's NVML memory
+   before and after.
+Prints a table and writes gpu_cleanup.json (to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from backend import protocol as P  # noqa: E402
+from backend.gpu import GpuSampler, free_memory, own_nvml_mib  # noqa: E402
+from backend.holdings import HOLDINGS  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def mistral_config(smoke: bool):
+    from transformers import MistralConfig
+
+    if smoke:
+        return MistralConfig(vocab_size=1024, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             head_dim=16)
+    # Mistral-7B-v0.3's shape.
+    return MistralConfig(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                         rope_theta=1_000_000.0, sliding_window=None, head_dim=128)
+
+
+def word_tokenizer(vocab_size: int):
+    """A real fast tokenizer over words t0..tN, so trl tokenizes text as it would any other."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3")
+
+
+def build_and_save(cfg, folder: Path, device: str) -> float:
+    from transformers import AutoModelForCausalLM
+
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return time.perf_counter() - t
+
+
+def load_4bit(folder: Path, device: str):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": 0} if device == "cuda" else {"": "cpu"})
+    return model, time.perf_counter() - t
+
+
+class SamplerThread:
+    """The backend's sampling, as the server runs it: one snapshot per interval, encoded as the
+    event that would be broadcast."""
+
+    def __init__(self, sampler: GpuSampler, interval: float = 1.0):
+        self.sampler, self.interval = sampler, interval
+        self.on = threading.Event()
+        self.stop = threading.Event()
+        self.samples = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            if self.on.is_set():
+                snap = self.sampler.sample()
+                P.encode(P.Event("gpu.sample", snap, snap["time"]))
+                self.samples += 1
+            self.stop.wait(self.interval)
+
+
+def train_blocks(model, tok, args, sampler_thread, out):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rng = torch.Generator().manual_seed(1)
+    n_rows = args.batch * (args.warmup + 2 * args.blocks * args.block_steps) + 8
+    ids = torch.randint(10, tok.vocab_size, (n_rows, args.seq_len - 1), generator=rng)
+    texts = [" ".join(f"t{i}" for i in row.tolist()) for row in ids]
+    ds = Dataset.from_dict({"text": texts})
+
+    step_times: list[tuple[int, float]] = []
+    schedule = {}  # step -> "off" / "on"
+    step = args.warmup
+    for b in range(2 * args.blocks):
+        mode = "off" if b % 2 == 0 else "on"
+        for _ in range(args.block_steps):
+            step += 1
+            schedule[step] = mode
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            nxt = state.global_step + 1
+            if schedule.get(nxt) == "on":
+                sampler_thread.on.set()
+            else:
+                sampler_thread.on.clear()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_times.append((state.global_step, time.perf_counter() - self.t))
+
+    cfg = SFTConfig(
+        output_dir=str(Path(args.work) / "trainer"), max_steps=args.warmup + 2 * args.blocks * args.block_steps,
+        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=2e-4,
+        max_length=args.seq_len, packing=False, gradient_checkpointing=True,
+        optim="paged_adamw_8bit" if not args.smoke else "adamw_torch", bf16=not args.smoke,
+        use_cpu=args.smoke, logging_steps=10, save_strategy="no", report_to="none", seed=0,
+        dataset_num_proc=None, dataloader_num_workers=0,
+    )
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora,
+                         callbacks=[Timer()])
+    t = time.perf_counter()
+    trainer.train()
+    out["train_wall_s"] = round(time.perf_counter() - t, 2)
+    sampler_thread.on.clear()
+    tokens_per_step = args.batch * args.seq_len
+    by_mode = {"off": [], "on": []}
+    for s, dt in step_times:
+        if s in schedule:
+            by_mode[schedule[s]].append(dt)
+    tps = {m: tokens_per_step / statistics.median(v) for m, v in by_mode.items()}
+    out["sampling"] = {
+        "steps_per_mode": {m: len(v) for m, v in by_mode.items()},
+        "median_step_s": {m: round(statistics.median(v), 4) for m, v in by_mode.items()},
+        "tokens_per_s": {m: round(v, 1) for m, v in tps.items()},
+        "cost_percent": round(100 * (1 - tps["on"] / tps["off"]), 2),
+        "samples_taken": sampler_thread.samples,
+        "interval_s": sampler_thread.interval,
+    }
+    out["torch_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1) if torch.cuda.is_available() else None
+    # From here on only the holdings keep these alive, as in the backend.
+    HOLDINGS.put("base", trainer.model, "model", "Mistral-7B shape, 4-bit nf4 + LoRA")
+    HOLDINGS.put("trainer", trainer, "trainer", "SFTTrainer")
+    HOLDINGS.put("optimizer", trainer.optimizer, "optimizer", cfg.optim)
+    HOLDINGS.put("tokenizer", tok, "tokenizer")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny model (CPU is fine)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--blocks", type=int, default=6, help="pairs of (off, on) blocks")
+    ap.add_argument("--block-steps", type=int, default=10)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_cleanup.json")
+    args = ap.parse_args()
+    if args.smoke:
+        args.batch, args.seq_len, args.warmup, args.blocks, args.block_steps = 2, 32, 1, 1, 2
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    args.work = args.work or tempfile.mkdtemp(prefix="qlw-bench-")
+    out: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+                 "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke,
+                 "versions": _versions()}
+    sampler = GpuSampler()
+    out["nvml_error"] = sampler.nvml_error
+
+    if device == "cuda":
+        torch.cuda.init()
+        x = torch.ones(1, device="cuda")
+        del x
+        torch.cuda.empty_cache()
+        out["cuda_context_only_mib"] = own_nvml_mib(sampler)
+
+    cfg = mistral_config(args.smoke)
+    folder = Path(args.work) / "mistral-random"
+    out["build_and_save_s"] = round(build_and_save(cfg, folder, device), 1)
+    model, load_s = load_4bit(folder, device)
+    out["load_4bit_s"] = round(load_s, 1)
+    out["footprint_mib"] = round(model.get_memory_footprint() / MIB, 1)
+    tok = word_tokenizer(cfg.vocab_size)
+    thread = SamplerThread(sampler, 1.0)
+    train_blocks(model, tok, args, thread, out)
+    del model, tok
+    thread.stop.set()
+
+    gc.collect()
+    result = free_memory(HOLDINGS, sampler)
+    out["cleanup"] = result
+    before, after = result["before"], result["after"]
+    if device == "cuda":
+        out["reserved_after_percent_of_before"] = round(100 * after["torch_reserved_mib"] / before["torch_reserved_mib"], 3)
+        # What the process still holds beyond a bare context (cuBLAS/cuDNN workspaces, kernels).
+        out["nvml_after_minus_context_mib"] = round(after["nvml_process_mib"] - out["cuda_context_only_mib"], 1)
+
+    print(f"device {out['device']}  date {out['date']}  versions {out['versions']}")
+    print(f"build+save {out['build_and_save_s']} s, load 4-bit {out['load_4bit_s']} s, footprint {out['footprint_mib']} MiB, "
+          f"torch peak allocated {out['torch_peak_allocated_mib']} MiB")
+    s = out["sampling"]
+    print(f"sampling at 1 s: tokens/s off {s['tokens_per_s']['off']}, on {s['tokens_per_s']['on']}  "
+          f"-> cost {s['cost_percent']}% ({s['steps_per_mode']} steps, {s['samples_taken']} samples)")
+    print(f"{'':24}{'before':>12}{'after':>12}")
+    for key in ("torch_reserved_mib", "nvml_process_mib", "rss_mib"):
+        print(f"{key:24}{str(before[key]):>12}{str(after[key]):>12}")
+    if device == "cuda":
+        print(f"CUDA context alone {out['cuda_context_only_mib']} MiB; reserved after = "
+              f"{out['reserved_after_percent_of_before']}% of before; NVML after - context = {out['nvml_after_minus_context_mib']} MiB")
+    print("dropped:", ", ".join(d["name"] for d in result["dropped"]))
+    for s in result["still_held"]:
+        print("still held:", s["what"], "-", s["why"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print("wrote", args.out)
+    return 0
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "nvidia-ml-py"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
