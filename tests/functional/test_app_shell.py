@@ -1,0 +1,255 @@
+"""The app shell against a real backend: connection states, the Sessions tab, the job line.
+
+Each test drives ``QlwApp`` with ``run_test`` and Pilot; other clients (the "other terminal")
+are plain :class:`tui.client.Connection` objects on the same loop. Waits poll a condition with a
+timeout, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from textual.notifications import Notify
+from textual.widgets import DataTable, TabbedContent
+
+from backend import protocol as P
+from tests.conftest import ROOT, start_backend, stop_backend
+from tui.app import QlwApp
+from tui.client import Connection
+from tui.screens.main_screen import TABS, MainScreen
+from tui.widgets.sessions.sessions_pane import SessionsPane
+from tui.widgets.shell.connection_indicator import ConnectionIndicator
+from tui.widgets.shell.job_indicator import JobIndicator
+
+SIZE = (100, 30)
+
+
+# Helpers ------------------------------------------------------------------------------------
+
+
+def make_app(home: Path, start_backend: bool = True) -> QlwApp:
+    app = QlwApp(home=home, start_backend=start_backend)
+    app.animation_level = "none"  # pilot.press waits for the tab underline's animation
+    return app
+
+
+async def until(pilot, condition, what: str, timeout: float = 10.0) -> None:
+    """Let the app run until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await pilot.pause(0.02)
+
+
+def header(app: QlwApp) -> str:
+    return str(app.screen.query_one(ConnectionIndicator).content)
+
+
+def job_line(app: QlwApp) -> str:
+    return str(app.screen.query_one(JobIndicator).content)
+
+
+def table_rows(app: QlwApp) -> list[list[str]]:
+    table = app.screen.query_one("#sessions-table", DataTable)
+    return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+def detail_line(app: QlwApp) -> str:
+    return str(app.screen.query_one("#session-detail").content)
+
+
+class Other:
+    """Another client of the backend (as a second terminal would be), attached to the stream."""
+
+    def __init__(self, conn: Connection, events: list[P.Event]):
+        self.conn, self.events = conn, events
+
+    @classmethod
+    async def open(cls, home: Path) -> "Other":
+        events: list[P.Event] = []
+        conn = await Connection.open(P.socket_path(home), "test-other", on_event=events.append)
+        await conn.call(P.Attach())
+        return cls(conn, events)
+
+    async def run_job(self, params, timeout: float = 10.0) -> str:
+        """Start a job and wait for its ``job.finished``."""
+        job_id = (await self.conn.call(params))["job_id"]
+        deadline = time.monotonic() + timeout
+        while not any(e.kind == "job.finished" and e.payload["job_id"] == job_id for e in self.events):
+            assert time.monotonic() < deadline, f"job {job_id} did not finish"
+            await asyncio.sleep(0.02)
+        return job_id
+
+
+# Tests --------------------------------------------------------------------------------------
+
+
+def test_import_is_light():
+    """``import tui.app`` loads no ML library and stays well under a second."""
+    code = (
+        "import sys, time; t = time.perf_counter(); import tui.app; t = time.perf_counter() - t\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', "
+        "'trl', 'bitsandbytes', 'accelerate', 'datasets', 'numpy', 'safetensors', 'huggingface_hub', "
+        "'tokenizers', 'sessions'})\n"
+        "print(repr((t, heavy)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+    elapsed, heavy = eval(out.stdout.strip().splitlines()[-1])
+    assert heavy == []
+    assert elapsed < 1.0, f"import tui.app took {elapsed:.2f} s"
+
+
+def test_every_binding_has_id_and_tooltip_and_a_palette_command(qlw_home):
+    bindings = [*QlwApp.BINDINGS, *MainScreen.BINDINGS, *SessionsPane.BINDINGS]
+    assert all(b.id and b.tooltip for b in bindings), [b for b in bindings if not (b.id and b.tooltip)]
+    assert len({b.id for b in bindings}) == len(bindings)
+
+    async def body():
+        app = make_app(qlw_home, start_backend=False)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.connection.state == "gone", "the gone state")
+            titles = {c.title for c in app.get_system_commands(app.screen)}
+            assert {f"{title} tab" for _, title, _, _ in TABS} <= titles
+            assert {"Tiny model", "Cancel job", "Start backend", "Quit"} <= titles
+            # Number keys switch tabs.
+            tabs = app.screen.query_one(TabbedContent)
+            for n, (tab, *_rest) in reversed(list(enumerate(TABS, 1))):
+                await pilot.press(str(n))
+                assert tabs.active == tab
+
+    asyncio.run(body())
+
+
+def test_sessions_tab_and_job_line_follow_the_backend(backend):
+    home = backend
+    notes: list[str] = []
+
+    def hook(message):
+        if isinstance(message, Notify):
+            notes.append(message.notification.message)
+
+    async def body():
+        # Past runs, made by another client before the app starts.
+        other = await Other.open(home)
+        await other.conn.call(P.NewSession(name="alpha"))
+        await other.run_job(P.DiagTicker(count=5, rate=0))
+        await other.conn.call(P.NewSession(name="beta"))
+        await other.run_job(P.DiagTicker(count=3, rate=0))
+        await other.conn.call(P.NewSession(name="gamma"))
+        pid = (await other.conn.call(P.Status()))["pid"]
+
+        app = make_app(home)
+        async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+            await until(pilot, lambda: app.connection.state == "connected", "connected")
+            assert header(app) == f"● connected · backend pid {pid}"
+
+            await pilot.press("7")
+            assert app.screen.query_one(TabbedContent).active == "sessions"
+            await until(pilot, lambda: len(table_rows(app)) == 3, "three sessions")
+            rows = table_rows(app)
+            assert [r[0] for r in rows] == ["gamma", "beta", "alpha"]  # newest first
+            assert [r[2] for r in rows] == ["idle", "finished", "finished"]
+            assert int(rows[2][3]) > 5  # created, status, job.started, 5 ticks, ...
+            gamma_id = rows[0][4]
+            assert gamma_id in detail_line(app) and "gamma" in detail_line(app)
+            await pilot.press("down")
+            assert rows[1][4] in detail_line(app)
+
+            # A session made elsewhere shows up live, on top; the cursor stays on its row.
+            await other.conn.call(P.NewSession(name="delta"))
+            await until(pilot, lambda: table_rows(app)[0][0] == "delta", "delta on top")
+            assert rows[1][4] in detail_line(app)
+
+            # A job started from the other client shows in the job line, with its progress.
+            await other.run_job(P.DiagTicker(count=10, rate=50))
+            await until(pilot, lambda: job_line(app).startswith("✔ diag.ticker done"), "job done")
+            await until(pilot, lambda: table_rows(app)[0][2] == "finished", "delta finished")
+
+            await other.conn.call(P.DiagTicker(count=10_000, rate=20))
+            await until(pilot, lambda: "diag.ticker" in job_line(app) and "ticks" in job_line(app),
+                        "the running job's progress")
+            assert job_line(app).startswith("▶ diag.ticker · ")
+            await until(pilot, lambda: table_rows(app)[0][2] == "running", "delta running")
+
+            # Only one job at a time: the tiny model is refused, and the user is told why.
+            await pilot.press("ctrl+t")
+            await until(pilot, lambda: any("Could not prepare the tiny model" in n for n in notes),
+                        "the refusal notice")
+            assert any("diag.ticker" in n for n in notes if "tiny model" in n)  # says what blocks it
+
+            # Cancel from the app.
+            await pilot.press("ctrl+g")
+            await until(pilot, lambda: job_line(app).startswith("■ diag.ticker cancelled"), "cancelled")
+            assert any("Asked the diag.ticker job to stop" in n for n in notes)
+            await until(pilot, lambda: table_rows(app)[0][2] == "cancelled", "delta cancelled")
+
+            # Refresh by key; then quit: the backend keeps running.
+            await pilot.press("r")
+            await pilot.press("q")
+            await until(pilot, lambda: not app.is_running, "the app to exit")
+        assert (await other.conn.call(P.Ping(payload="still here")))["payload"] == "still here"
+        await other.conn.close()
+
+    asyncio.run(body())
+
+
+def test_connection_states_gone_reconnecting_restart(qlw_home):
+    procs: list[subprocess.Popen] = []  # start_backend probes with asyncio.run: call it in a thread
+
+    async def body():
+        app = make_app(qlw_home, start_backend=False)
+        async with app.run_test(size=SIZE) as pilot:
+            # No backend, and not allowed to start one: gone, with what to do.
+            await until(pilot, lambda: app.connection.state == "gone", "gone")
+            assert header(app) == "✖ backend gone: press ctrl+r to start a backend"
+            assert "ctrl+r" in app.connection.detail
+            assert job_line(app) == "no backend: job state unknown"
+
+            # A backend appears; ctrl+r attaches to it.
+            procs.append(await asyncio.to_thread(start_backend, qlw_home))
+            await pilot.press("ctrl+r")
+            await until(pilot, lambda: app.connection.state == "connected", "connected after ctrl+r")
+            assert header(app) == f"● connected · backend pid {procs[-1].pid}"
+            await until(pilot, lambda: job_line(app).startswith("no job running"), "job line reset")
+
+            # The backend dies: re-connecting; one comes back within the window: connected again.
+            procs[-1].kill()
+            procs[-1].wait()
+            await until(pilot, lambda: app.connection.state == "reconnecting", "reconnecting")
+            assert header(app).startswith("◌ re-connecting")
+            procs.append(await asyncio.to_thread(start_backend, qlw_home))
+            await until(pilot, lambda: app.connection.state == "connected", "re-attached")
+            assert header(app) == f"● connected · backend pid {procs[-1].pid}"
+
+            # It dies for good: gone once the re-connect window is over.
+            app.backend.RECONNECT_FOR_S = 0.3
+            procs[-1].kill()
+            procs[-1].wait()
+            await until(pilot, lambda: app.connection.state == "gone", "gone after the window")
+            assert header(app) == "✖ backend gone: press ctrl+r to start a backend"
+
+    try:
+        asyncio.run(body())
+    finally:
+        for proc in procs:
+            stop_backend(proc)
+
+
+def test_shell_snapshot(snap_compare, qlw_home):
+    """The shell at 100x30 with no backend (no pid, no time on screen)."""
+
+    async def settle(pilot):
+        app = pilot.app
+        await until(pilot, lambda: app.connection.state == "gone", "gone")
+        app.clear_notifications()  # the notice names the temporary socket path
+        await pilot.pause()
+
+    assert snap_compare(QlwApp(home=qlw_home, start_backend=False), terminal_size=SIZE,
+                        run_before=settle)

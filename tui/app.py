@@ -1,0 +1,132 @@
+"""The qlw Textual app: screens, global bindings and the connection to the backend.
+
+The app owns one :class:`~tui.client.BackendClient`, run as a worker on the app's own loop. Its
+callbacks post :class:`BackendEvent` and :class:`ConnectionChanged`; the app hands both to the
+widgets that subscribed to :attr:`QlwApp.backend_events` / :attr:`QlwApp.connection_changed`.
+Everything shown comes from the backend and can be sent again: quitting loses nothing and never
+stops the backend.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Iterable
+
+from textual import on
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.signal import Signal
+from textual.worker import Worker
+
+from backend import protocol as P
+from tui.client import CONNECTING, GONE, BackendClient
+from tui.messages import BackendEvent, ConnectionChanged
+from tui.screens.main_screen import MainScreen
+from tui.widgets.backend_requests import BackendRequests
+
+
+class QlwApp(BackendRequests, App[None]):
+    """qlw: the QLoRA workbench."""
+
+    TITLE = "qlw"
+    SUB_TITLE = "QLoRA workbench"
+    CSS_PATH = "styles/app.tcss"
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="app.quit",
+                tooltip="Quit qlw. The backend keeps running, and any job with it."),
+        Binding("ctrl+q", "quit", "Quit", id="app.quit-now", show=False, priority=True,
+                tooltip="Quit qlw from anywhere. The backend keeps running, and any job with it."),
+        Binding("ctrl+r", "restart_backend", "Start backend", id="app.restart-backend",
+                tooltip="Start a backend (if none runs) and attach to it again."),
+    ]
+
+    def __init__(self, home: Path | None = None, start_backend: bool = True) -> None:
+        super().__init__()
+        self.backend = BackendClient(home, self._on_client_event, self._on_client_state,
+                                     client="qlw-tui", start_backend=start_backend)
+        #: Every backend event, in order; widgets subscribe in on_mount.
+        self.backend_events: Signal[P.Event] = Signal(self, "backend-events")
+        #: Every change of the connection's state.
+        self.connection_changed: Signal[ConnectionChanged] = Signal(self, "connection-changed")
+        #: The latest connection state, for widgets mounted after it changed.
+        self.connection = ConnectionChanged(CONNECTING)
+        self._client_worker: Worker | None = None
+
+    def get_default_screen(self) -> Screen:
+        return MainScreen(id="main")
+
+    def on_mount(self) -> None:
+        self._start_client()
+
+    # The channel ---------------------------------------------------------------------------
+
+    def _start_client(self) -> None:
+        self._client_worker = self.run_worker(
+            self._stay_connected(), name="stay connected to the backend", group="backend",
+            exit_on_error=False,
+        )
+
+    async def _stay_connected(self) -> None:
+        try:
+            await self.backend.run()
+        except Exception as exc:  # a bug in the client: say so, and let ctrl+r run it again
+            self.post_message(ConnectionChanged(
+                GONE, f"the connection loop failed ({type(exc).__name__}: {exc}); press ctrl+r to retry"))
+            raise
+
+    def _on_client_event(self, event: P.Event) -> None:
+        self.post_message(BackendEvent(event))
+
+    def _on_client_state(self, state: str, detail: str) -> None:
+        self.post_message(ConnectionChanged(state, detail))
+
+    @on(BackendEvent)
+    def _fan_out_event(self, message: BackendEvent) -> None:
+        self.backend_events.publish(message.event)
+
+    @on(ConnectionChanged)
+    def _fan_out_connection(self, message: ConnectionChanged) -> None:
+        if message.state == GONE and self.connection.state != GONE and message.detail:
+            # The header says "gone"; this says why (the socket, the log to read) and what to do.
+            self.notify(message.detail, title="No backend", severity="error", markup=False, timeout=10)
+        self.connection = message
+        self.refresh_bindings()
+        self.connection_changed.publish(message)
+
+    # Actions -------------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "restart_backend":
+            worker = self._client_worker
+            return self.connection.state == GONE or worker is None or worker.is_finished
+        return True
+
+    def action_restart_backend(self) -> None:
+        if self._client_worker is None or self._client_worker.is_finished:
+            self._start_client()
+        else:
+            self.backend.restart()
+
+    async def action_quit(self) -> None:
+        # Close our connection only: the backend (and its job) outlives the front end.
+        await self.backend.stop()
+        self.exit()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The built-in commands plus every enabled binding with an id (tabs, jobs, backend),
+        so whatever has a key can also be found in the command palette."""
+        yield from super().get_system_commands(screen)
+        seen: set[tuple[int, str]] = set()
+        for active in screen.active_bindings.values():
+            binding = active.binding
+            key = (id(active.node), binding.action)
+            if (not binding.id or binding.system or not active.enabled or binding.action == "quit"
+                    or key in seen):
+                continue
+            seen.add(key)
+            help_text = f"{binding.tooltip} ({self.get_key_display(binding)})"
+            yield SystemCommand(binding.description, help_text,
+                                partial(self.run_action, binding.action, active.node))

@@ -1,0 +1,72 @@
+"""MainScreen: the shell; one tab per capability, the job line and the footer."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, TabbedContent, TabPane, Tabs
+
+from tui.widgets.chat.chat_pane import ChatPane
+from tui.widgets.data.data_pane import DataPane
+from tui.widgets.gpu.gpu_pane import GpuPane
+from tui.widgets.lora.lora_pane import LoraPane
+from tui.widgets.merge.merge_pane import MergePane
+from tui.widgets.sessions.sessions_pane import SessionsPane
+from tui.widgets.shell.app_header import AppHeader
+from tui.widgets.shell.job_indicator import JobIndicator
+from tui.widgets.train.train_pane import TrainPane
+
+#: (tab id, title, pane class, what the tab is for): keys 1..7 in this order.
+TABS = [
+    ("gpu", "GPU", GpuPane, "the card's memory, utilisation and temperature"),
+    ("data", "Data", DataPane, "load and preview a dataset"),
+    ("lora", "LoRA", LoraPane, "the base model and the adapter's settings"),
+    ("train", "Train", TrainPane, "start, follow and stop a training run"),
+    ("chat", "Chat", ChatPane, "talk to the base model or a trained adapter"),
+    ("merge", "Merge", MergePane, "merge an adapter into its base model and upload it"),
+    ("sessions", "Sessions", SessionsPane, "past and present runs"),
+]
+
+
+class MainScreen(Screen):
+    """The one screen of the shell."""
+
+    BINDINGS = [
+        *(
+            Binding(str(n), f"show_tab('{tab}')", f"{title} tab", id=f"tab.{tab}", show=False,
+                    tooltip=f"Show the {title} tab: {what}.")
+            for n, (tab, title, _, what) in enumerate(TABS, 1)
+        ),
+        Binding("ctrl+t", "prepare_tiny", "Tiny model", id="job.prepare-tiny",
+                tooltip="Build the embedded tiny model in the data home (a backend job), "
+                        "to try every step in seconds."),
+        Binding("ctrl+g", "cancel_job", "Cancel job", id="job.cancel",
+                tooltip="Ask the backend's running job to stop; it saves what it can first."),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield AppHeader(id="app-header")
+        with TabbedContent(initial=TABS[0][0], id="tabs"):
+            for n, (tab, title, pane, _) in enumerate(TABS, 1):
+                with TabPane(f"{n} {title}", id=tab):
+                    yield pane(id=f"{tab}-pane")
+        yield JobIndicator(id="job-indicator")
+        yield Footer()
+
+    def action_show_tab(self, tab: str) -> None:
+        """Show ``tab`` and put the focus in it (or on the tab bar if nothing there takes it)."""
+        tabs = self.query_one(TabbedContent)
+        tabs.active = tab
+        pane = tabs.get_pane(tab)
+        for widget in pane.query("*"):
+            if widget.focusable:
+                widget.focus()
+                return
+        tabs.query_one(Tabs).focus()
+
+    def action_prepare_tiny(self) -> None:
+        self.query_one(JobIndicator).prepare_tiny()
+
+    def action_cancel_job(self) -> None:
+        self.query_one(JobIndicator).cancel_job()

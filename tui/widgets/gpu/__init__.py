@@ -1,0 +1,1 @@
+"""The GPU capability's widgets."""

@@ -1,0 +1,1 @@
+"""The LoRA capability's widgets."""

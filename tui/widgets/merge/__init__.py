@@ -1,0 +1,1 @@
+"""The Merge capability's widgets."""

@@ -1,0 +1,1 @@
+"""The Sessions capability's widgets."""

@@ -1,0 +1,1 @@
+"""The app's frame: header, connection and job indicators, placeholder panes."""

@@ -1,0 +1,1 @@
+"""The Train capability's widgets."""
