@@ -39,6 +39,68 @@ from backend.gpu import GpuSampler, free_memory, own_nvml_mib  # noqa: E402
 from backend.holdings import HOLDINGS  # noqa: E402
 
 MIB = 1024 * 1024
+MODES = ("off", "full", "host")
+
+
+def time_sampler_calls(sampler: GpuSampler, reps: int = 20) -> dict:
+    """Wall time of one sample and of each NVML read in it, idle, in ms (median of reps)."""
+    import pynvml
+
+    out = {"sample": [], "host": [], "backend": []}
+    for _ in range(reps):
+        t = time.perf_counter(); sampler.sample(); out["sample"].append(time.perf_counter() - t)
+        t = time.perf_counter(); sampler._host(); out["host"].append(time.perf_counter() - t)
+        t = time.perf_counter(); sampler._backend(); out["backend"].append(time.perf_counter() - t)
+    if sampler.handles:
+        h = sampler.handles[0]
+        calls = {
+            "memory": (pynvml.nvmlDeviceGetMemoryInfo, h), "util": (pynvml.nvmlDeviceGetUtilizationRates, h),
+            "power": (pynvml.nvmlDeviceGetPowerUsage, h), "power_limit": (pynvml.nvmlDeviceGetEnforcedPowerLimit, h),
+            "temp": (pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
+            "sm_clock": (pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM),
+            "compute_procs": (pynvml.nvmlDeviceGetComputeRunningProcesses, h),
+            "graphics_procs": (pynvml.nvmlDeviceGetGraphicsRunningProcesses, h),
+            "name": (pynvml.nvmlDeviceGetName, h),
+        }
+        for name, (fn, *a) in calls.items():
+            out[name] = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                try:
+                    fn(*a)
+                except pynvml.NVMLError:
+                    pass
+                out[name].append(time.perf_counter() - t)
+    return {k: round(1000 * statistics.median(v), 3) for k, v in out.items()}
+
+
+def live_cuda_tensors(limit: int = 6) -> dict:
+    """After cleanup: CUDA tensors still alive, their total size and who refers to the largest."""
+    tensors = []
+    for o in gc.get_objects():
+        try:
+            if torch.is_tensor(o) and o.is_cuda:
+                tensors.append(o)
+        except Exception:
+            pass
+    total = sum(t.untyped_storage().nbytes() for t in tensors)
+    tensors.sort(key=lambda t: t.untyped_storage().nbytes(), reverse=True)
+    holders = []
+    for t in tensors[:limit]:
+        refs = []
+        for r in gc.get_referrers(t):
+            if r is tensors:
+                continue
+            if isinstance(r, dict):
+                owners = [type(x).__module__ + "." + type(x).__name__ for x in gc.get_referrers(r)
+                          if not isinstance(x, (list, dict)) and hasattr(x, "__dict__")][:3]
+                refs.append(f"dict{list(r.keys())[:4]} of {owners}")
+            else:
+                refs.append(type(r).__module__ + "." + type(r).__name__)
+        holders.append({"shape": list(t.shape), "dtype": str(t.dtype), "mib": round(t.untyped_storage().nbytes() / MIB, 1),
+                        "referrers": refs[:6]})
+    del tensors
+    return {"count_total_mib": round(total / MIB, 1), "largest": holders}
 
 
 def mistral_config(smoke: bool):
@@ -98,6 +160,7 @@ class SamplerThread:
     def __init__(self, sampler: GpuSampler, interval: float = 1.0):
         self.sampler, self.interval = sampler, interval
         self.on = threading.Event()
+        self.mode = "full"
         self.stop = threading.Event()
         self.samples = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -106,7 +169,11 @@ class SamplerThread:
     def _run(self):
         while not self.stop.is_set():
             if self.on.is_set():
-                snap = self.sampler.sample()
+                if self.mode == "host":  # psutil and torch counters only, no NVML
+                    snap = {"time": time.time(), "gpus": [], "host": self.sampler._host(),
+                            "backend": self.sampler._backend(), "nvml_error": None, "driver": None}
+                else:
+                    snap = self.sampler.sample()
                 P.encode(P.Event("gpu.sample", snap, snap["time"]))
                 self.samples += 1
             self.stop.wait(self.interval)
@@ -119,16 +186,18 @@ def train_blocks(model, tok, args, sampler_thread, out):
     from trl import SFTConfig, SFTTrainer
 
     rng = torch.Generator().manual_seed(1)
-    n_rows = args.batch * (args.warmup + 2 * args.blocks * args.block_steps) + 8
+    n_rows = args.batch * (args.warmup + len(MODES) * args.blocks * args.block_steps) + 8
     ids = torch.randint(10, tok.vocab_size, (n_rows, args.seq_len - 1), generator=rng)
     texts = [" ".join(f"t{i}" for i in row.tolist()) for row in ids]
     ds = Dataset.from_dict({"text": texts})
 
     step_times: list[tuple[int, float]] = []
-    schedule = {}  # step -> "off" / "on"
+    schedule = {}  # step -> "off" / "full" / "host"
+    blocks = []  # (mode, first step, last step)
     step = args.warmup
-    for b in range(2 * args.blocks):
-        mode = "off" if b % 2 == 0 else "on"
+    for b in range(len(MODES) * args.blocks):
+        mode = MODES[b % len(MODES)]
+        blocks.append((mode, step + 1, step + args.block_steps))
         for _ in range(args.block_steps):
             step += 1
             schedule[step] = mode
@@ -136,7 +205,8 @@ def train_blocks(model, tok, args, sampler_thread, out):
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             nxt = state.global_step + 1
-            if schedule.get(nxt) == "on":
+            if schedule.get(nxt, "off") != "off":
+                sampler_thread.mode = schedule[nxt]
                 sampler_thread.on.set()
             else:
                 sampler_thread.on.clear()
@@ -150,7 +220,7 @@ def train_blocks(model, tok, args, sampler_thread, out):
             step_times.append((state.global_step, time.perf_counter() - self.t))
 
     cfg = SFTConfig(
-        output_dir=str(Path(args.work) / "trainer"), max_steps=args.warmup + 2 * args.blocks * args.block_steps,
+        output_dir=str(Path(args.work) / "trainer"), max_steps=args.warmup + len(MODES) * args.blocks * args.block_steps,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=2e-4,
         max_length=args.seq_len, packing=False, gradient_checkpointing=True,
         optim="paged_adamw_8bit" if not args.smoke else "adamw_torch", bf16=not args.smoke,
@@ -165,7 +235,8 @@ def train_blocks(model, tok, args, sampler_thread, out):
     out["train_wall_s"] = round(time.perf_counter() - t, 2)
     sampler_thread.on.clear()
     tokens_per_step = args.batch * args.seq_len
-    by_mode = {"off": [], "on": []}
+    by_mode = {m: [] for m in MODES}
+    times = dict(step_times)
     for s, dt in step_times:
         if s in schedule:
             by_mode[schedule[s]].append(dt)
@@ -174,7 +245,10 @@ def train_blocks(model, tok, args, sampler_thread, out):
         "steps_per_mode": {m: len(v) for m, v in by_mode.items()},
         "median_step_s": {m: round(statistics.median(v), 4) for m, v in by_mode.items()},
         "tokens_per_s": {m: round(v, 1) for m, v in tps.items()},
-        "cost_percent": round(100 * (1 - tps["on"] / tps["off"]), 2),
+        "cost_percent": round(100 * (1 - tps["full"] / tps["off"]), 2),
+        "cost_percent_host_only": round(100 * (1 - tps["host"] / tps["off"]), 2),
+        "block_medians_s": [(m, round(statistics.median([times[i] for i in range(a, b + 1) if i in times]), 4))
+                            for m, a, b in blocks],
         "samples_taken": sampler_thread.samples,
         "interval_s": sampler_thread.interval,
     }
@@ -214,6 +288,7 @@ def main() -> int:
         torch.cuda.empty_cache()
         out["cuda_context_only_mib"] = own_nvml_mib(sampler)
 
+    out["sampler_call_ms_idle"] = time_sampler_calls(sampler)
     cfg = mistral_config(args.smoke)
     folder = Path(args.work) / "mistral-random"
     out["build_and_save_s"] = round(build_and_save(cfg, folder, device), 1)
@@ -229,6 +304,7 @@ def main() -> int:
     gc.collect()
     result = free_memory(HOLDINGS, sampler)
     out["cleanup"] = result
+    out["live_cuda_tensors_after"] = live_cuda_tensors() if device == "cuda" else None
     before, after = result["before"], result["after"]
     if device == "cuda":
         out["reserved_after_percent_of_before"] = round(100 * after["torch_reserved_mib"] / before["torch_reserved_mib"], 3)
@@ -239,8 +315,11 @@ def main() -> int:
     print(f"build+save {out['build_and_save_s']} s, load 4-bit {out['load_4bit_s']} s, footprint {out['footprint_mib']} MiB, "
           f"torch peak allocated {out['torch_peak_allocated_mib']} MiB")
     s = out["sampling"]
-    print(f"sampling at 1 s: tokens/s off {s['tokens_per_s']['off']}, on {s['tokens_per_s']['on']}  "
-          f"-> cost {s['cost_percent']}% ({s['steps_per_mode']} steps, {s['samples_taken']} samples)")
+    print(f"sampling at 1 s: tokens/s {s['tokens_per_s']} -> cost full {s['cost_percent']}%, host only "
+          f"{s['cost_percent_host_only']}% ({s['steps_per_mode']} steps, {s['samples_taken']} samples)")
+    print("block medians:", s["block_medians_s"])
+    print("sampler calls, idle, ms:", out["sampler_call_ms_idle"])
+    print("live CUDA tensors after cleanup:", json.dumps(out["live_cuda_tensors_after"]))
     print(f"{'':24}{'before':>12}{'after':>12}")
     for key in ("torch_reserved_mib", "nvml_process_mib", "rss_mib"):
         print(f"{key:24}{str(before[key]):>12}{str(after[key]):>12}")
