@@ -196,7 +196,16 @@ def free_memory(holdings, sampler: GpuSampler | None = None) -> dict[str, Any]:
 
     before = {"torch_reserved_mib": reserved(), "nvml_process_mib": own_nvml_mib(sampler),
               "rss_mib": sampler._backend()["rss_mib"]}
+    # Library objects that keep their own references: let them drop those first.
+    for held in holdings.describe():
+        obj = holdings.get(held["name"])
+        accelerator = getattr(obj, "accelerator", None)
+        if accelerator is not None and hasattr(accelerator, "free_memory"):
+            accelerator.free_memory()  # accelerate: drops its refs to models, optimizers, dataloaders
+        obj = None
     dropped = holdings.release_all()
+    if "torch._dynamo" in sys.modules:
+        torch.compiler.reset()  # compiled graphs and their guards hold the modules they traced
     collected = gc.collect()
     if cuda:
         torch.cuda.synchronize()

@@ -32,6 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# As the backend does (backend/__main__.py): expandable segments let empty_cache give back the
+# free parts of a segment that one surviving tensor would otherwise pin. --no-expandable turns
+# it off to compare.
+if "--no-expandable" not in sys.argv:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 import torch  # noqa: E402
 
 from backend import protocol as P  # noqa: E402
@@ -74,6 +80,59 @@ def time_sampler_calls(sampler: GpuSampler, reps: int = 20) -> dict:
     return {k: round(1000 * statistics.median(v), 3) for k, v in out.items()}
 
 
+def active_blocks_by_origin(limit: int = 8) -> list:
+    """After cleanup, with allocation history recorded: the live allocator blocks, grouped by the
+    Python frames that allocated them (to find who keeps memory alive outside the holdings)."""
+    snap = torch.cuda.memory._snapshot()
+    groups: dict[str, list] = {}
+    for seg in snap.get("segments", []):
+        for b in seg.get("blocks", []):
+            if b.get("state") != "active_allocated":
+                continue
+            frames = [f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in b.get("frames", [])
+                      if f.get("filename", "").endswith(".py")]
+            key = " <- ".join(frames[:6]) or "(no python frames)"
+            g = groups.setdefault(key, [0, 0])
+            g[0] += b["size"]
+            g[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:limit]
+    return [{"mib": round(v[0] / MIB, 1), "blocks": v[1], "origin": k} for k, v in rows]
+
+
+def _describe(o) -> str:
+    import types
+
+    if isinstance(o, dict):
+        return f"dict{list(o.keys())[:5]}"
+    if isinstance(o, types.FrameType):
+        return f"frame {Path(o.f_code.co_filename).name}:{o.f_lineno}:{o.f_code.co_name}"
+    if isinstance(o, types.FunctionType):
+        return f"function {o.__module__}.{o.__qualname__}"
+    if isinstance(o, types.ModuleType):
+        return f"module {o.__name__}"
+    return f"{type(o).__module__}.{type(o).__qualname__}"
+
+
+def referrer_chain(obj, ignore, depth: int = 7) -> list[str]:
+    """One path of referrers from ``obj`` upwards (to find what keeps it alive)."""
+    import types
+
+    chain, seen, cur = [], {id(x) for x in ignore}, obj
+    for _ in range(depth):
+        seen.add(id(cur))
+        refs = [r for r in gc.get_referrers(cur) if id(r) not in seen and not isinstance(r, types.FrameType)
+                and r is not chain and not (isinstance(r, list) and len(r) > 10_000)]
+        if not refs:
+            break
+        # Prefer non-container owners: they name the culprit.
+        refs.sort(key=lambda r: isinstance(r, (dict, list, tuple)))
+        cur = refs[0]
+        chain.append(_describe(cur))
+        if isinstance(cur, types.ModuleType):
+            break
+    return chain
+
+
 def live_cuda_tensors(limit: int = 6) -> dict:
     """After cleanup: CUDA tensors still alive, their total size and who refers to the largest."""
     tensors = []
@@ -98,7 +157,7 @@ def live_cuda_tensors(limit: int = 6) -> dict:
             else:
                 refs.append(type(r).__module__ + "." + type(r).__name__)
         holders.append({"shape": list(t.shape), "dtype": str(t.dtype), "mib": round(t.untyped_storage().nbytes() / MIB, 1),
-                        "referrers": refs[:6]})
+                        "referrers": refs[:6], "chain": referrer_chain(t, ignore=[tensors])})
     del tensors
     return {"count_total_mib": round(total / MIB, 1), "largest": holders}
 
@@ -269,6 +328,9 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=6, help="pairs of (off, on) blocks")
     ap.add_argument("--block-steps", type=int, default=10)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--no-expandable", action="store_true", help="leave PYTORCH_CUDA_ALLOC_CONF unset")
+    ap.add_argument("--trace-memory", action="store_true",
+                    help="record allocation history and list what is still allocated after cleanup, by origin")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_cleanup.json")
     args = ap.parse_args()
     if args.smoke:
@@ -277,11 +339,13 @@ def main() -> int:
     args.work = args.work or tempfile.mkdtemp(prefix="qlw-bench-")
     out: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
                  "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke,
-                 "versions": _versions()}
+                 "versions": _versions(), "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     sampler = GpuSampler()
     out["nvml_error"] = sampler.nvml_error
 
     if device == "cuda":
+        if args.trace_memory:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
         torch.cuda.init()
         x = torch.ones(1, device="cuda")
         del x
@@ -305,6 +369,9 @@ def main() -> int:
     result = free_memory(HOLDINGS, sampler)
     out["cleanup"] = result
     out["live_cuda_tensors_after"] = live_cuda_tensors() if device == "cuda" else None
+    if device == "cuda" and args.trace_memory:
+        out["allocated_after_mib"] = round(torch.cuda.memory_allocated() / MIB, 1)
+        out["active_blocks_after"] = active_blocks_by_origin()
     before, after = result["before"], result["after"]
     if device == "cuda":
         out["reserved_after_percent_of_before"] = round(100 * after["torch_reserved_mib"] / before["torch_reserved_mib"], 3)
@@ -320,6 +387,10 @@ def main() -> int:
     print("block medians:", s["block_medians_s"])
     print("sampler calls, idle, ms:", out["sampler_call_ms_idle"])
     print("live CUDA tensors after cleanup:", json.dumps(out["live_cuda_tensors_after"]))
+    if device == "cuda" and args.trace_memory:
+        print("torch allocated after cleanup:", out["allocated_after_mib"], "MiB; live blocks by origin:")
+        for row in out["active_blocks_after"]:
+            print(f"  {row['mib']:>9} MiB {row['blocks']:>5} blocks  {row['origin']}")
     print(f"{'':24}{'before':>12}{'after':>12}")
     for key in ("torch_reserved_mib", "nvml_process_mib", "rss_mib"):
         print(f"{key:24}{str(before[key]):>12}{str(after[key]):>12}")

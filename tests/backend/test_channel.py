@@ -206,7 +206,8 @@ def test_two_clients_see_the_same_live_stream(backend):
         await cb.call(P.Attach())
         job = await ca.call(P.DiagTicker(count=500, rate=0))
         await wait_for(lambda: finished(a, job["job_id"]) and finished(b, job["job_id"]), what="both")
-        key = lambda evs: [(e.session, e.seq, e.kind) for e in evs]
+        # Session events; telemetry (gpu.sample) depends on when each client attached.
+        key = lambda evs: [(e.session, e.seq, e.kind) for e in evs if e.seq is not None]
         assert key(a) == key(b) and len(a) >= 500
         assert (await cb.call(P.Status()))["clients"] == 2
         await ca.close()
