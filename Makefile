@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 STAMP  := $(VENV)/.qlw-installed
 
-.PHONY: run test bench-channel clean
+.PHONY: run test bench-channel screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,6 @@ bench-channel: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+screenshots: $(STAMP)
+	$(VENV)/bin/python docs/screenshots.py
