@@ -429,14 +429,17 @@ class BackendServer:
         return P.Reply("", "accepted", {"job_id": info.job_id, "session": session})
 
     def _prepare_tiny(self, ctx) -> dict:
-        from backend import tiny  # imports the ML stack: in the job thread, never at start-up
+        from backend import tiny
+        from backend.jobs import JobCancelled
 
-        path = tiny.ensure_tiny_model(
-            self.home,
-            progress=lambda stage, done, total: ctx.progress(stage, done, total),
-            cancelled=lambda: ctx.cancelled,
-        )
-        ctx.check_cancelled()
+        try:
+            path = tiny.ensure_tiny_model(
+                self.home,
+                progress=lambda stage, done, total: ctx.progress(stage, done, total),
+                cancelled=lambda: ctx.cancelled,
+            )
+        except tiny.TinyBuildCancelled:
+            raise JobCancelled() from None
         return {"path": str(path)}
 
     # GPU --------------------------------------------------------------------------------------

@@ -170,3 +170,36 @@ def test_import_hygiene(module, forbidden):
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"importing {module} loaded {out.stdout.strip()}"
+
+
+def test_tiny_prepare_job_builds_once_and_can_be_cancelled(backend):
+    async def body():
+        events = []
+        conn = await Connection.open(P.socket_path(backend), "t", events.append)
+        await conn.call(P.Attach())
+
+        async def finished(job_id):
+            deadline = time.monotonic() + 120
+            while True:
+                for e in events:
+                    if e.kind == "job.finished" and e.payload["job_id"] == job_id:
+                        return e.payload
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+
+        first = await conn.call(P.PrepareTiny())
+        while not any(e.kind == "job.progress" and e.payload["stage"] == "pretrain" for e in events):
+            await asyncio.sleep(0.05)
+        await conn.call(P.CancelJob(job_id=first["job_id"]))
+        assert (await finished(first["job_id"]))["status"] == "cancelled"
+        assert not (backend / "models" / "qlw-tiny-llama").exists()  # nothing half-built left
+
+        second = await conn.call(P.PrepareTiny())
+        done = await finished(second["job_id"])
+        assert done["status"] == "done" and done["result"]["path"].endswith("qlw-tiny-llama")
+        stages = {e.payload["stage"] for e in events if e.kind == "job.progress" and e.payload["job_id"] == second["job_id"]}
+        assert {"tokenizer", "pretrain", "save"} <= stages
+        third = await conn.call(P.PrepareTiny())  # cached: at once
+        assert (await finished(third["job_id"]))["elapsed_s"] < 1.0
+        await conn.close()
+    run(body())
