@@ -31,7 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop the backend; a running job is asked to stop and save first")
     stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to save")
     stop.add_argument("--force", action="store_true", help="do not wait for the job")
+    # Headless verbs run the backend's own code in this process's place (no daemon is started),
+    # so a script gets exactly what the panes show. `qlw VERB --help` lists their options.
+    for verb, text in HEADLESS.items():
+        p = sub.add_parser(verb, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+#: Headless verbs, run by `python -m backend VERB ...`.
+HEADLESS = {
+    "data": "inspect a dataset as the Data pane would: shape, mapping, columns, token lengths",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
         QlwApp(home=home).run()
         return 0
+    if args.cmd in HEADLESS:
+        _exec_backend([args.cmd, *args.rest], home)
     if args.cmd == "serve":
         return _serve(home, args.foreground)
     if args.cmd == "status":
@@ -51,11 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _exec_backend(argv: list[str], home: Path) -> None:
+    """Replace this process with `python -m backend ARGV` (same interpreter, same packages)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    os.environ["QLW_HOME"] = str(home)
+    os.execv(sys.executable, [sys.executable, "-m", "backend", *argv])
+
+
 def _serve(home: Path, foreground: bool) -> int:
     if foreground:
-        root = str(Path(__file__).resolve().parent.parent)
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        os.execv(sys.executable, [sys.executable, "-m", "backend", "serve", "--home", str(home)])
+        _exec_backend(["serve", "--home", str(home)], home)
 
     async def start() -> int:
         from tui.client import BackendUnavailable, connect
