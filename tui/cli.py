@@ -46,6 +46,13 @@ HEADLESS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb_at = _verb_index(argv)
+    if verb_at is not None and argv[verb_at] in HEADLESS:
+        # Everything after the verb belongs to it, --help included.
+        args = _parser().parse_args(argv[:verb_at + 1])
+        home = (args.home.expanduser().resolve() if args.home else P.data_home())
+        _exec_backend(argv[verb_at:], home)
     args = _parser().parse_args(argv)
     home = (args.home.expanduser().resolve() if args.home else P.data_home())
     if args.cmd is None:
@@ -53,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
         QlwApp(home=home).run()
         return 0
-    if args.cmd in HEADLESS:
-        _exec_backend([args.cmd, *args.rest], home)
     if args.cmd == "serve":
         return _serve(home, args.foreground)
     if args.cmd == "status":
@@ -62,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "stop":
         return asyncio.run(_stop(home, args.timeout, args.force))
     return 2
+
+
+def _verb_index(argv: list[str]) -> int | None:
+    """Where the sub-command is in ``argv`` (skipping global options and their values)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--home":
+            i += 2
+            continue
+        if argv[i].startswith("-"):
+            i += 1
+            continue
+        return i
+    return None
 
 
 def _exec_backend(argv: list[str], home: Path) -> None:
