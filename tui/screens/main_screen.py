@@ -7,6 +7,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane, Tabs
 
+from tui.client import CONNECTED
 from tui.widgets.chat.chat_pane import ChatPane
 from tui.widgets.data.data_pane import DataPane
 from tui.widgets.gpu.gpu_pane import GpuPane
@@ -43,6 +44,9 @@ class MainScreen(Screen):
                         "to try every step in seconds."),
         Binding("ctrl+g", "cancel_job", "Cancel job", id="job.cancel",
                 tooltip="Ask the backend's running job to stop; it saves what it can first."),
+        Binding("ctrl+f", "free_vram", "Free VRAM", id="gpu.free-vram",
+                tooltip="Free the GPU memory the backend holds (models, trainers, caches) and "
+                        "show what was given back; asks first if a job runs."),
     ]
 
     def compose(self) -> ComposeResult:
@@ -53,6 +57,12 @@ class MainScreen(Screen):
                     yield pane(id=f"{tab}-pane")
         yield JobIndicator(id="job-indicator")
         yield Footer()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "free_vram":
+            # Only a connected backend can free anything; hidden (footer, palette) until then.
+            return self.app.connection.state == CONNECTED  # type: ignore[attr-defined]
+        return super().check_action(action, parameters)
 
     def action_show_tab(self, tab: str) -> None:
         """Show ``tab`` and put the focus in it (or on the tab bar if nothing there takes it)."""
@@ -70,3 +80,6 @@ class MainScreen(Screen):
 
     def action_cancel_job(self) -> None:
         self.query_one(JobIndicator).cancel_job()
+
+    def action_free_vram(self) -> None:
+        self.query_one(GpuPane).free_memory()

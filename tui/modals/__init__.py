@@ -1,0 +1,1 @@
+"""Modal screens: questions and results that need the user's attention before going on."""
