@@ -298,8 +298,11 @@ class FreeMemory:
 @request("backend.restart")
 class RestartBackend:
     """Restart the backend process in place (same socket and data home): the heavier way to free
-    the GPU, since only the end of a process releases its CUDA context. A running job is asked
-    to stop and save first; clients re-attach by themselves."""
+    the GPU, since only the end of a process releases its CUDA context. Refused with code
+    ``confirm`` while a job runs unless ``stop_job``: then the job is asked to stop and save
+    first. Clients re-attach by themselves."""
+
+    stop_job: bool = False
 
 
 @request("shutdown")
@@ -395,6 +398,8 @@ class GpuSample:
     backend: dict[str, Any]
     nvml_error: str | None = None
     driver: str | None = None
+    #: The sampling interval in force, so every client sees a change made by another.
+    interval: float = 1.0
 
 
 @event("diag.tick")

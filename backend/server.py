@@ -453,6 +453,7 @@ class BackendServer:
                     if self._sampler is None:
                         self._sampler = await asyncio.to_thread(GpuSampler)
                     snap = await asyncio.to_thread(self._sampler.sample)
+                    snap["interval"] = self.gpu_interval
                 except Exception:  # monitoring must never take the backend down
                     log.exception("GPU sampling failed; retrying in 10 s")
                     await asyncio.sleep(10)
@@ -503,6 +504,9 @@ class BackendServer:
         return result
 
     async def _restart(self, client: Client, params: P.RestartBackend) -> P.Reply:
+        refusal = await self._stop_running_job(params.stop_job, "restart the backend")
+        if refusal is not None:
+            return refusal
         self.restart_requested = True
         asyncio.get_running_loop().create_task(self.shutdown(graceful=True))
         return P.Reply("", "ok", {"pid": os.getpid()})

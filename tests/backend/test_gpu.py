@@ -110,6 +110,7 @@ def test_samples_stream_to_attached_clients_and_history(backend):
             assert time.perf_counter() - t < 0.5
             await asyncio.sleep(0.05)
         sample = next(e for e in events if e.kind == "gpu.sample")
+        assert sample.payload["interval"] == 0.25
         assert sample.seq is None and sample.session is None  # telemetry: not stored, not replayed
         assert "no NVIDIA GPU visible" in sample.payload["nvml_error"]
         history = (await conn.call(P.GpuHistory()))["samples"]
@@ -126,6 +127,8 @@ def test_free_vram_asks_for_confirmation_while_a_job_runs(backend):
         job = await conn.call(P.DiagTicker(count=100000, rate=100))
         refused = await conn.request(P.FreeMemory())
         assert refused.status == "refused" and refused.code == P.CONFIRM and "diag.ticker" in refused.reason
+        refused = await conn.request(P.RestartBackend())
+        assert refused.status == "refused" and refused.code == P.CONFIRM and "restart" in refused.reason
         freed = await conn.call(P.FreeMemory(stop_job=True))
         deadline = time.monotonic() + 20
         while not any(e.kind == "job.finished" and e.payload["job_id"] == freed["job_id"] for e in events):

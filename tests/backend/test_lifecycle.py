@@ -78,7 +78,11 @@ def test_detached_backend_keeps_the_job_running_when_its_terminal_dies(qlw_home)
         assert [e.payload["status"] for e in events if e.kind == "job.finished"] == ["done"]
         await conn.call(P.Shutdown())
         await conn.closed.wait()
-    run(reattach())
+    try:
+        run(reattach())
+    except BaseException:
+        os.kill(backend_pid, signal.SIGKILL)  # never leave a detached backend behind
+        raise
     deadline = time.monotonic() + 10
     while _alive(backend_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
