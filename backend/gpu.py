@@ -204,6 +204,13 @@ def free_memory(holdings, sampler: GpuSampler | None = None) -> dict[str, Any]:
             accelerator.free_memory()  # accelerate: drops its refs to models, optimizers, dataloaders
         obj = None
     dropped = holdings.release_all()
+    if "bitsandbytes" in sys.modules:
+        # transformers' Trainer registers every nn.Embedding with bitsandbytes' process-wide
+        # GlobalOptimManager (32-bit optimizer states for embeddings under 8-bit optimizers);
+        # that singleton would keep the embedding, and the segment it sits in, alive.
+        import bitsandbytes
+
+        bitsandbytes.optim.GlobalOptimManager.get_instance().initialize()
     if "torch._dynamo" in sys.modules:
         torch.compiler.reset()  # compiled graphs and their guards hold the modules they traced
     collected = gc.collect()

@@ -133,6 +133,34 @@ def referrer_chain(obj, ignore, depth: int = 7) -> list[str]:
     return chain
 
 
+def module_holders(limit: int = 8) -> list:
+    """After cleanup: the nn.Modules still alive, with two levels of what refers to them."""
+    import types
+    import weakref
+
+    objs = gc.get_objects()
+    mods = [weakref.ref(o) for o in objs if isinstance(o, torch.nn.Module)
+            and not type(o).__module__.startswith("transformers.activations")]
+    del objs
+    out = []
+    for ref in mods[:limit]:
+        m = ref()
+        if m is None:
+            continue
+        row = {"module": _describe(m), "params_mib": round(sum(p.numel() * p.element_size() for p in m.parameters()) / MIB, 1),
+               "referrers": []}
+        for r in gc.get_referrers(m):
+            if isinstance(r, types.FrameType):
+                continue
+            entry = {"by": _describe(r)}
+            if isinstance(r, (dict, list, tuple, types.CellType)):
+                entry["held_by"] = [_describe(x) for x in gc.get_referrers(r) if not isinstance(x, types.FrameType)][:5]
+            row["referrers"].append(entry)
+        out.append(row)
+        del m
+    return out
+
+
 def live_cuda_tensors(limit: int = 6) -> dict:
     """After cleanup: CUDA tensors still alive, their total size and who refers to the largest."""
     tensors = []
@@ -372,6 +400,7 @@ def main() -> int:
     if device == "cuda" and args.trace_memory:
         out["allocated_after_mib"] = round(torch.cuda.memory_allocated() / MIB, 1)
         out["active_blocks_after"] = active_blocks_by_origin()
+        out["modules_alive_after"] = module_holders()
     before, after = result["before"], result["after"]
     if device == "cuda":
         out["reserved_after_percent_of_before"] = round(100 * after["torch_reserved_mib"] / before["torch_reserved_mib"], 3)
@@ -391,6 +420,9 @@ def main() -> int:
         print("torch allocated after cleanup:", out["allocated_after_mib"], "MiB; live blocks by origin:")
         for row in out["active_blocks_after"]:
             print(f"  {row['mib']:>9} MiB {row['blocks']:>5} blocks  {row['origin']}")
+        print("modules alive after cleanup:")
+        for row in out["modules_alive_after"]:
+            print("  ", json.dumps(row))
     print(f"{'':24}{'before':>12}{'after':>12}")
     for key in ("torch_reserved_mib", "nvml_process_mib", "rss_mib"):
         print(f"{key:24}{str(before[key]):>12}{str(after[key]):>12}")
