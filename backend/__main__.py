@@ -1,5 +1,7 @@
 """`python -m backend serve [--home DIR]`: run the backend in the foreground.
 
+`python -m backend data PATH ...` (what `qlw data` runs) prints what the Data pane shows.
+
 `qlw serve` (without --foreground) and `qlw` itself start this detached from the terminal.
 """
 
@@ -22,7 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the backend in the foreground")
     serve.add_argument("--home", type=Path, default=None, help="data home (default: $QLW_HOME or the user data dir)")
     serve.add_argument("--log-level", default=os.environ.get("QLW_LOG_LEVEL", "INFO"))
+    # `qlw data PATH ...` runs this: what the Data pane shows, printed (backend/data.py).
+    from backend import data as data_room
+
+    data_cmd = sub.add_parser(
+        "data", help="inspect a dataset as the Data pane would: shape, mapping, columns, token lengths",
+        description="Print what the Data pane shows for a dataset: the detected shape and mapping, the "
+                    "columns, the row count, token-length statistics and the first training example "
+                    "(or the error, with file and line). Exit status 1 on error.")
+    data_room.add_cli_arguments(data_cmd)
     args = parser.parse_args(argv)
+    if args.cmd == "data":
+        logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return data_room.cli(args)
 
     home = (args.home or P.data_home()).expanduser().resolve()
     # Before torch is ever imported: expandable segments let "free VRAM" return the free parts of

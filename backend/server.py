@@ -233,6 +233,18 @@ class BackendServer:
             "tiny.prepare": lambda params: self._prepare_tiny,
             "model.load": models.load_job,
         }
+        # Data: the dataset browser (backend/data.py). Opening may be a job (the first read
+        # builds the Arrow cache); pages, rows and previews are quick requests run in a thread.
+        from backend import data as data_room
+
+        self.data = data_room.DataRoom(self.home)
+        self.handlers.update({
+            "data.open": self._data_open,
+            "data.page": self._data_request,
+            "data.row": self._data_request,
+            "data.preview": self._data_request,
+        })
+        self.job_factories["data.stats"] = self.data.stats_job
 
     # Life cycle ---------------------------------------------------------------------------------
 
@@ -450,6 +462,26 @@ class BackendServer:
         except tiny.TinyBuildCancelled:
             raise JobCancelled() from None
         return {"path": str(path)}
+
+    # Data -------------------------------------------------------------------------------------
+
+    async def _data_open(self, client: Client, params: P.OpenData) -> P.Reply:
+        summary = await asyncio.to_thread(self.data.summary_if_open, params)
+        if summary is not None:
+            return P.Reply("", "ok", {"dataset": summary})
+        return self._start_job("data.open", params, self.data.open_job(params))
+
+    async def _data_request(self, client: Client, params: Any) -> P.Reply:
+        from backend import data as data_room
+
+        try:
+            result = await asyncio.to_thread(self.data.handle, params)
+        except data_room.NotOpen as exc:
+            return P.Reply("", "refused", reason=str(exc), code=P.NOT_OPEN)
+        except data_room.DataError as exc:
+            reason = f"{exc} ({exc.where})" if exc.where else str(exc)
+            return P.Reply("", "error", data_room.error_result(exc), reason=reason, code=P.FAILED)
+        return P.Reply("", "ok", result)
 
     # GPU --------------------------------------------------------------------------------------
 
