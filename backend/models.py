@@ -1092,9 +1092,10 @@ def inspect_model(model, tokenizer=None) -> dict[str, Any]:
         quant = quant.to_dict()
     if isinstance(quant, dict):
         if quant.get("load_in_4bit"):
+            compute = str(quant.get("bnb_4bit_compute_dtype", "")).replace("torch.", "")
+            compute = {v: k for k, v in DTYPE_NAMES.items()}.get(compute, compute)
             label = (f"4-bit {quant.get('bnb_4bit_quant_type')}"
-                     f"{' + double quant' if quant.get('bnb_4bit_use_double_quant') else ''}, "
-                     f"compute {str(quant.get('bnb_4bit_compute_dtype', '')).replace('torch.', '')}")
+                     f"{' + double quant' if quant.get('bnb_4bit_use_double_quant') else ''}, compute {compute}")
         elif quant.get("load_in_8bit"):
             label = "8-bit (LLM.int8)"
         else:
@@ -1149,7 +1150,8 @@ def load_job(params: P.LoadModel) -> Callable[[JobContext], dict[str, Any]]:
         if loaded.tokenizer is not None:
             HOLDINGS.put("tokenizer", loaded.tokenizer, "tokenizer", loaded.info["source"])
         _LOADED.clear()
-        _LOADED.update(device=loaded.info["device"], measured=loaded.info["measured"], settings=P.to_dict(settings))
+        _LOADED.update(device=loaded.info["device"], settings=P.to_dict(settings),
+                       **{k: loaded.info[k] for k in ("source", "estimate", "measured", "comparison", "load_seconds")})
         inspection = inspect_model(loaded.model, loaded.tokenizer)
         payload = {**{k: loaded.info[k] for k in ("settings", "source", "source_path", "device", "estimate",
                                                    "measured", "comparison", "load_seconds")},
@@ -1196,5 +1198,6 @@ async def handle_inspect(params: P.InspectModel) -> P.Reply:
         result = await asyncio.to_thread(inspect_model, model, tokenizer)
     except Exception as exc:
         return _error_reply(exc)
-    result["load"] = {k: _LOADED.get(k) for k in ("settings", "device", "measured")}
+    result["load"] = {k: _LOADED.get(k) for k in ("settings", "source", "device", "estimate", "measured",
+                                                   "comparison", "load_seconds")}
     return P.Reply("", "ok", result)

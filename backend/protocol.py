@@ -619,7 +619,9 @@ class InspectModel:
     (architecture, layers, parameters, dtype, quantization, device, ``linear_groups``:
     ``[{"name", "count", "shapes": [[out, in], ...], "quantized", "in_all_linear"}]`` and
     ``tokenizer``: vocab size, special tokens, ``has_pad`` and ``pad_fix``,
-    ``has_chat_template``) plus ``load`` (settings, device, measured)."""
+    ``has_chat_template``) plus ``load``: how it was loaded and what it measured (``settings``,
+    ``source``, ``device``, ``estimate``, ``measured``, ``comparison``, ``load_seconds``, as in
+    ``model.loaded``)."""
 
 
 @event("model.loaded")

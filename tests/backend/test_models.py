@@ -171,7 +171,7 @@ def test_load_each_precision_on_cpu_runs_and_stays_close_to_fp32(tiny_folder):
             assert loaded.info["avx512bf16_layout_disabled"] == 14  # 7 projections x 2 layers
         del loaded
     assert kinds["fp32"][0] == "float32" and kinds["bf16"][0] == "bfloat16"
-    assert kinds["4bit"][1] == "4-bit nf4 + double quant, compute bfloat16"
+    assert kinds["4bit"][1] == "4-bit nf4 + double quant, compute bf16"
     assert kinds["8bit"][1] == "8-bit (LLM.int8)"
     for precision in ("4bit", "8bit"):
         quantized = kinds[precision][2]
