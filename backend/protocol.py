@@ -647,6 +647,216 @@ class ModelLoaded:
 
 
 # --------------------------------------------------------------------------------------------
+# Training: the LoRA form, the run and its loss table (backend/train.py, tui/widgets/lora/,
+# tui/widgets/train/).
+#
+# A run is configured by a *run config*, plain data (:class:`RunConfig`, as a dict):
+# ``{"version": 1, "name": ..., "model": ModelSettings, "data": PreparedData, "lora":
+# LoraSettings, "training": TrainingSettings}`` (each section a dict). It is what ``train.validate``
+# checks, ``train.start`` runs, the session records, and ``qlw train CONFIG.toml`` reads; field
+# names are those of peft's ``LoraConfig``, trl's ``SFTConfig`` and bitsandbytes' config. Errors
+# are keyed by dotted field path (``"lora.r"``, ``"training.learning_rate"``).
+
+RUN_CONFIG_VERSION = 1
+#: transformers' ``lr_scheduler_type`` values offered by the form.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup")
+#: transformers' ``optim`` values offered by the form (bitsandbytes ones need it installed).
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch",
+              "adamw_torch_fused", "adafactor", "sgd")
+#: peft's ``bias``.
+LORA_BIASES = ("none", "all", "lora_only")
+#: Presets of ``train.presets``.
+TRAIN_PRESETS = ("qlora-paper", "small-gpu")
+
+
+@dataclass
+class LoraSettings:
+    """peft ``LoraConfig`` fields. ``target_modules``: ``"all-linear"`` or a list of module names
+    (from ``model.inspect``'s ``linear_groups``)."""
+
+    r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainingSettings:
+    """trl ``SFTConfig`` / transformers ``TrainingArguments`` fields (``max_length``, packing and
+    the loss mask live in the prepared dataset: ``PreparedData.max_length`` / ``loss``).
+    ``max_steps`` > 0 overrides ``num_train_epochs``. ``eval_steps``/``save_steps`` 0: only at
+    the end. ``bf16``/``fp16`` ``None``: chosen from the model's compute dtype and the device."""
+
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    auto_find_batch_size: bool = False
+    packing: bool = False
+    gradient_checkpointing: bool = True
+    optim: str = "paged_adamw_8bit"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    logging_steps: int = 10
+    eval_steps: int = 0
+    save_steps: int = 0
+    save_total_limit: int = 3
+    seed: int = 42
+    bf16: bool | None = None
+    fp16: bool | None = None
+
+
+@dataclass
+class RunConfig:
+    """A whole run, as plain data (sections are dicts of the classes above)."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    lora: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    version: int = RUN_CONFIG_VERSION
+
+
+@request("train.presets")
+class TrainPresets:
+    """``{"presets": {name: {"lora": ..., "training": ..., "model": {precision fields}}, ...},
+    "defaults": RunConfig-like dict}``: the QLoRA paper's recipe (nf4, double quant, bf16
+    compute, r=16, lora_alpha=16, dropout 0.05, lr 2e-4, paged_adamw_8bit) and a fast
+    small-GPU preset."""
+
+
+@request("train.validate")
+class ValidateRun:
+    """Check a run config without starting it: ``{"ok": bool, "errors": {"lora.r": "...", ...},
+    "warnings": {...}, "config": normalised config, "trainable_params", "total_params",
+    "trainable_percent" (as peft counts them, for the held base model or from config.json),
+    "memory": {"total_bytes", "free_bytes", "verdict", "parts": {...}}, "total_steps"}``."""
+
+    config: dict[str, Any]
+
+
+@request("train.start")
+class StartTraining:
+    """Job: train ``config`` (a :class:`RunConfig` dict) with trl's ``SFTTrainer`` and peft on
+    the held base model (loaded first if it is not the one the config names) and the prepared
+    dataset. ``resume_from``: a checkpoint folder of this or an earlier session. Refused with
+    the field errors (result ``{"errors": {...}}``) when the config is invalid. The job's
+    cancel is a graceful stop: a checkpoint is saved first."""
+
+    config: dict[str, Any]
+    resume_from: str = ""
+
+
+@request("train.checkpoints")
+class ListCheckpoints:
+    """Checkpoints to resume from: ``{"checkpoints": [{"session", "step", "path", "created",
+    "loss"}, ...]}``, newest first (all sessions when ``session`` is empty)."""
+
+    session: str = ""
+
+
+@request("train.export")
+class ExportRunConfig:
+    """Write ``config`` as TOML to ``path`` (a file the user named; an existing one only with
+    ``overwrite``): ``{"path": ...}``."""
+
+    config: dict[str, Any]
+    path: str
+    overwrite: bool = False
+
+
+@request("train.import")
+class ImportRunConfig:
+    """Read a TOML run config: ``{"config": ..., "errors": {...}}`` (errors keyed by field,
+    with the file's line where known)."""
+
+    path: str
+
+
+@event("train.started")
+class TrainStarted:
+    """A run began: its config, the step count, and the trainable parameters as peft counts."""
+
+    job_id: str
+    config: dict[str, Any]
+    total_steps: int
+    trainable_params: int
+    total_params: int
+    output_dir: str
+    resumed_from: str = ""
+    start_step: int = 0
+
+
+@event("train.log")
+class TrainLog:
+    """One row of the loss table: one per logging step, training and evaluation logs of the same
+    step merged (a later ``train.log`` of the same step completes the row). ``tokens_per_s``
+    counts non-padding tokens."""
+
+    job_id: str
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+
+
+@event("train.checkpoint")
+class TrainCheckpoint:
+    """A checkpoint was saved (adapter, optimizer, scheduler, trainer state)."""
+
+    job_id: str
+    step: int
+    path: str
+
+
+@event("train.alert")
+class TrainAlert:
+    """Something the user must see at once: ``kind`` ``nan``/``inf`` (the loss), ``oom`` (CUDA out
+    of memory: the run stopped cleanly), with what happened, at which step, and what to change."""
+
+    job_id: str
+    kind: str
+    step: int
+    message: str
+    hint: str = ""
+    memory: dict[str, Any] = field(default_factory=dict)
+
+
+@event("train.finished")
+class TrainFinished:
+    """A run ended: ``status`` done/stopped/failed, the final losses, the adapter folder
+    (safetensors), the last checkpoint, peak memory and throughput."""
+
+    job_id: str
+    status: str
+    step: int
+    total_steps: int
+    final_loss: float | None = None
+    final_eval_loss: float | None = None
+    adapter_path: str = ""
+    checkpoint_path: str = ""
+    elapsed_s: float = 0.0
+    tokens_per_s: float | None = None
+    peak_memory: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
 # Encoding, decoding, validation.
 
 _HINTS: dict[type, dict[str, Any]] = {}
