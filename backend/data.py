@@ -1314,6 +1314,7 @@ def preview_row(opened: Opened, settings: dict[str, Any] | P.PreparedData, index
         check_mapping(s, opened.columns)
         loss = effective_loss(s)
         result.update(form=training_form(s), loss=loss, max_length=s.max_length, template=s.template)
+        result["split"] = split_counts(opened, s)
         row = opened.raw_row(index)
         example = format_row(row, s)
     except DataError as exc:
@@ -1601,6 +1602,13 @@ class DataRoom:
             ctx.progress("opening", 0, 0)
             opened = open_source(params.source, self.home, progress=lambda st, d, t: ctx.progress(st, d, t, "rows"),
                                  cancelled=lambda: ctx.cancelled, reload=params.reload)
+            # The preview comes next: load the default tokenizer now (transformers' import and
+            # the load take ~2.5 s once per backend), so the first preview is not the slow one.
+            try:
+                ctx.progress("loading the tokenizer", 0, 0)
+                load_tokenizer("", self.home)
+            except DataError:
+                pass  # the tiny model is not built yet: the preview says how to build it
             return {"dataset": opened.summary}
 
         return run
