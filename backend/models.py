@@ -44,6 +44,7 @@ import math
 import os
 import re
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,40 @@ INT8_DTYPE = "fp16"
 REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 _TRUE = {"1", "true", "yes", "on"}
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+# Imports -------------------------------------------------------------------------------------
+
+_IMPORTED = threading.Event()
+
+
+def import_ml_stack() -> None:
+    """Import torch, transformers, accelerate and bitsandbytes (when installed) once, in a
+    throwaway thread.
+
+    Why a thread: on a CPU with AVX512-BF16, importing bitsandbytes logs an exception object
+    (an optional kernel package is missing). A handler that keeps log records (pytest's does)
+    keeps that exception's traceback, hence every frame that was on the stack during the import,
+    hence their locals: imported from inside a load, the first model loaded would never be freed.
+    """
+    if _IMPORTED.is_set():
+        return
+
+    def run() -> None:
+        import accelerate  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            try:
+                import bitsandbytes  # noqa: F401
+            except Exception:  # a broken install: the quantized precisions will say so
+                pass
+
+    thread = threading.Thread(target=run, name="qlw-import-ml", daemon=True)
+    thread.start()
+    thread.join()
+    _IMPORTED.set()
 
 
 # Settings ------------------------------------------------------------------------------------
@@ -586,6 +621,7 @@ def estimate(s: P.ModelSettings, src: Source | None = None) -> dict[str, Any]:
     validate_settings(s)
     t0 = time.perf_counter()
     src = src or resolve_source(s)
+    import_ml_stack()
     raw, where = read_config_json(src)
     check_config(raw, where, s.trust_remote_code)
     model = _build_meta_model(raw, src, s.trust_remote_code)
