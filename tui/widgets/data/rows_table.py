@@ -9,11 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import DataTable
+
+
+#: Columns are as wide as their widest cell on the first page (up to this many cells).
+MAX_COLUMN_WIDTH = 48
+PAGE_SAMPLE = 100
 
 
 def cell_text(value: Any) -> Text:
@@ -65,20 +71,24 @@ class RowsTable(DataTable):
     def show_page(self, page: dict[str, Any], cursor: str = "first") -> None:
         """Fill the table with a ``data.page`` result."""
         columns = list(page.get("columns", []))
+        cells = [[cell_text(v) for v in row["cells"]] for row in page.get("rows", [])]
         if columns != self.columns_shown:
+            # Widths from the first page, then kept: the table measures no cell afterwards (the
+            # slow part of drawing a page), and columns do not jump while paging.
             self.clear(columns=True)
-            for name in columns:
-                self.add_column(Text(name, style="bold"), key=name)
+            for i, name in enumerate(columns):
+                width = max([cell_len(name)] + [cell_len(row[i].plain) for row in cells[:PAGE_SAMPLE]])
+                self.add_column(Text(name, style="bold"), key=name, width=max(4, min(width, MAX_COLUMN_WIDTH)))
             self.columns_shown = columns
         else:
             self.clear()
         self.page_start = int(page.get("start", 0))
         self.total = int(page.get("total", 0))
         self.indices = []
-        for row in page.get("rows", []):
+        for row, row_cells in zip(page.get("rows", []), cells):
             index = int(row["index"])
             self.indices.append(index)
-            self.add_row(*(cell_text(v) for v in row["cells"]), key=str(index), label=Text(str(index), style="dim"))
+            self.add_row(*row_cells, key=str(index), label=Text(str(index), style="dim"))
         self._waiting = False
         if self.row_count:
             self.move_cursor(row=self.row_count - 1 if cursor == "last" else 0, animate=False)
