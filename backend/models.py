@@ -184,8 +184,9 @@ class Source:
 
     @property
     def ref(self) -> str:
-        """What to hand ``from_pretrained``."""
-        return str(self.folder) if self.kind == "folder" else self.name
+        """What to hand ``from_pretrained``: the folder (a Hub model's cached snapshot once it is
+        known, so that loading asks the network nothing more), else the Hub id."""
+        return str(self.folder) if self.folder is not None else self.name
 
     def describe(self) -> str:
         if self.kind == "folder":
@@ -222,7 +223,7 @@ def resolve_source(s: P.ModelSettings) -> Source:
                        hint="check the path (relative paths are relative to the backend's data home), "
                             "or give a Hub id such as mistralai/Mistral-7B-v0.3")
     offline = hub_offline()
-    cached = _cached_config(text, revision)
+    cached = _cached_config(text, revision) if offline else None  # online, the Hub says what is current
     if offline and cached is None:
         raise JobError(
             f"{text} is not a local folder and is not in the Hugging Face cache, and the Hub is offline "
@@ -492,16 +493,17 @@ def options(home: Path) -> dict[str, Any]:
 # The estimate -----------------------------------------------------------------------------------
 
 
-def _build_meta_model(raw: dict[str, Any], src: Source, trust_remote_code: bool):
+def _build_meta_model(raw: dict[str, Any], config_path: str, src: Source, trust_remote_code: bool):
     """The model of ``raw`` on the meta device (no memory, no weights), with its ties applied."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_kwargs = dict(trust_remote_code=trust_remote_code)
-    if src.folder is not None:
-        config = AutoConfig.from_pretrained(str(src.folder), **config_kwargs)
-    else:
+    if src.folder is None and raw.get("auto_map"):
+        # The config's own code lives beside it in the repository: let transformers fetch it.
         config = AutoConfig.from_pretrained(src.name, revision=src.revision, **config_kwargs)
+    else:
+        config = AutoConfig.from_pretrained(str(Path(config_path).parent), **config_kwargs)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     # accelerate's init_empty_weights leaves tied weights (embeddings <-> lm_head) untied:
@@ -624,7 +626,7 @@ def estimate(s: P.ModelSettings, src: Source | None = None) -> dict[str, Any]:
     import_ml_stack()
     raw, where = read_config_json(src)
     check_config(raw, where, s.trust_remote_code)
-    model = _build_meta_model(raw, src, s.trust_remote_code)
+    model = _build_meta_model(raw, where, src, s.trust_remote_code)
     counts = count_bytes(model, s)
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -923,7 +925,8 @@ def load_base_model(
     """Load the base model of ``s`` (and its tokenizer) for fine-tuning.
 
     ``progress(stage, done, total, unit, message)`` is called from this thread: ``resolving``,
-    ``estimating``, ``loading weights`` (by shard), ``tokenizer``, ``measuring``.
+    ``estimating``, ``downloading`` (a Hub model, online), ``loading weights`` (by shard),
+    ``tokenizer``, ``measuring``.
     ``cancelled()`` is polled between tensors; a cancelled load raises :class:`JobCancelled`
     and leaves nothing behind. Errors are :class:`JobError` for people.
     """
@@ -953,6 +956,9 @@ def load_base_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if src.kind == "hub" and src.folder is None:
+        src = _download(src, s.trust_remote_code, report)
+        check()
     kwargs = _from_pretrained_kwargs(s, src, device)
     on_cuda = device.startswith("cuda")
     if on_cuda:
@@ -1023,6 +1029,33 @@ def load_base_model(
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
     return LoadedModel(model, tokenizer, info)
+
+
+#: What a load needs from a Hub repository: config, weights, tokenizer files (and, with
+#: trust_remote_code, the model's own Python files). Not the other formats (GGUF, ONNX, ...).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
+def _download(src: Source, trust_remote_code: bool, report: Callable) -> Source:
+    """Fetch what a load needs from the Hub into the cache (weights as safetensors, or as
+    ``pytorch_model*.bin`` only where the repository has no safetensors) and return the source
+    with its cached snapshot folder, so that the load reports progress by shard."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    report("downloading", 0, 0, "", f"{src.describe()} from the Hub (files already cached are skipped)")
+    where = f"source = {src.name}" + (f", revision = {src.revision}" if src.revision else "")
+    try:
+        files = list_repo_files(src.name, revision=src.revision)
+        patterns = list(HUB_PATTERNS)
+        if not any(f.endswith(".safetensors") for f in files):
+            patterns.append("pytorch_model*.bin")
+        if trust_remote_code:
+            patterns.append("*.py")
+        folder = snapshot_download(src.name, revision=src.revision, allow_patterns=patterns)
+    except Exception as exc:
+        raise JobError(f"could not download {src.describe()}: {type(exc).__name__}: {exc}", where=where,
+                       hint="check the network and the id; for a gated or private model run `hf auth login`") from None
+    return Source("hub", src.name, Path(folder), src.revision, src.offline)
 
 
 def _load_hint(exc: BaseException) -> str:

@@ -242,6 +242,39 @@ def test_offline_hub_id_fails_at_once_with_a_clear_message(monkeypatch):
     assert "hf download mistralai/Mistral-7B-v0.3" in err.value.hint
 
 
+def test_an_online_hub_id_is_estimated_then_downloaded_and_loaded_by_shard(tiny_folder, monkeypatch):
+    """Online (the Hub stubbed with the tiny model's files): the estimate reads config.json
+    alone; the load fetches config, safetensors and tokenizer files (not other formats), then
+    loads the cached snapshot with progress by shard."""
+    import huggingface_hub
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # anything that slips through fails at once
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, filename, revision=None: calls.append(("config", repo, revision))
+                        or str(tiny_folder / filename))
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo, revision=None: ["config.json", "model.safetensors", "tokenizer.json", "x.gguf"])
+
+    def snapshot_download(repo, revision=None, allow_patterns=None):
+        calls.append(("snapshot", repo, revision, tuple(allow_patterns)))
+        return str(tiny_folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    s = P.ModelSettings(source="qlw/tiny-llama", revision="v1", precision="4bit", device="cpu")
+    est = models.estimate(s)
+    assert est["parameters"] == TINY_PARAMETERS and est["source"] == "qlw/tiny-llama@v1" and est["shards"] == 0
+    stages = []
+    loaded = models.load_base_model(s, progress=lambda *a: stages.append(a))
+    assert loaded.info["measured"]["footprint_bytes"] == est["footprint_bytes"]
+    snapshot = [c for c in calls if c[0] == "snapshot"]
+    assert snapshot == [("snapshot", "qlw/tiny-llama", "v1", tuple(models.HUB_PATTERNS))]  # no *.bin, no *.py
+    assert ("downloading", 0, 0, "") == stages[2][:4]
+    assert [a[1:4] for a in stages if a[0] == "loading weights"][-1] == (1.0, 1, "shards")
+
+
 def write_config(folder: Path, tiny_folder: Path, drop=(), **changes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     raw = json.loads((tiny_folder / "config.json").read_text())
