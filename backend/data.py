@@ -1329,6 +1329,11 @@ def preview_row(opened: Opened, settings: dict[str, Any] | P.PreparedData, index
         result["error"] = {"message": f"row {index} is {size:,} characters long: too long for a live preview",
                            "where": f"row {index}", "hint": "token statistics still measure it; max_length cuts it in training"}
         return result
+    if result["form"] == "messages" and not getattr(tokenizer, "chat_template", None):
+        result["error"] = {"message": f"the tokenizer {result['tokenizer']} has no chat template",
+                           "where": "settings.template", "hint": "choose the Mistral, Alpaca or raw template, "
+                           "or a tokenizer that has a chat template"}
+        return result
     if loss == "assistant_only" and not has_generation_markers(tokenizer):
         result["warnings"].append("the tokenizer's chat template has no {% generation %} markers: trl swaps in a "
                                   "training template for known model families, else it cannot mask; the mask below is empty")
@@ -1407,6 +1412,9 @@ def token_stats(opened: Opened, settings: dict[str, Any] | P.PreparedData, token
     check_mapping(s, opened.columns)
     loss = effective_loss(s)
     form = training_form(s)
+    if form == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"the tokenizer {tokenizer_name or 'qlw-tiny-llama'} has no chat template",
+                        where="settings.template", hint="choose the Mistral, Alpaca or raw template")
     total = opened.num_rows if limit <= 0 else min(limit, opened.num_rows)
     lengths = np.zeros(total, dtype=np.int64)
     no_loss_before = np.zeros(total, dtype=np.int64)  # tokens before the first loss token
@@ -1542,6 +1550,20 @@ def _format_batch(batch: dict[str, list], settings: dict[str, Any]) -> dict[str,
     return out
 
 
+def _prepared_cache(home: Path, opened: Opened, s: P.PreparedData, part: str) -> str | None:
+    """Where ``datasets`` writes a derived table (formatted rows, split indices). It writes them
+    beside the source's Arrow files, which for files and Hub ids are in the data home already;
+    a ``save_to_disk`` folder is the user's, so its derived tables go to the data home instead."""
+    if opened.resolved.kind != "disk":
+        return None
+    import hashlib
+
+    key = json.dumps([opened.resolved.key, opened.signature, P.to_dict(s), part], default=str)
+    folder = cache_dir(home) / "prepared"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}-{part}.arrow")
+
+
 def load_prepared(settings: dict[str, Any] | P.PreparedData, home: Path, progress: Progress | None = None,
                   cancelled: Callable[[], bool] | None = None) -> Prepared:
     """The prepared dataset for trl's ``SFTTrainer``: the source's rows split into train and
@@ -1558,16 +1580,20 @@ def load_prepared(settings: dict[str, Any] | P.PreparedData, home: Path, progres
             raise DataError(f"a validation ratio of {s.validation_ratio:g} leaves {counts['train']} train and "
                             f"{counts['validation']} validation rows of {opened.num_rows}",
                             where="settings.validation_ratio", hint="choose another ratio, or no validation")
-        parts = base.train_test_split(test_size=counts["validation"], seed=s.seed, shuffle=True)
+        parts = base.train_test_split(test_size=counts["validation"], seed=s.seed, shuffle=True,
+                                      train_indices_cache_file_name=_prepared_cache(home, opened, s, "train-indices"),
+                                      test_indices_cache_file_name=_prepared_cache(home, opened, s, "validation-indices"))
         base, validation = parts["train"], parts["test"]
     elif s.split_mode == "split":
         validation = opened.splits[s.validation_split]
         check_mapping(s, list(validation.column_names))
     kwargs = {"batched": True, "batch_size": 1000, "fn_kwargs": {"settings": P.to_dict(s)}}
-    train = base.map(_format_batch, remove_columns=base.column_names, desc="Formatting train rows", **kwargs)
+    train = base.map(_format_batch, remove_columns=base.column_names, desc="Formatting train rows",
+                     cache_file_name=_prepared_cache(home, opened, s, "train"), **kwargs)
     val = None
     if validation is not None:
-        val = validation.map(_format_batch, remove_columns=validation.column_names, desc="Formatting validation rows", **kwargs)
+        val = validation.map(_format_batch, remove_columns=validation.column_names, desc="Formatting validation rows",
+                             cache_file_name=_prepared_cache(home, opened, s, "validation"), **kwargs)
     report = {
         "train_rows": len(train), "train_skipped": len(base) - len(train),
         "validation_rows": len(val) if val is not None else 0,

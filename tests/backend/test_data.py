@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import copy
 import dataclasses
 import functools
 import json
@@ -300,6 +301,12 @@ def test_unknown_shape_missing_column_and_nulls(home, tmp_path):
     prepared = D.load_prepared(settings(nulls, split_mode="none"), home)
     assert len(prepared.train) == 2 and prepared.report["train_skipped"] == 2
 
+    plain = copy.deepcopy(tok)  # a tokenizer without a chat template (GPT-2 style)
+    plain.chat_template = None
+    pv = D.preview_row(nulls, settings(nulls), 0, plain)
+    assert "has no chat template" in pv["error"]["message"] and "Alpaca" in pv["error"]["hint"]
+    assert D.preview_row(nulls, settings(nulls, template="alpaca"), 0, plain)["error"] is None
+
     missing = settings(nulls, mapping={**nulls.summary["mapping"], "response": "answer"})
     pv = D.preview_row(nulls, missing, 0, tok)
     assert "mapped to column 'answer', which this dataset does not have" in pv["error"]["message"]
@@ -416,6 +423,13 @@ def test_split_by_ratio_seed_or_existing_split(home, files):
     assert (len(prepared.train), len(prepared.validation)) == (12, 2)
     with pytest.raises(D.DataError, match="no split 'dev'"):
         D.load_prepared(dataclasses.replace(folder, validation_split="dev"), home)
+    # A save_to_disk folder is the user's: what the split and the formatting derive goes to the home.
+    saved = files / "saved"
+    before = sorted(p.name for p in saved.rglob("*"))
+    prepared = D.load_prepared(settings(D.open_source(str(saved), home), validation_ratio=0.34), home)
+    assert (len(prepared.train), len(prepared.validation)) == (1, 2)
+    assert sorted(p.name for p in saved.rglob("*")) == before
+    assert any((home / "datasets" / "prepared").iterdir())
     with pytest.raises(D.DataError, match="validation_ratio must be between 0 and 1"):
         D.settings_from({**P.to_dict(s), "validation_ratio": 1.5})
 

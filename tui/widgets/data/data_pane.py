@@ -101,13 +101,16 @@ class DataPane(BackendRequests, Vertical):
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="data-source"):
+            # The button first: the tab's first focusable widget gets the focus when the tab is
+            # shown, and a button (unlike an input) leaves the number keys to the tab bar.
+            yield Button("Open", id="data-open", compact=True,
+                         tooltip="Open the dataset named on the right (or press enter in the path).")
             yield Input(sample_dataset_path(), placeholder="data file, folder or Hub id (owner/name)",
                         id="data-path", compact=True, select_on_focus=False,
                         tooltip="JSON, JSONL, CSV, TSV, Parquet, Arrow or text; a folder of them; or a Hub id.")
             yield Input(placeholder="config", id="data-config", compact=True, tooltip="The Hub dataset's config.")
             yield Input(placeholder="split", id="data-split", compact=True,
                         tooltip="The split to browse and train on (default: train).")
-            yield Button("Open", id="data-open", compact=True, tooltip="Open the dataset (enter in the path).")
         yield Static("No dataset open: press Open for the shipped sample, or type a path.", id="data-status",
                      markup=False)
         with TabbedContent(id="data-tabs"):
