@@ -1,11 +1,540 @@
-"""LoraPane: the LoRA tab (a placeholder until the feature is built)."""
+"""LoraPane: the LoRA tab, where a training run is set up, checked, saved and started.
+
+The form (:class:`RunForm`) holds peft's ``LoraConfig`` and trl's ``SFTConfig`` settings; the base
+model and its quantization come from the Model tab (``ModelForm.settings()``, or the settings of
+the model the backend holds when no Model tab is mounted) and the prepared dataset from the Data
+tab (``DataPane.settings``), whose ``max_length`` and loss are shown and edited here. Together
+they make the run config, plain data (``protocol.RunConfig``).
+
+Each change is checked at once for types and ranges, then (debounced) by the backend's
+``train.validate``, whose errors are shown at their fields and whose trainable-parameter count and
+memory estimate fill the line under the form. Start is enabled only for a config the backend
+found valid, while no job runs. Presets come from ``train.presets``; a config is exported to and
+imported from TOML by the backend; a run can resume from a checkpoint of ``train.checkpoints``.
+"""
 
 from __future__ import annotations
 
-from tui.widgets.shell.placeholder_pane import PlaceholderPane
+import os
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, Input, Label, Select, Static
+
+from backend import protocol as P
+from tui.client import CONNECTED, BackendUnavailable, RequestFailed
+from tui.messages import ConnectionChanged
+from tui.modals.confirm_screen import ConfirmScreen
+from tui.widgets.backend_requests import BackendRequests
+from tui.widgets.lora.run_config import build_config, cross_errors, flatten
+from tui.widgets.lora.run_form import RunForm
+from tui.widgets.lora.validation_line import ValidationLine
+
+#: Typing pauses this long before the backend checks the run.
+VALIDATE_DELAY_S = 0.4
+#: The precision fields a preset may set on the model section.
+PRECISION_FIELDS = ("precision", "quant_type", "double_quant", "compute_dtype")
+FRESH_START = "fresh"
 
 
-class LoraPane(PlaceholderPane):
-    """LoRA tab."""
+def expand_path(text: str, cwd: str | None = None) -> str:
+    """A file path as the backend should see it: ``~`` expanded, relative paths made absolute
+    against this terminal's folder (the backend runs in its own)."""
+    text = text.strip()
+    if not text:
+        return ""
+    path = Path(os.path.expanduser(text))
+    return str(path if path.is_absolute() else (Path(cwd or os.getcwd()) / path).resolve())
 
-    DESCRIPTION = "LoRA: base model, quantisation and the adapter (r, lora_alpha, target_modules)."
+
+class LoraPane(BackendRequests, Vertical):
+    """The LoRA tab: the run's settings, checked live; presets, TOML files, Start and resume."""
+
+    BINDINGS = [
+        Binding("f5", "start", "Start", id="lora.start",
+                tooltip="Start training with these settings (a backend job); the Train tab follows it."),
+        Binding("ctrl+e", "export", "Export", id="lora.export",
+                tooltip="Write the run config to the TOML file named in the path box (asks before overwriting)."),
+        Binding("ctrl+o", "import", "Import", id="lora.import",
+                tooltip="Read a run config from the TOML file named in the path box into the form."),
+        Binding("f2", "preset('qlora-paper')", "QLoRA preset", id="lora.preset-qlora-paper", show=False,
+                tooltip="Apply the QLoRA paper's recipe: nf4 with double quant, bf16 compute, r=16, "
+                        "lora_alpha=16, dropout 0.05, lr 2e-4, paged_adamw_8bit."),
+        Binding("f3", "preset('small-gpu')", "Small-GPU preset", id="lora.preset-small-gpu", show=False,
+                tooltip="Apply the small-GPU preset: a fast run that fits a small card."),
+        Binding("f6", "resume", "Resume from", id="lora.resume", show=False,
+                tooltip="Read the checkpoints again and choose one to resume from (or a fresh start)."),
+        Binding("f8", "next_error", "Next error", id="lora.next-error", show=False,
+                tooltip="Go to the first setting with an error."),
+    ]
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.connected = False
+        #: The running job (``job.started`` payload) or None: Start waits for it to end.
+        self.job: dict[str, Any] | None = None
+        #: ``train.presets``' presets and defaults.
+        self.presets: dict[str, Any] = {}
+        self.preset_defaults: dict[str, Any] = {}
+        #: The model and dataset sections of the run config, and where they come from.
+        self.model: dict[str, Any] = {}
+        self.model_origin = ""
+        self.data: dict[str, Any] = {}
+        self.data_origin = ""
+        #: The settings of the model the backend holds (``model.loaded``/``model.inspect``).
+        self.loaded_model: dict[str, Any] = {}
+        #: Sections set by a preset or a file, kept until the Model/Data tab changes.
+        self._model_override: dict[str, Any] | None = None
+        self._model_override_origin = ""
+        self._model_seen: Any = None
+        self._data_override: dict[str, Any] | None = None
+        self._data_override_origin = ""
+        self._data_seen: Any = None
+        self._data_adopted: Any = None
+        #: The config the backend last found valid, its errors and result.
+        self.validated: dict[str, Any] | None = None
+        self.server_errors: dict[str, str] = {}
+        self._server_errors_for: dict[str, Any] | None = None
+        self._validate_timer = None
+        self._message = ""
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="lora-bar"):
+            yield Label("preset", classes="lora-bar-label")
+            for name in P.TRAIN_PRESETS:
+                yield Button(name, id=f"preset-{name}", compact=True, disabled=True,
+                             tooltip=f"Apply the {name} preset (train.presets) to the form.")
+            yield Input(placeholder="run config file (.toml)", id="lora-path", compact=True,
+                        tooltip="A TOML run config to export to or import from (~ and relative paths "
+                                "are this terminal's).")
+            yield Button("Export", id="lora-export", compact=True, tooltip="Write the run config (ctrl+e).")
+            yield Button("Import", id="lora-import", compact=True, tooltip="Read a run config (ctrl+o).")
+        yield RunForm(id="run-form")
+        yield ValidationLine(id="lora-validation")
+        with Horizontal(id="lora-start-row"):
+            yield Button("Start ▶", id="lora-start", variant="success", compact=True, disabled=True,
+                         tooltip="Start training (f5): enabled when the backend has checked the settings "
+                                 "and no job runs.")
+            yield Select([("fresh start (no checkpoint)", FRESH_START)], value=FRESH_START, allow_blank=False,
+                         id="lora-resume", compact=True,
+                         tooltip="Resume from a checkpoint (train.checkpoints), or start fresh (f6 reads again).")
+            yield Static("", id="lora-status", markup=False)
+
+    @property
+    def form(self) -> RunForm:
+        return self.query_one(RunForm)
+
+    @property
+    def line(self) -> ValidationLine:
+        return self.query_one(ValidationLine)
+
+    def on_mount(self) -> None:
+        self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
+        self.app.connection_changed.subscribe(self, self.on_connection)  # type: ignore[attr-defined]
+        self.sync_sections()
+        self.on_connection(self.app.connection)  # type: ignore[attr-defined]
+
+    def on_show(self) -> None:
+        # The Model and Data tabs may have changed while this one was hidden.
+        if self.sync_sections():
+            self.check()
+
+    # The backend ------------------------------------------------------------------------------------
+
+    def on_connection(self, change: ConnectionChanged) -> None:
+        self.connected = change.state == CONNECTED
+        if self.connected:
+            self.read_presets()
+            self.read_job()
+            self.read_inspection()
+            self.read_checkpoints()
+        self.check()
+
+    def on_backend(self, ev: P.Event) -> None:
+        p = ev.payload
+        if ev.kind == "job.started":
+            self.job = dict(p)
+            self._update_start()
+        elif ev.kind == "job.finished":
+            if self.job is None or p.get("job_id") == self.job.get("job_id"):
+                self.job = None
+                self._update_start()
+            if p.get("kind") in ("gpu.free", "backend.restart"):
+                self.read_inspection()  # the model may be gone
+        elif ev.kind == "model.loaded":
+            self.loaded_model = dict(p.get("settings") or {})
+            self.form.set_groups((p.get("inspect") or {}).get("linear_groups") or [])
+            if self.sync_sections():
+                self.check()
+        elif ev.kind in ("train.checkpoint", "train.finished"):
+            self.read_checkpoints()
+
+    @work(name="read the training presets", group="train.presets", exclusive=True, exit_on_error=False)
+    async def read_presets(self) -> None:
+        try:
+            result = await self.call(P.TrainPresets())
+        except RequestFailed as exc:  # a backend without training: say so once, at the status
+            self._status(f"no presets: {exc.reply.reason or exc.reply.code}")
+            return
+        self.show_presets(result)
+
+    def show_presets(self, result: dict[str, Any]) -> None:
+        """Offer ``train.presets``' presets (their buttons are enabled)."""
+        self.presets = dict(result.get("presets") or {})
+        self.preset_defaults = dict(result.get("defaults") or {})
+        for name in P.TRAIN_PRESETS:
+            self.query_one(f"#preset-{name}", Button).disabled = name not in self.presets
+        self.refresh_bindings()
+
+    @work(name="read the backend's job", group="lora.job", exclusive=True, exit_on_error=False)
+    async def read_job(self) -> None:
+        self.job = (await self.call(P.Status())).get("job") or None
+        self._update_start()
+
+    @work(name="inspect the loaded model", group="lora.inspect", exclusive=True, exit_on_error=False)
+    async def read_inspection(self) -> None:
+        info = await self.call(P.InspectModel(), timeout=60)
+        if info.get("loaded"):
+            self.loaded_model = dict((info.get("load") or {}).get("settings") or {})
+            self.form.set_groups(info.get("linear_groups") or [])
+        else:
+            self.loaded_model = {}
+        if self.sync_sections():
+            self.check()
+
+    @work(name="list the checkpoints", group="train.checkpoints", exclusive=True, exit_on_error=False)
+    async def read_checkpoints(self) -> None:
+        try:
+            result = await self.call(P.ListCheckpoints())
+        except RequestFailed:
+            return  # nothing to resume from; Start still works
+        self.show_checkpoints(result.get("checkpoints") or [])
+
+    def show_checkpoints(self, checkpoints: list[dict[str, Any]]) -> None:
+        """Offer ``train.checkpoints``' checkpoints to resume from (newest first)."""
+        select = self.query_one("#lora-resume", Select)
+        keep = select.value
+        options: list[tuple[str, str]] = [("fresh start (no checkpoint)", FRESH_START)]
+        for c in checkpoints:
+            loss = f" · loss {c['loss']:.4f}" if isinstance(c.get("loss"), (int, float)) else ""
+            options.append((f"resume {str(c.get('session', ''))[:8]} step {c.get('step', '?')}{loss}", c["path"]))
+        with self.prevent(Select.Changed):
+            select.set_options(options)
+            select.value = keep if keep in {v for _, v in options} else FRESH_START
+
+    # The model and dataset sections -------------------------------------------------------------------
+
+    def _model_pane_settings(self) -> dict[str, Any] | None:
+        from tui.widgets.model.model_pane import ModelPane
+
+        for pane in self.screen.query(ModelPane):
+            settings = pane.form.settings()
+            if settings.get("source"):
+                return settings
+        return None
+
+    def _data_pane_settings(self) -> dict[str, Any] | None:
+        from tui.widgets.data.data_pane import DataPane
+
+        for pane in self.screen.query(DataPane):
+            return pane.settings
+        return None
+
+    def sync_sections(self) -> bool:
+        """Read the Model and Data tabs (what they show now) into the model and data sections;
+        a preset's or a file's section stands until that tab changes. The dataset's max_length and
+        loss are taken into the form when the Data tab changes them. True if anything changed."""
+        before = (self.model, self.data)
+        pane_model = self._model_pane_settings()
+        if pane_model is not None:
+            model, origin = pane_model, "Model tab"
+        else:
+            model, origin = self.loaded_model, ("loaded in the backend" if self.loaded_model else "")
+        if self._model_override is not None and self._covered(model) != self._model_seen:
+            self._model_override = None  # the Model tab changed what the override set: it wins
+        if self._model_override is not None:
+            model = {**model, **self._model_override}
+            origin = f"{origin}, {self._model_override_origin}" if origin else self._model_override_origin
+        self.model, self.model_origin = model, origin
+
+        pane_data = self._data_pane_settings()
+        if self._data_override is not None and pane_data != self._data_seen:
+            self._data_override = None
+        if self._data_override is not None:
+            data, d_origin = self._data_override, self._data_override_origin
+        else:
+            data, d_origin = (pane_data or {}), ("Data tab" if pane_data else "")
+        if pane_data is not None and pane_data != self._data_adopted:
+            self._data_adopted = pane_data
+            if self._data_override is None:
+                self.form.set_values({"data.max_length": pane_data.get("max_length"),
+                                      "data.loss": pane_data.get("loss")})
+        self.data, self.data_origin = data, d_origin
+        self.form.show_sections(self.model, self.model_origin, self.data, self.data_origin)
+        return (self.model, self.data) != before
+
+    def _base_model(self) -> dict[str, Any]:
+        return self._model_pane_settings() or self.loaded_model
+
+    def _covered(self, base: dict[str, Any]) -> dict[str, Any]:
+        """The base's fields that the model override sets."""
+        return {k: base.get(k) for k in self._model_override or {}}
+
+    def _set_model_override(self, fields: dict[str, Any], origin: str) -> None:
+        """Set model fields (a preset's precision, a file's model) until the Model tab changes
+        one of them."""
+        self._model_override, self._model_override_origin = dict(fields), origin
+        self._model_seen = self._covered(self._base_model())
+
+    def _set_data_override(self, data: dict[str, Any], origin: str) -> None:
+        self._data_override, self._data_override_origin = dict(data), origin
+        self._data_seen = self._data_pane_settings()
+        self.form.set_values({"data.max_length": data.get("max_length"), "data.loss": data.get("loss")})
+
+    # The config and its checks --------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """The run config as set up now (``protocol.RunConfig`` as a dict)."""
+        return build_config(self.form.values(), self.model, self.data, self.form.run_name)
+
+    def local_errors(self, config: dict[str, Any] | None = None) -> dict[str, str]:
+        """Type, range and cross-field errors found without the backend."""
+        config = config if config is not None else self.config()
+        return {**cross_errors(config), **self.form.local_errors()}
+
+    @on(RunForm.Changed)
+    def _form_changed(self, event: RunForm.Changed) -> None:
+        event.stop()
+        self.sync_sections()
+        self.check()
+
+    def check(self) -> None:
+        """Check the config now (locally) and soon (the backend): errors at their fields."""
+        config = self.config()
+        local = self.local_errors(config)
+        server = self.server_errors if self._server_errors_for == config else {}
+        self.form.show_errors({**server, **local})
+        if self._validate_timer is not None:
+            self._validate_timer.stop()
+            self._validate_timer = None
+        if local:
+            self.line.show_invalid(local)
+        elif self.validated == config:
+            pass  # checked already; the line says what the backend said
+        elif not self.connected:
+            self.line.show_failure("not connected to the backend: the run cannot be checked or started "
+                                   "(ctrl+r starts one)")
+        else:
+            self.line.show_pending()
+            self._validate_timer = self.set_timer(VALIDATE_DELAY_S, self._timed_validate)
+        self._update_start()
+
+    def _timed_validate(self) -> None:
+        self._validate_timer = None
+        if self.is_attached:
+            self.validate()
+
+    @work(name="check the run", group="train.validate", exclusive=True, exit_on_error=False)
+    async def validate(self) -> None:
+        config = self.config()
+        if self.local_errors(config):
+            return
+        try:
+            result = await self.call(P.ValidateRun(config=config), timeout=120)
+        except RequestFailed as exc:
+            self.line.show_failure(f"✖ could not check the run: {exc.reply.reason or exc.reply.code}")
+            return
+        except BackendUnavailable:
+            self.line.show_failure("not connected to the backend: the run cannot be checked")
+            return
+        self.show_validation(config, result)
+
+    def show_validation(self, config: dict[str, Any], result: dict[str, Any]) -> None:
+        """Show a ``train.validate`` result for ``config`` (ignored if the form moved on)."""
+        if config != self.config():
+            return  # a newer check is on its way
+        errors = {str(k): str(v) for k, v in (result.get("errors") or {}).items()}
+        self.server_errors, self._server_errors_for = errors, config
+        self.form.show_errors(errors)
+        if result.get("ok") and not errors:
+            self.validated = config
+            self.line.show_result(result)
+        else:
+            self.validated = None
+            self.line.result = result if isinstance(result.get("trainable_params"), int) else None
+            self.line.show_invalid(errors or {"config": "the backend found it invalid"})
+        self._update_start()
+
+    # Start ------------------------------------------------------------------------------------------
+
+    @property
+    def can_start(self) -> bool:
+        return (self.connected and self.job is None and self.validated is not None
+                and self.validated == self.config())
+
+    def _update_start(self) -> None:
+        if not self.is_mounted:
+            return
+        self.query_one("#lora-start", Button).disabled = not self.can_start
+        self._show_status()
+        self.refresh_bindings()
+
+    def _status(self, text: str) -> None:
+        self._message = text
+        self._show_status()
+
+    def _show_status(self) -> None:
+        if not self.is_mounted:
+            return
+        job = f"a {self.job.get('kind') or 'job'} job runs: Start waits for it" if self.job else ""
+        self.query_one("#lora-status", Static).update(job or self._message)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "start":
+            return True if self.can_start else None  # shown, dimmed, while it cannot start
+        if action == "preset":
+            return parameters[0] in self.presets
+        return True
+
+    @on(Button.Pressed, "#lora-start")
+    def _start_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.action_start()
+
+    def action_start(self) -> None:
+        if self.can_start:
+            self.start()
+        elif self.form.focus_error():
+            self.notify("This setting needs attention first.", severity="warning", timeout=4)
+
+    @work(name="start training", group="train.start", exclusive=True, exit_on_error=False)
+    async def start(self) -> None:
+        self.sync_sections()
+        config = self.config()
+        if self.local_errors(config):
+            self.check()
+            return
+        resume = self.query_one("#lora-resume", Select).value
+        resume_from = resume if isinstance(resume, str) and resume != FRESH_START else ""
+        try:
+            result = await self.call(P.StartTraining(config=config, resume_from=resume_from))
+        except RequestFailed as exc:
+            errors = (exc.reply.result or {}).get("errors")
+            if errors:
+                self.show_validation(config, {"ok": False, "errors": errors})
+                self.notify("The backend refused the run: see the settings marked ✖.", severity="warning",
+                            timeout=6)
+                return
+            raise
+        self._status(f"▶ started {result.get('job_id', '')}" + (f" from {resume_from}" if resume_from else ""))
+        show_tab = getattr(self.screen, "action_show_tab", None)
+        if show_tab is not None:
+            show_tab("train")
+
+    # Presets, files, resume -----------------------------------------------------------------------
+
+    @on(Button.Pressed, "#lora-bar Button")
+    def _bar_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        button = event.button.id or ""
+        if button.startswith("preset-"):
+            self.apply_preset(button.removeprefix("preset-"))
+        elif button == "lora-export":
+            self.action_export()
+        elif button == "lora-import":
+            self.action_import()
+
+    def action_preset(self, name: str) -> None:
+        self.apply_preset(name)
+
+    def apply_preset(self, name: str) -> None:
+        """The defaults, then the preset's LoRA and training settings; its precision goes on the
+        model section (until the Model tab changes)."""
+        preset = self.presets.get(name)
+        if preset is None:
+            return
+        defaults = self.preset_defaults
+        values = flatten({"lora": {**(defaults.get("lora") or {}), **(preset.get("lora") or {})},
+                          "training": {**(defaults.get("training") or {}), **(preset.get("training") or {})},
+                          "data": {k: v for k, v in (preset.get("data") or {}).items()
+                                   if k in ("max_length", "loss")}})
+        model = {k: v for k, v in (preset.get("model") or {}).items() if k in PRECISION_FIELDS}
+        if model:
+            self._set_model_override(model, f"precision from {name}")
+        self.form.set_values(values)
+        self._status(f"preset {name} applied")
+
+    def action_export(self) -> None:
+        self.export_config()
+
+    def action_import(self) -> None:
+        self.import_config()
+
+    def _path(self) -> str:
+        path = expand_path(self.query_one("#lora-path", Input).value)
+        if not path:
+            self.query_one("#lora-path", Input).focus()
+            self._status("type a .toml path first")
+        return path
+
+    @work(name="export the run config", group="train.export", exclusive=True, exit_on_error=False)
+    async def export_config(self) -> None:
+        path = self._path()
+        if not path:
+            return
+        self.sync_sections()
+        config = self.config()
+        overwrite = False
+        if Path(path).exists():
+            if not await self._confirm_overwrite(path):
+                return
+            overwrite = True
+        try:
+            result = await self.call(P.ExportRunConfig(config=config, path=path, overwrite=overwrite))
+        except RequestFailed as exc:
+            if overwrite or exc.reply.code != P.CONFIRM or not await self._confirm_overwrite(path):
+                raise
+            result = await self.call(P.ExportRunConfig(config=config, path=path, overwrite=True))
+        self._status(f"exported to {result.get('path', path)}")
+        self.notify(f"Run config written to {result.get('path', path)}", timeout=5, markup=False)
+
+    async def _confirm_overwrite(self, path: str) -> bool:
+        return bool(await self.app.push_screen_wait(ConfirmScreen(
+            f"Overwrite {path}?", "A file of that name exists; its content will be replaced by this run config.",
+            yes="Overwrite", no="Keep it")))
+
+    @work(name="import the run config", group="train.import", exclusive=True, exit_on_error=False)
+    async def import_config(self) -> None:
+        path = self._path()
+        if not path:
+            return
+        result = await self.call(P.ImportRunConfig(path=path))
+        self.apply_config(result.get("config") or {}, origin=Path(path).name)
+        errors = result.get("errors") or {}
+        if errors:
+            self.form.show_errors({**errors, **self.local_errors()})
+            self.line.show_invalid(errors)
+            self.notify(f"{Path(path).name}: {len(errors)} setting(s) need attention (marked ✖).",
+                        severity="warning", timeout=6, markup=False)
+        self._status(f"imported {Path(path).name}")
+
+    def apply_config(self, config: dict[str, Any], origin: str) -> None:
+        """Show a whole run config (an imported file): its model and dataset sections stand
+        until the Model or Data tab changes."""
+        if (config.get("model") or {}).get("source"):
+            self._set_model_override(config["model"], f"from {origin}")
+        if ((config.get("data") or {}).get("source") or {}).get("path"):
+            self._set_data_override(config["data"], f"from {origin}")
+        self.form.set_values(flatten(config), name=str(config.get("name") or ""))
+
+    def action_resume(self) -> None:
+        self.read_checkpoints()
+        self.query_one("#lora-resume", Select).focus()
+
+    def action_next_error(self) -> None:
+        if not self.form.focus_error():
+            self.notify("No setting has an error.", timeout=3)
