@@ -1439,12 +1439,12 @@ def token_stats(opened: Opened, settings: dict[str, Any] | P.PreparedData, token
         if examples:
             with _lock_for(tokenizer):
                 try:
-                    measured = [(where, *_batch_lengths(examples, form, loss, tokenizer, eos))]
+                    measured = [(where, *_batch_lengths(examples, form, loss, tokenizer, eos, s.max_length))]
                 except Exception:  # one row the chat template rejects: measure row by row
                     measured = []
                     for index, example in zip(where, examples):
                         try:
-                            measured.append(([index], *_batch_lengths([example], form, loss, tokenizer, eos)))
+                            measured.append(([index], *_batch_lengths([example], form, loss, tokenizer, eos, s.max_length)))
                         except Exception as exc:
                             skipped += 1
                             if len(errors) < 5:
@@ -1484,37 +1484,51 @@ def token_stats(opened: Opened, settings: dict[str, Any] | P.PreparedData, token
     return result
 
 
-def _batch_lengths(examples: list[dict[str, Any]], form: str, loss: str, tokenizer, eos: str):
+def _batch_lengths(examples: list[dict[str, Any]], form: str, loss: str, tokenizer, eos: str,
+                   max_length: int | None = None):
     """Token lengths of a batch of trl rows (as :func:`tokenize_like_trl` counts them, batched),
-    and the number of tokens before the first one in the loss."""
+    and the number of tokens before the first one in the loss. That second count matters only
+    for rows longer than ``max_length`` (only they can lose every loss token), so it is measured
+    for those alone; other rows get 0."""
+
+    def lengths(texts: list[str], special: bool = True) -> list[int]:
+        enc = tokenizer(texts, add_special_tokens=special, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
+        return [len(ids) for ids in enc]
+
+    def long(full: list[int]) -> list[int]:
+        return [i for i, n in enumerate(full) if max_length is None or n > max_length]
+
     if form == "messages":
         convs = [ex["messages"] for ex in examples]
-        rendered = tokenizer.apply_chat_template(convs, tokenize=False)
-        full = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
-        if loss != "assistant_only":
-            return full, [0] * len(full)
+        full = lengths(tokenizer.apply_chat_template(convs, tokenize=False), special=False)
         before = [0] * len(convs)
+        if loss != "assistant_only":
+            return full, before
         heads, at = [], []
-        for i, conv in enumerate(convs):  # everything up to the first answer, with the assistant header
+        for i in long(full):  # everything up to the first answer, with the assistant header
+            conv = convs[i]
             k = next((j for j, msg in enumerate(conv) if msg["role"] == "assistant"), len(conv))
             if k:
                 heads.append(conv[:k])
                 at.append(i)
         if heads:
-            rendered_heads = tokenizer.apply_chat_template(heads, tokenize=False, add_generation_prompt=True)
-            for i, ids in zip(at, tokenizer(rendered_heads, add_special_tokens=False)["input_ids"]):
-                before[i] = len(ids)
+            rendered = tokenizer.apply_chat_template(heads, tokenize=False, add_generation_prompt=True)
+            for i, n in zip(at, lengths(rendered, special=False)):
+                before[i] = n
         return full, before
     if form == "prompt_completion":
-        texts = [ex["prompt"] + (ex["completion"] if ex["completion"].endswith(eos) else ex["completion"] + eos)
-                 for ex in examples]
-        full = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        full = lengths([ex["prompt"] + (ex["completion"] if ex["completion"].endswith(eos) else ex["completion"] + eos)
+                        for ex in examples])
+        before = [0] * len(full)
         if loss != "completion_only":
-            return full, [0] * len(full)
-        prompts = [len(ids) for ids in tokenizer([ex["prompt"] for ex in examples])["input_ids"]]
-        return full, [min(p, f) for p, f in zip(prompts, full)]
-    texts = [ex["text"] if ex["text"].endswith(eos) else ex["text"] + eos for ex in examples]
-    full = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+            return full, before
+        at = long(full)
+        if at:
+            for i, n in zip(at, lengths([examples[i]["prompt"] for i in at])):
+                before[i] = min(n, full[i])
+        return full, before
+    full = lengths([ex["text"] if ex["text"].endswith(eos) else ex["text"] + eos for ex in examples])
     return full, [0] * len(full)
 
 
