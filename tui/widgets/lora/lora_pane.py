@@ -57,7 +57,7 @@ class LoraPane(BackendRequests, Vertical):
     BINDINGS = [
         Binding("f5", "start", "Start", id="lora.start",
                 tooltip="Start training with these settings (a backend job); the Train tab follows it."),
-        Binding("ctrl+e", "export", "Export", id="lora.export",
+        Binding("ctrl+s", "export", "Export", id="lora.export",
                 tooltip="Write the run config to the TOML file named in the path box (asks before overwriting)."),
         Binding("ctrl+o", "import", "Import", id="lora.import",
                 tooltip="Read a run config from the TOML file named in the path box into the form."),
@@ -99,6 +99,9 @@ class LoraPane(BackendRequests, Vertical):
         self.validated: dict[str, Any] | None = None
         self.server_errors: dict[str, str] = {}
         self._server_errors_for: dict[str, Any] | None = None
+        #: An imported file's errors (by field, with its line), shown while the config is as read.
+        self.file_errors: dict[str, str] = {}
+        self._file_errors_for: dict[str, Any] | None = None
         self._validate_timer = None
         self._message = ""
 
@@ -111,7 +114,7 @@ class LoraPane(BackendRequests, Vertical):
             yield Input(placeholder="run config file (.toml)", id="lora-path", compact=True,
                         tooltip="A TOML run config to export to or import from (~ and relative paths "
                                 "are this terminal's).")
-            yield Button("Export", id="lora-export", compact=True, tooltip="Write the run config (ctrl+e).")
+            yield Button("Export", id="lora-export", compact=True, tooltip="Write the run config (ctrl+s).")
             yield Button("Import", id="lora-import", compact=True, tooltip="Read a run config (ctrl+o).")
         yield RunForm(id="run-form")
         yield ValidationLine(id="lora-validation")
@@ -258,7 +261,9 @@ class LoraPane(BackendRequests, Vertical):
             self._model_override = None  # the Model tab changed what the override set: it wins
         if self._model_override is not None:
             model = {**model, **self._model_override}
-            origin = f"{origin}, {self._model_override_origin}" if origin else self._model_override_origin
+            whole = "source" in self._model_override  # a file's model, not a preset's precision
+            origin = (f"{origin}, {self._model_override_origin}" if origin and not whole
+                      else self._model_override_origin)
         self.model, self.model_origin = model, origin
 
         pane_data = self._data_pane_settings()
@@ -317,7 +322,7 @@ class LoraPane(BackendRequests, Vertical):
         config = self.config()
         local = self.local_errors(config)
         server = self.server_errors if self._server_errors_for == config else {}
-        self.form.show_errors({**server, **local})
+        self.form.show_errors({**self._file_errors(config), **server, **local})
         if self._validate_timer is not None:
             self._validate_timer.stop()
             self._validate_timer = None
@@ -332,6 +337,9 @@ class LoraPane(BackendRequests, Vertical):
             self.line.show_pending()
             self._validate_timer = self.set_timer(VALIDATE_DELAY_S, self._timed_validate)
         self._update_start()
+
+    def _file_errors(self, config: dict[str, Any]) -> dict[str, str]:
+        return self.file_errors if self._file_errors_for == config else {}
 
     def _timed_validate(self) -> None:
         self._validate_timer = None
@@ -359,7 +367,7 @@ class LoraPane(BackendRequests, Vertical):
             return  # a newer check is on its way
         errors = {str(k): str(v) for k, v in (result.get("errors") or {}).items()}
         self.server_errors, self._server_errors_for = errors, config
-        self.form.show_errors(errors)
+        self.form.show_errors({**self._file_errors(config), **errors})
         if result.get("ok") and not errors:
             self.validated = config
             self.line.show_result(result)
@@ -373,8 +381,10 @@ class LoraPane(BackendRequests, Vertical):
 
     @property
     def can_start(self) -> bool:
+        config = self.config()
+        # Any message at a field keeps Start off, an imported file's included.
         return (self.connected and self.job is None and self.validated is not None
-                and self.validated == self.config())
+                and self.validated == config and not self._file_errors(config))
 
     def _update_start(self) -> None:
         if not self.is_mounted:
@@ -394,10 +404,9 @@ class LoraPane(BackendRequests, Vertical):
         self.query_one("#lora-status", Static).update(job or self._message)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "start":
-            return True if self.can_start else None  # shown, dimmed, while it cannot start
         if action == "preset":
             return parameters[0] in self.presets
+        # Start stays a live key while the button is off: it then says why, or goes to the error.
         return True
 
     @on(Button.Pressed, "#lora-start")
@@ -410,6 +419,22 @@ class LoraPane(BackendRequests, Vertical):
             self.start()
         elif self.form.focus_error():
             self.notify("This setting needs attention first.", severity="warning", timeout=4)
+        else:
+            self.notify(self._why_not(), severity="warning", timeout=5, markup=False)
+
+    def _why_not(self) -> str:
+        """Why Start is off, for people."""
+        if not self.connected:
+            return "Cannot start: not connected to the backend (ctrl+r starts one)."
+        if self.job is not None:
+            return f"Cannot start yet: a {self.job.get('kind') or ''} job runs (ctrl+g stops it)."
+        if self.local_errors():
+            return "Cannot start: " + "; ".join(f"{k}: {v}" for k, v in sorted(self.local_errors().items()))
+        if self._file_errors(self.config()):
+            return "Cannot start: the imported file has settings marked ✖; correct them first."
+        if self.server_errors and self._server_errors_for == self.config():
+            return "Cannot start: the backend found problems (marked ✖)."
+        return "Cannot start yet: the settings are being checked."
 
     @work(name="start training", group="train.start", exclusive=True, exit_on_error=False)
     async def start(self) -> None:
@@ -514,10 +539,10 @@ class LoraPane(BackendRequests, Vertical):
             return
         result = await self.call(P.ImportRunConfig(path=path))
         self.apply_config(result.get("config") or {}, origin=Path(path).name)
-        errors = result.get("errors") or {}
+        errors = {str(k): str(v) for k, v in (result.get("errors") or {}).items()}
+        self.file_errors, self._file_errors_for = errors, self.config()
         if errors:
-            self.form.show_errors({**errors, **self.local_errors()})
-            self.line.show_invalid(errors)
+            self.check()
             self.notify(f"{Path(path).name}: {len(errors)} setting(s) need attention (marked ✖).",
                         severity="warning", timeout=6, markup=False)
         self._status(f"imported {Path(path).name}")
@@ -530,6 +555,7 @@ class LoraPane(BackendRequests, Vertical):
         if ((config.get("data") or {}).get("source") or {}).get("path"):
             self._set_data_override(config["data"], f"from {origin}")
         self.form.set_values(flatten(config), name=str(config.get("name") or ""))
+        self.sync_sections()
 
     def action_resume(self) -> None:
         self.read_checkpoints()

@@ -1,0 +1,487 @@
+"""The LoRA tab: the run config the form builds (with the Model and Data tabs' sections), checks
+as typed and by the backend at the fields, presets, TOML export/import, Start and resume.
+
+The tab is mounted beside the Data, Model and Train tabs as the shell holds them. The backend's
+answers come from a fake standing in for ``BackendRequests.call`` (the pane's one door to the
+backend), so these tests hold the pane to the protocol, whatever the backend's progress; the last
+test runs against a real backend. Waits poll a condition with a timeout, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from textual.screen import Screen
+from textual.widgets import Button, Checkbox, Footer, Input, Select, SelectionList, TabbedContent, TabPane
+
+from backend import protocol as P
+from tests.conftest import ROOT
+from tui.app import QlwApp
+from tui.client import CONNECTED
+from tui.messages import BackendEvent, ConnectionChanged
+from tui.modals.confirm_screen import ConfirmScreen
+from tui.widgets.data.data_pane import DataPane, sample_dataset_path
+from tui.widgets.lora.lora_pane import LoraPane, expand_path
+from tui.widgets.lora.run_config import FIELDS, cross_errors, parse, FIELD_BY_PATH
+from tui.widgets.lora.run_form import RunForm
+from tui.widgets.lora.validation_line import ValidationLine
+from tui.widgets.model.model_pane import ModelPane
+from tui.widgets.shell.app_header import AppHeader
+from tui.widgets.shell.job_indicator import JobIndicator
+from tui.widgets.train.train_pane import TrainPane
+
+SIZE = (100, 30)
+TINY = "/models/tiny-llama"
+
+#: A ``data.open`` summary of the shipped sample (as the backend gives it, examples cut).
+SUMMARY = {
+    "source": {"path": sample_dataset_path(), "config": "", "split": "train"}, "kind": "file",
+    "splits": {"train": 585}, "split": "train", "num_rows": 585,
+    "columns": [{"name": n, "type": "string", "nulls": 0, "examples": ["x"]}
+                for n in ("instruction", "context", "response", "category")],
+    "shape": "dolly", "shape_label": "instruction/context/response (databricks-dolly)",
+    "mapping": {"instruction": "instruction", "context": "context", "response": "response", "system": "",
+                "messages": "", "text": ""},
+    "notes": [],
+}
+LINEAR_GROUPS = [
+    {"name": n, "count": 2, "shapes": [[128, 128]], "quantized": True, "in_all_linear": True}
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+] + [{"name": "lm_head", "count": 1, "shapes": [[512, 128]], "quantized": False, "in_all_linear": False}]
+PRESETS = {
+    "presets": {
+        "qlora-paper": {"lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.05},
+                        "training": {"learning_rate": 2e-4, "optim": "paged_adamw_8bit", "max_grad_norm": 0.3,
+                                     "lr_scheduler_type": "constant", "warmup_ratio": 0.03},
+                        "model": {"precision": "4bit", "quant_type": "nf4", "double_quant": True,
+                                  "compute_dtype": "bf16"}},
+        "small-gpu": {"lora": {"r": 8, "lora_alpha": 16},
+                      "training": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16,
+                                   "gradient_checkpointing": True, "optim": "paged_adamw_8bit"},
+                      "data": {"max_length": 512},
+                      "model": {"precision": "4bit", "quant_type": "nf4", "double_quant": True,
+                                "compute_dtype": "fp16"}},
+    },
+    "defaults": {"lora": P.to_dict(P.LoraSettings()), "training": P.to_dict(P.TrainingSettings())},
+}
+#: A ``train.validate`` answer for a valid config.
+VALID = {"ok": True, "errors": {}, "warnings": {}, "trainable_params": 1_179_648, "total_params": 1_868_416,
+         "trainable_percent": 63.1359, "total_steps": 37,
+         "memory": {"total_bytes": 9_876_543_210, "free_bytes": 80_000_000_000, "verdict": "fits",
+                    "device": "cuda:0", "parts": {}}}
+
+
+# The app, as the shell will hold the tabs ---------------------------------------------------
+
+
+class TrainingScreen(Screen):
+    """The shell's layout with the tabs a run is set up in."""
+
+    def compose(self):
+        yield AppHeader(id="app-header")
+        with TabbedContent(id="tabs"):
+            for tab, title, pane in (("data", "2 Data", DataPane), ("model", "Model", ModelPane),
+                                     ("lora", "3 LoRA", LoraPane), ("train", "4 Train", TrainPane)):
+                with TabPane(title, id=tab):
+                    yield pane(id=f"{tab}-pane")
+        yield JobIndicator(id="job-indicator")
+        yield Footer()
+
+    def action_show_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+
+class TrainingApp(QlwApp):
+    CSS_PATH = str(ROOT / "tui" / "styles" / "app.tcss")
+
+    def get_default_screen(self) -> Screen:
+        return TrainingScreen(id="main")
+
+
+class FakeBackend:
+    """Answers the pane's requests by method; records them."""
+
+    def __init__(self, **answers: Callable[[Any], dict] | dict):
+        self.sent: list[Any] = []
+        self.answers: dict[str, Any] = {
+            "train.presets": PRESETS, "status": {"job": None}, "model.inspect": {"loaded": False},
+            "train.checkpoints": {"checkpoints": []}, "train.validate": VALID,
+            **{k.replace("_", "."): v for k, v in answers.items()},
+        }
+
+    async def call(self, params: Any, timeout: float | None = 30.0) -> dict:
+        self.sent.append(params)
+        answer = self.answers.get(params.METHOD, {})
+        return copy.deepcopy(answer(params) if callable(answer) else answer)
+
+    def of(self, method: str) -> list[Any]:
+        return [p for p in self.sent if p.METHOD == method]
+
+
+def make_app(home: Path, app_class=TrainingApp) -> QlwApp:
+    app = app_class(home=home, start_backend=False)
+    app.animation_level = "none"
+    return app
+
+
+async def until(pilot, condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await pilot.pause(0.02)
+
+
+async def open_lora(pilot, fake: FakeBackend | None = None) -> LoraPane:
+    """No backend runs; with ``fake``, the pane talks to it as if connected."""
+    app = pilot.app
+    await until(pilot, lambda: app.connection.state == "gone", "no backend")
+    app.clear_notifications()
+    app.screen.query_one(TabbedContent).active = "lora"
+    pane = app.screen.query_one(LoraPane)
+    pane.query_one("#lora-path", Input).focus()  # the pane's keys work from inside it
+    if fake is not None:
+        pane.call = fake.call
+        pane.on_connection(ConnectionChanged(CONNECTED))
+        await until(pilot, lambda: bool(pane.presets), "the presets")
+    await pilot.pause()
+    return pane
+
+
+def set_field(pane: LoraPane, path: str, value: Any) -> None:
+    pane.form.row(path).control.value = value
+
+
+def error_at(pane: LoraPane, path: str) -> str:
+    return pane.form.row(path).error
+
+
+def start_enabled(pane: LoraPane) -> bool:
+    return not pane.query_one("#lora-start", Button).disabled
+
+
+def line_text(pane: LoraPane) -> str:
+    return str(pane.query_one(ValidationLine).render())
+
+
+async def with_sections(pilot, max_length: int | None = None) -> None:
+    """A model in the Model tab and the sample dataset open in the Data tab."""
+    screen = pilot.app.screen
+    screen.query_one(ModelPane).form.set_source(TINY)
+    data = screen.query_one(DataPane)
+    data.show_summary(SUMMARY)  # its page and preview requests fail (no backend): not ours
+    if max_length is not None:
+        data.query_one("#data-max-length", Input).value = str(max_length)
+    await pilot.pause()
+    pilot.app.clear_notifications()
+
+
+# Tests --------------------------------------------------------------------------------------
+
+
+def test_the_form_builds_the_run_config(qlw_home):
+    """Defaults are the protocol's; the model comes from the Model tab, the dataset from the Data
+    tab with the form's max_length and loss; target_modules from the inspector's groups."""
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=SIZE) as pilot:
+            await with_sections(pilot, max_length=2048)
+            pane = await open_lora(pilot)
+            data_settings = app.screen.query_one(DataPane).settings
+            assert data_settings["max_length"] == 2048
+            expected = {
+                "version": P.RUN_CONFIG_VERSION, "name": "",
+                "model": P.to_dict(P.ModelSettings(source=TINY)),
+                "data": data_settings,
+                "lora": P.to_dict(P.LoraSettings()),
+                "training": P.to_dict(P.TrainingSettings()),
+            }
+            assert pane.config() == expected
+            assert pane.local_errors() == {}
+            assert "tiny-llama · 4-bit nf4, compute bf16, double quant · auto  (Model tab)" in str(
+                pane.query_one("#run-model-line").render())
+            assert "dolly_sample.jsonl · template chat · validation 0.1 of the rows  (Data tab)" in str(
+                pane.query_one("#run-data-line").render())
+
+            # The loaded model's linear groups are target_modules' choices.
+            app.post_message(BackendEvent(P.Event("model.loaded", {
+                "settings": P.to_dict(P.ModelSettings(source=TINY)), "source": TINY, "source_path": TINY,
+                "device": "cpu", "estimate": {}, "measured": {}, "inspect": {"loaded": True,
+                                                                            "linear_groups": LINEAR_GROUPS}},
+                time.time(), session="s", seq=1)))
+            picker = pane.form.picker
+            await until(pilot, lambda: len(picker.groups) == 8, "the linear groups")
+            await pilot.click("#target-all-linear")
+            await until(pilot, lambda: picker.query_one(SelectionList).display, "the module list")
+            assert picker.value == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            selection = picker.query_one(SelectionList)
+            for name in ("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                selection.deselect(name)
+
+            # Typed like a user: r, then other settings as their controls hold them.
+            pane.form.row("lora.r").control.focus()
+            await pilot.press("end", "backspace", "backspace", "3", "2")
+            set_field(pane, "lora.modules_to_save", "lm_head, embed_tokens")
+            set_field(pane, "lora.use_dora", True)
+            set_field(pane, "training.max_steps", "10")
+            set_field(pane, "training.learning_rate", "1e-4")
+            set_field(pane, "training.lr_scheduler_type", "cosine")
+            set_field(pane, "training.bf16", "true")
+            set_field(pane, "training.fp16", "false")
+            set_field(pane, "training.packing", True)
+            set_field(pane, "data.max_length", "512")
+            set_field(pane, "data.loss", "completion_only")
+            pane.form.query_one("#run-name", Input).value = "tiny sft"
+            await pilot.pause()
+            expected["name"] = "tiny sft"
+            expected["lora"].update(r=32, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                    modules_to_save=["lm_head", "embed_tokens"])
+            expected["training"].update(max_steps=10, learning_rate=1e-4, lr_scheduler_type="cosine", bf16=True,
+                                        fp16=False, packing=True)
+            expected["data"] = {**data_settings, "max_length": 512, "loss": "completion_only"}
+            config = pane.config()
+            assert config["lora"] == expected["lora"]
+            assert config == expected
+            # Every section is what the protocol's dataclasses accept, names and types.
+            run = P.build(P.RunConfig, config, "run config")
+            P.build(P.ModelSettings, run.model, "model")
+            P.build(P.PreparedData, run.data, "data")
+            P.build(P.LoraSettings, run.lora, "lora")
+            P.build(P.TrainingSettings, run.training, "training")
+
+            # The Data tab changes max_length: the form takes it when shown again.
+            app.screen.query_one(TabbedContent).active = "data"
+            data = app.screen.query_one(DataPane)
+            data.query_one("#data-max-length", Input).value = "4096"
+            await pilot.pause()
+            app.screen.query_one(TabbedContent).active = "lora"
+            await until(pilot, lambda: pane.config()["data"]["max_length"] == 4096, "the Data tab's max_length")
+            assert pane.form.row("data.max_length").raw == "4096"
+
+    asyncio.run(body())
+
+
+def test_checks_as_typed_and_by_the_backend_disable_start(qlw_home):
+    def validate(params: P.ValidateRun) -> dict:
+        if params.config["lora"]["lora_alpha"] > 1024:
+            return {**VALID, "ok": False, "errors": {"lora.lora_alpha": "lora_alpha=2048 with r=16 scales the "
+                                                                        "update by 128: use at most 4×r"}}
+        return VALID
+
+    fake = FakeBackend(train_validate=validate, train_checkpoints={"checkpoints": [
+        {"session": "20240101-abcdef", "step": 30, "path": "/data/qlw/runs/s0/checkpoint-30",
+         "created": 1.0, "loss": 1.2345}]}, train_start={"job_id": "job-1"})
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, fake)
+            await until(pilot, lambda: start_enabled(pane), "Start enabled by a clean check")
+            assert line_text(pane) == (
+                "trainable params: 1,179,648 || all params: 1,868,416 || trainable%: 63.1359\n"
+                "memory ~9.20 GiB of 74.5 GiB free on cuda:0 → ✔ fits · 37 steps")
+            assert fake.of("train.validate")[-1].config == pane.config()
+
+            # Out of range: the message at the field, at once; Start off.
+            set_field(pane, "lora.r", "0")
+            await pilot.pause()
+            assert error_at(pane, "lora.r") == "out of range: a whole number of at least 1"
+            assert not start_enabled(pane)
+            assert line_text(pane).startswith("✖ 1 setting needs attention: lora.r")
+            assert pane.form.row("lora.r").query_one(".setting-error").display
+            assert pane.form.row("lora.r").has_class("-invalid")
+            set_field(pane, "training.learning_rate", "")
+            set_field(pane, "lora.lora_dropout", "1")
+            set_field(pane, "training.bf16", "true")
+            set_field(pane, "training.fp16", "true")
+            await pilot.pause()
+            assert error_at(pane, "training.learning_rate") == "required: a number from 0 to 1"
+            assert error_at(pane, "lora.lora_dropout") == "out of range: a number from 0 to below 1"
+            assert error_at(pane, "training.fp16") == "bf16 and fp16 cannot both be on: choose one (or auto)"
+            assert line_text(pane).startswith("✖ 4 settings need attention: lora.lora_dropout, lora.r, "
+                                              "training.fp16 and 1 more")
+            # f5 with errors goes to the first one instead of starting.
+            await pilot.press("f5")
+            assert pane.form.row("lora.r").control.has_focus
+            assert not fake.of("train.start")
+
+            for path, value in (("lora.r", "16"), ("training.learning_rate", "2e-4"), ("lora.lora_dropout", "0.05"),
+                                ("training.fp16", "auto")):
+                set_field(pane, path, value)
+            await until(pilot, lambda: start_enabled(pane), "Start enabled again")
+            assert all(not pane.form.row(f.path).error for f in FIELDS)
+
+            # The backend's error, at its field by dotted path.
+            set_field(pane, "lora.lora_alpha", "2048")
+            await until(pilot, lambda: error_at(pane, "lora.lora_alpha"), "the backend's error")
+            assert error_at(pane, "lora.lora_alpha").startswith("lora_alpha=2048 with r=16")
+            assert not start_enabled(pane)
+            assert "trainable params: 1,179,648" in line_text(pane)  # the count stays in view
+            set_field(pane, "lora.lora_alpha", "32")
+            await until(pilot, lambda: start_enabled(pane), "Start enabled after the fix")
+
+            # A job runs: Start waits for it.
+            app.post_message(BackendEvent(P.Event("job.started", {"job_id": "other", "kind": "model.load"},
+                                                  time.time(), "s", 1)))
+            await until(pilot, lambda: not start_enabled(pane), "Start off while a job runs")
+            assert "a model.load job runs" in str(pane.query_one("#lora-status").render())
+            app.post_message(BackendEvent(P.Event("job.finished", {"job_id": "other", "kind": "model.load",
+                                                                   "status": "done", "elapsed_s": 1.0},
+                                                  time.time(), "s", 2)))
+            await until(pilot, lambda: start_enabled(pane), "Start back")
+
+            # Resume from a checkpoint, then Start: the exact config and the checkpoint go out.
+            resume = pane.query_one("#lora-resume", Select)
+            await until(pilot, lambda: "/data/qlw/runs/s0/checkpoint-30" in {v for _, v in resume._options},
+                        "the checkpoints")
+            resume.value = "/data/qlw/runs/s0/checkpoint-30"
+            await pilot.press("f5")
+            await until(pilot, lambda: fake.of("train.start"), "train.start")
+            start = fake.of("train.start")[0]
+            assert start == P.StartTraining(config=pane.config(), resume_from="/data/qlw/runs/s0/checkpoint-30")
+            await until(pilot, lambda: app.screen.query_one(TabbedContent).active == "train", "the Train tab")
+
+    asyncio.run(body())
+
+
+def test_presets(qlw_home):
+    fake = FakeBackend()
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=SIZE) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, fake)
+            set_field(pane, "training.num_train_epochs", "3")  # a preset starts from the defaults
+            set_field(pane, "lora.r", "64")
+            pane.form.row("lora.r").control.focus()
+            await pilot.press("f3")  # small-gpu
+            await until(pilot, lambda: pane.config()["lora"]["r"] == 8, "the small-gpu preset")
+            config = pane.config()
+            assert config["lora"] == {**P.to_dict(P.LoraSettings()), "r": 8, "lora_alpha": 16}
+            assert config["training"] == {**P.to_dict(P.TrainingSettings()), "per_device_train_batch_size": 1,
+                                          "gradient_accumulation_steps": 16}
+            assert config["data"]["max_length"] == 512
+            assert config["model"]["compute_dtype"] == "fp16"  # its precision, over the Model tab's
+            assert "precision from small-gpu" in str(pane.query_one("#run-model-line").render())
+
+            await pilot.click("#preset-qlora-paper")
+            await until(pilot, lambda: pane.config()["lora"]["r"] == 16, "the qlora-paper preset")
+            config = pane.config()
+            assert config["lora"] == P.to_dict(P.LoraSettings())
+            assert config["training"] == P.to_dict(P.TrainingSettings())
+            assert {k: config["model"][k] for k in ("precision", "quant_type", "double_quant", "compute_dtype")} == {
+                "precision": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16"}
+
+            # The Model tab's precision changes afterwards: the Model tab wins.
+            app.screen.query_one(ModelPane).form.query_one("#model-precision", Select).value = "bf16"
+            await pilot.pause()
+            pane.sync_sections()
+            assert pane.config()["model"]["precision"] == "bf16"
+            assert "precision from" not in str(pane.query_one("#run-model-line").render())
+
+            titles = {c.title for c in app.get_system_commands(app.screen)}
+            assert {"QLoRA preset", "Small-GPU preset", "Start", "Export", "Import"} <= titles
+
+    asyncio.run(body())
+
+
+def test_export_asks_before_overwriting_and_import_fills_the_form(qlw_home, tmp_path):
+    imported = {
+        "version": 1, "name": "from file",
+        "model": P.to_dict(P.ModelSettings(source="/models/other", precision="8bit")),
+        "data": P.to_dict(P.PreparedData(source={"path": "/data/rows.jsonl"}, template="alpaca", max_length=256)),
+        "lora": {**P.to_dict(P.LoraSettings()), "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "training": {**P.to_dict(P.TrainingSettings()), "max_steps": 5, "optim": "adamw_torch"},
+    }
+    fake = FakeBackend(train_export=lambda p: {"path": p.path},
+                       train_import={"config": imported, "errors": {"lora.r": "line 9: r=4 is below 8? (a test)"}})
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=SIZE) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, fake)
+            existing = tmp_path / "run.toml"
+            existing.write_text("# mine\n")
+            pane.query_one("#lora-path", Input).value = str(existing)
+            pane.query_one("#lora-path", Input).focus()
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the overwrite question")
+            await pilot.press("n")
+            await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen), "the answer")
+            await pilot.pause(0.1)
+            assert not fake.of("train.export")
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question again")
+            await pilot.press("y")
+            await until(pilot, lambda: fake.of("train.export"), "train.export")
+            export = fake.of("train.export")[0]
+            assert export == P.ExportRunConfig(config=pane.config(), path=str(existing), overwrite=True)
+
+            # A new file needs no question; a relative path is this terminal's.
+            pane.query_one("#lora-path", Input).value = "new-run.toml"
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: len(fake.of("train.export")) == 2, "the second export")
+            assert fake.of("train.export")[1].path == expand_path("new-run.toml") and \
+                not fake.of("train.export")[1].overwrite
+
+            await pilot.press("ctrl+o")
+            await until(pilot, lambda: pane.config()["name"] == "from file", "the imported config")
+            config = pane.config()
+            assert config["lora"] == imported["lora"] and config["training"] == imported["training"]
+            assert config["model"] == imported["model"] and config["data"] == imported["data"]
+            assert "(from new-run.toml)" in str(pane.query_one("#run-model-line").render())
+            assert pane.form.picker.value == ["q_proj", "v_proj"]
+            assert error_at(pane, "lora.r") == "line 9: r=4 is below 8? (a test)"
+            await until(pilot, lambda: pane.validated == pane.config(), "the check of the imported config")
+            assert not start_enabled(pane)  # the file's message at a field keeps Start off
+            set_field(pane, "lora.r", "8")
+            await until(pilot, lambda: start_enabled(pane), "Start once corrected")
+            assert error_at(pane, "lora.r") == ""
+
+    asyncio.run(body())
+
+
+def test_field_checks():
+    r, lr, steps = FIELD_BY_PATH["lora.r"], FIELD_BY_PATH["training.learning_rate"], FIELD_BY_PATH["training.max_steps"]
+    assert parse(r, "16") == (16, "") and parse(r, "1_024") == (1024, "")
+    assert parse(r, "1.5")[1] == "not a whole number: '1.5'; a whole number of at least 1"
+    assert parse(lr, "0")[1] == "out of range: a number from 0 to 1"
+    assert parse(lr, "2e-4") == (2e-4, "") and parse(lr, "nan")[1] == "must be a finite number"
+    assert parse(steps, "-1") == (-1, "") and parse(steps, "0")[1] == "out of range: a whole number of at least 1 or -1"
+    assert parse(FIELD_BY_PATH["training.num_train_epochs"], "0")[1] == "out of range: a number above 0"
+    assert parse(FIELD_BY_PATH["lora.modules_to_save"], "lm_head embed_tokens") == (["lm_head", "embed_tokens"], "")
+    assert parse(FIELD_BY_PATH["lora.modules_to_save"], "lm-head")[1].startswith("not a module name: 'lm-head'")
+    assert cross_errors({"model": {"source": "x"}, "data": {"source": {"path": "y"}},
+                         "lora": {"target_modules": []}, "training": {}}) == {
+        "lora.target_modules": "pick at least one module, or all-linear"}
+
+
+def test_lora_pane_snapshot(snap_compare, qlw_home):
+    """An imported config with a clean check at 100x30, no backend (nothing from the clock)."""
+    config = {
+        "version": 1, "name": "mistral-dolly",
+        "model": P.to_dict(P.ModelSettings(source="mistralai/Mistral-7B-v0.3")),
+        "data": P.to_dict(P.PreparedData(source={"path": "/data/dolly.jsonl"}, max_length=2048)),
+        "lora": P.to_dict(P.LoraSettings()), "training": P.to_dict(P.TrainingSettings()),
+    }
+
+    async def settle(pilot):
+        pane = await open_lora(pilot, FakeBackend(train_validate={**VALID, "trainable_params": 41_943_040,
+                                                                  "total_params": 7_289_966_592,
+                                                                  "trainable_percent": 0.5754}))
+        pane.apply_config(config, origin="mistral.toml")
+        await until(pilot, lambda: pane.validated is not None, "the check")
+        pane.form.row("lora.r").control.focus()
+        await pilot.pause()
+
+    assert snap_compare(make_app(qlw_home), terminal_size=SIZE, run_before=settle)
