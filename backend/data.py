@@ -83,7 +83,7 @@ SHAPES = {
     "messages": "conversations: messages with role/content",
     "sharegpt": "ShareGPT conversations with from/value",
     "text": "plain text",
-    "unknown": "unknown: map the roles by hand",
+    "unknown": "not recognised: map the roles by hand",
 }
 
 #: Column names that suggest a role (lower case), best first.
@@ -1718,6 +1718,14 @@ def cli(args) -> int:
     """``qlw data``: print what the Data pane shows; 0 when a training example could be made."""
     home = (args.home or P.data_home()).expanduser().resolve()
     out: dict[str, Any] = {}
+    import logging
+
+    # The libraries' own complaints (datasets' "Failed to load JSON", the tokenizer's "sequence
+    # longer than the model's maximum") are said better below, with the file and line.
+    import datasets
+
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # datasets resets its level on import
+    logging.getLogger("transformers").setLevel(logging.CRITICAL)
     tty = sys.stderr.isatty()
 
     def progress(stage: str, done: float, total: float) -> None:

@@ -483,6 +483,79 @@ class BackendServer:
             return P.Reply("", "error", data_room.error_result(exc), reason=reason, code=P.FAILED)
         return P.Reply("", "ok", result)
 
+    # Training ---------------------------------------------------------------------------------
+
+    async def _train_presets(self, client: Client, params: P.TrainPresets) -> P.Reply:
+        from backend import train_config
+
+        return P.Reply("", "ok", train_config.presets())
+
+    async def _train_validate(self, client: Client, params: P.ValidateRun) -> P.Reply:
+        from backend import train
+
+        return P.Reply("", "ok", await asyncio.to_thread(train.validate_run, params.config, self.home))
+
+    async def _train_start(self, client: Client, params: P.StartTraining) -> P.Reply:
+        from backend import train, train_config
+        from backend.jobs import JobError
+
+        config, errors = train_config.normalise(params.config)
+        if not errors:
+            try:
+                _eff, _device, errors, _warnings = await asyncio.to_thread(train.effective_config, config)
+            except JobError as exc:
+                errors = {"model.device": str(exc)}
+        if not errors and params.resume_from:
+            try:
+                train.check_resume(params.resume_from, config)
+            except JobError as exc:
+                errors = {exc.where or "resume_from": str(exc) + (f": {exc.hint}" if exc.hint else "")}
+        if errors:
+            first = next(iter(errors.items()))
+            return P.Reply("", "refused", {"errors": errors},
+                           reason=f"the run config has {len(errors)} error(s): {first[0]}: {first[1]}")
+        if self.jobs.current is None and self.current_session is not None \
+                and train.run_dir(self.home, self.current_session).exists():
+            # One training run per session: its folder, config and artifacts stay its own.
+            self._create_session(config["name"])
+        self.ensure_session(config["name"])
+        return self._start_job("train.start", params, train.train_job(params, self.home, self.store))
+
+    async def _train_checkpoints(self, client: Client, params: P.ListCheckpoints) -> P.Reply:
+        from backend import train
+
+        found = await asyncio.to_thread(train.list_checkpoints, self.home, params.session)
+        return P.Reply("", "ok", {"checkpoints": found})
+
+    def _config_path(self, text: str) -> Path:
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else self.home / "configs" / path
+
+    async def _train_export(self, client: Client, params: P.ExportRunConfig) -> P.Reply:
+        from backend import train_config
+
+        config, errors = train_config.normalise(params.config)
+        path = self._config_path(params.path)
+        if path.exists() and not params.overwrite:
+            return P.Reply("", "refused", {"path": str(path)}, reason=f"{path} exists: confirm to overwrite it",
+                           code=P.CONFIRM)
+        try:
+            text = train_config.dumps_toml(config)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(path.write_text, text, "utf-8")
+        except (OSError, TypeError, ValueError) as exc:
+            return P.Reply("", "error", {"path": str(path)}, reason=f"cannot write {path}: {exc}", code=P.FAILED)
+        return P.Reply("", "ok", {"path": str(path), "errors": errors})
+
+    async def _train_import(self, client: Client, params: P.ImportRunConfig) -> P.Reply:
+        from backend import train_config
+
+        path = self._config_path(params.path)
+        config, errors = await asyncio.to_thread(train_config.read_toml, path)
+        if "file" in errors:
+            return P.Reply("", "error", {"config": None, "errors": errors}, reason=errors["file"], code=P.FAILED)
+        return P.Reply("", "ok", {"config": config, "errors": errors, "path": str(path)})
+
     # GPU --------------------------------------------------------------------------------------
 
     async def _sample_loop(self) -> None:
