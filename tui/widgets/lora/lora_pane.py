@@ -108,8 +108,10 @@ class LoraPane(BackendRequests, Vertical):
     def compose(self) -> ComposeResult:
         with Horizontal(id="lora-bar"):
             yield Label("preset", classes="lora-bar-label")
+            # Always focusable: the first stop of the tab is a button, so the number keys still
+            # switch tabs (an Input would take them as text).
             for name in P.TRAIN_PRESETS:
-                yield Button(name, id=f"preset-{name}", compact=True, disabled=True,
+                yield Button(name, id=f"preset-{name}", compact=True,
                              tooltip=f"Apply the {name} preset (train.presets) to the form.")
             yield Input(placeholder="run config file (.toml)", id="lora-path", compact=True,
                         tooltip="A TOML run config to export to or import from (~ and relative paths "
@@ -189,8 +191,6 @@ class LoraPane(BackendRequests, Vertical):
         """Offer ``train.presets``' presets (their buttons are enabled)."""
         self.presets = dict(result.get("presets") or {})
         self.preset_defaults = dict(result.get("defaults") or {})
-        for name in P.TRAIN_PRESETS:
-            self.query_one(f"#preset-{name}", Button).disabled = name not in self.presets
         self.refresh_bindings()
 
     @work(name="read the backend's job", group="lora.job", exclusive=True, exit_on_error=False)
@@ -481,6 +481,8 @@ class LoraPane(BackendRequests, Vertical):
         model section (until the Model tab changes)."""
         preset = self.presets.get(name)
         if preset is None:
+            self.notify(f"No preset {name!r} yet: the backend has not sent its presets (train.presets).",
+                        severity="warning", timeout=5, markup=False)
             return
         defaults = self.preset_defaults
         values = flatten({"lora": {**(defaults.get("lora") or {}), **(preset.get("lora") or {})},
