@@ -2,6 +2,8 @@
 
 `python -m backend data PATH ...` (what `qlw data` runs) prints what the Data pane shows.
 
+`python -m backend train CONFIG.toml` (what `qlw train` runs) trains a run config in this process.
+
 `qlw serve` (without --foreground) and `qlw` itself start this detached from the terminal.
 """
 
@@ -33,11 +35,28 @@ def main(argv: list[str] | None = None) -> int:
                     "columns, the row count, token-length statistics and the first training example "
                     "(or the error, with file and line). Exit status 1 on error.")
     data_room.add_cli_arguments(data_cmd)
+    # `qlw train CONFIG.toml` runs this: the same training code as the backend's job, in this
+    # process (backend/train.py).
+    from backend import train as train_room
+
+    train_cmd = sub.add_parser(
+        "train", help="train a run config (TOML) here, headless: the loss table on stdout",
+        description="Run a training config (TOML, as the Train pane exports it) in this process, through the "
+                    "same code as the backend's train.start job; print the loss table and record a session in "
+                    "the data home. Fields can be overridden from the environment: QLW_<SECTION>__<FIELD>=value "
+                    "(e.g. QLW_TRAINING__LEARNING_RATE=1e-4). Exit status: 0 done, 1 failed, 2 invalid config, "
+                    "130 stopped with ctrl+c (a checkpoint is saved first).")
+    train_room.add_cli_arguments(train_cmd)
     args = parser.parse_args(argv)
     if args.cmd == "data":
         logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
                             format="%(levelname)s %(name)s: %(message)s")
         return data_room.cli(args)
+    if args.cmd == "train":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `serve` does
+        logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return train_room.cli(args)
 
     home = (args.home or P.data_home()).expanduser().resolve()
     # Before torch is ever imported: expandable segments let "free VRAM" return the free parts of

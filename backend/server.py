@@ -245,6 +245,16 @@ class BackendServer:
             "data.preview": self._data_request,
         })
         self.job_factories["data.stats"] = self.data.stats_job
+        # Training (backend/train.py, backend/train_config.py): checks, listings and files are
+        # answered off the loop; train.start is a job, refused with the field errors when invalid.
+        self.handlers.update({
+            "train.presets": self._train_presets,
+            "train.validate": self._train_validate,
+            "train.start": self._train_start,
+            "train.checkpoints": self._train_checkpoints,
+            "train.export": self._train_export,
+            "train.import": self._train_import,
+        })
 
     # Life cycle ---------------------------------------------------------------------------------
 

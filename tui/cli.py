@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 #: Headless verbs, run by `python -m backend VERB ...`.
 HEADLESS = {
     "data": "inspect a dataset as the Data pane would: shape, mapping, columns, token lengths",
+    "train": "train a run config (TOML) headless, printing the loss table",
 }
 
 

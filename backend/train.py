@@ -1,0 +1,1132 @@
+"""Training: trl's ``SFTTrainer`` with a peft LoRA adapter on the held base model, in the job thread.
+
+One function, :func:`run_training`, serves the ``train.start`` job and ``qlw train``; it adds
+nothing to what trl computes (``tests/backend/test_train_equality.py`` holds it to a plain trl
+script, loss for loss):
+
+- the run config is checked (:mod:`backend.train_config`) and adapted to the device (CPU: no
+  paged/8-bit optimizer, fp32), errors keyed by field before anything heavy happens;
+- the model is the one the backend holds when it is the one the config names, else it is loaded
+  through :mod:`backend.models` (``model.source`` empty: the embedded tiny model, built first);
+- the rows are :func:`backend.data.load_prepared`'s (the one formatter) with its ``SFTConfig``
+  settings (``max_length``, truncation, completion-only / assistant-only loss);
+- ``LoraConfig`` takes the ``lora`` section as peft names it; ``SFTConfig`` the ``training`` section;
+- callbacks turn trl's logs into ``train.log`` rows (a step's training and evaluation logs merged:
+  the training row first, the same step again when its ``eval_loss`` arrives), checkpoints into
+  ``train.checkpoint``, and a stop request into a checkpoint and a clean end;
+- a NaN or infinite loss is flagged on the step it appears (``train.alert``); CUDA out of memory
+  ends the run cleanly (``train.alert`` kind ``oom`` with the step, the memory figures and what
+  to change, ``train.finished`` status ``failed``), frees what the run allocated and keeps the
+  base model and the backend.
+
+Checkpoints go to ``<home>/runs/<session>/checkpoints/checkpoint-<step>`` (adapter, optimizer,
+scheduler, RNG and trainer state: ``resume_from`` continues the same loss curve), the final
+adapter to ``<home>/runs/<session>/adapter`` (safetensors, with the tokenizer), the config to
+``<home>/runs/<session>/config.toml``.
+
+A test seam: ``QLW_TRAIN_FAULT=oom@N`` (or ``nan@N``, ``inf@N``) makes the next run of this process
+raise ``torch.OutOfMemoryError`` (or produce a NaN/inf loss) on step N; it is read once and
+cleared, so a backend started with it fails one run and trains normally after.
+
+Nothing heavy is imported at module level: the server imports this module lazily, but cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from backend import protocol as P, train_config as TC
+from backend.holdings import HOLDINGS, Holdings
+from backend.jobs import JobCancelled, JobError
+
+FAULT_ENV = "QLW_TRAIN_FAULT"
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+#: Bytes of optimizer state per trainable parameter (two moments; 8-bit ones take a byte each).
+OPTIMIZER_STATE_BYTES = {
+    "paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8,
+    "adamw_torch_fused": 8, "adafactor": 1, "sgd": 0,
+}
+#: Activation bytes per token and layer, in units of hidden_size, for a 16-bit transformer block
+#: with fused (sdpa) attention: about 34 without checkpointing (Korthikanti et al. 2022); with
+#: gradient checkpointing each layer keeps its 16-bit input (2) and one layer is recomputed.
+ACTIVATION_FACTOR = 34
+CHECKPOINTED_FACTOR = 2
+
+
+# Where things go ------------------------------------------------------------------------------------
+
+
+def run_dir(home: Path, session: str) -> Path:
+    """``<home>/runs/<session>``: checkpoints/, adapter/, config.toml."""
+    return Path(home) / "runs" / session
+
+
+def parse_fault(text: str | None) -> tuple[str, int] | None:
+    """``"oom@3"`` -> ``("oom", 3)``; None for empty or malformed text."""
+    m = re.fullmatch(r"\s*(oom|nan|inf)\s*@\s*(\d+)\s*", text or "")
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def take_fault() -> tuple[str, int] | None:
+    """The fault the environment asks for, once per process."""
+    return parse_fault(os.environ.pop(FAULT_ENV, None))
+
+
+# Resolving the model and the data ---------------------------------------------------------------------
+
+
+def tiny_path(home: Path) -> Path:
+    from backend import tiny
+
+    return tiny.tiny_model_path(home)
+
+
+def is_embedded_model(source: str, home: Path) -> bool:
+    """True for the embedded tiny model: an empty source, its id, or its folder."""
+    from backend import tiny
+
+    s = source.strip()
+    if not s or s == tiny.TINY_MODEL_ID:
+        return True
+    try:
+        return Path(s).expanduser().resolve() == tiny_path(home).resolve()
+    except OSError:
+        return False
+
+
+def model_settings(model: dict[str, Any], home: Path, build: bool = False, progress=None,
+                   cancelled=None) -> P.ModelSettings:
+    """The :class:`~backend.protocol.ModelSettings` of a config's model section, with the embedded
+    tiny model's folder for an empty source (built first when ``build``)."""
+    from backend import tiny
+
+    source = model["source"]
+    if is_embedded_model(source, home):
+        if build:
+            report = progress or (lambda stage, done, total: None)
+            try:
+                source = str(tiny.ensure_tiny_model(
+                    home, progress=lambda st, d, t: report(f"tiny model: {st}", d, t), cancelled=cancelled))
+            except tiny.TinyBuildCancelled:
+                raise JobCancelled() from None
+        else:
+            source = str(tiny_path(home))
+    return P.ModelSettings(**{**model, "source": source})
+
+
+def data_settings(data: dict[str, Any], home: Path, progress=None, cancelled=None) -> tuple[dict[str, Any], list[str]]:
+    """The prepared-data settings of a config's data section: the shipped sample dataset for an
+    empty path, and the detected column mapping when no role is mapped. Returns notes too."""
+    from backend import data as D, tiny
+
+    notes = []
+    settings = json.loads(json.dumps(data))
+    if not settings["source"].get("path"):
+        settings["source"] = {"path": str(tiny.sample_dataset_path()), "config": "", "split": ""}
+    if not any((settings.get("mapping") or {}).values()):
+        opened = D.open_source(settings["source"], home, progress, cancelled)
+        settings["mapping"] = dict(opened.summary["mapping"])
+        mapped = ", ".join(f"{r} <- {c}" for r, c in settings["mapping"].items() if c) or "nothing"
+        notes.append(f"no column mapping given: using the detected one ({opened.summary['shape']}: {mapped})")
+    return settings, notes
+
+
+def resolve_device(model: dict[str, Any]) -> str:
+    """``cpu`` or ``cuda:N`` for the model section's device; JobError keyed ``model.device``."""
+    from backend import models
+
+    try:
+        return models.resolve_device(model["device"])
+    except JobError as exc:
+        raise JobError(str(exc), where="model.device", hint=exc.hint) from None
+
+
+def bf16_supported(device: str) -> bool | None:
+    """Whether a CUDA device computes in bf16 (compute capability 8.0+), without creating a CUDA
+    context; None when unknown or on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    index = int(device.split(":")[1]) if ":" in device else 0
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return bool(torch.cuda.get_device_capability(index) >= (8, 0))
+    try:
+        import pynvml
+
+        from backend import models
+
+        pynvml.nvmlInit()
+        nvml_index = models._visible_nvml_indices(pynvml.nvmlDeviceGetCount())[index]
+        major, _minor = pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(nvml_index))
+        return major >= 8
+    except Exception:
+        return None
+
+
+def effective_config(config: dict[str, Any]) -> tuple[dict[str, Any], str, dict[str, str], dict[str, str]]:
+    """``(effective config, device, errors, warnings)``: the checked config adapted to its device."""
+    device = resolve_device(config["model"])
+    eff, errors, warnings = TC.for_device(config, device, bf16_supported(device))
+    return eff, device, errors, warnings
+
+
+def check_resume(path: str, config: dict[str, Any]) -> Path:
+    """The checkpoint folder to resume from, checked: it exists, holds a trainer state and an
+    adapter whose shape the config's LoRA settings can load. JobError keyed ``resume_from``."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise JobError(f"no checkpoint folder at {p}", where="resume_from",
+                       hint="pick one from the checkpoints list (train.checkpoints)")
+    if not (p / "trainer_state.json").is_file():
+        raise JobError(f"{p} is not a training checkpoint (no trainer_state.json)", where="resume_from",
+                       hint="resume from a checkpoint-N folder, not from a final adapter")
+    try:
+        adapter = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise JobError(f"{p} holds no LoRA adapter (adapter_config.json)", where="resume_from") from None
+    lora = config["lora"]
+    for key in ("r", "use_dora"):
+        if key in adapter and adapter[key] != lora[key]:
+            raise JobError(f"the checkpoint's adapter has {key} = {adapter[key]!r}, the config {lora[key]!r}",
+                           where=f"lora.{key}", hint="resume with the LoRA settings the checkpoint was trained with")
+    return p.resolve()
+
+
+# Checkpoints ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_info(path: Path, session: str) -> dict[str, Any] | None:
+    """One checkpoint as ``train.checkpoints`` lists it (None if it is not a checkpoint)."""
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    loss = next((e["loss"] for e in reversed(state.get("log_history") or []) if "loss" in e), None)
+    eval_loss = next((e["eval_loss"] for e in reversed(state.get("log_history") or []) if "eval_loss" in e), None)
+    return {"session": session, "step": int(state.get("global_step") or 0), "path": str(path),
+            "created": state_file.stat().st_mtime, "loss": loss, "eval_loss": eval_loss,
+            "max_steps": state.get("max_steps")}
+
+
+def list_checkpoints(home: Path, session: str = "") -> list[dict[str, Any]]:
+    """Checkpoints of ``session`` (every session when empty), newest first."""
+    runs = Path(home) / "runs"
+    sessions = [runs / session] if session else (sorted(runs.iterdir()) if runs.is_dir() else [])
+    out = []
+    for folder in sessions:
+        ckpts = folder / "checkpoints"
+        if not ckpts.is_dir():
+            continue
+        for child in ckpts.iterdir():
+            if child.is_dir() and child.name.startswith("checkpoint-"):
+                info = checkpoint_info(child, folder.name)
+                if info is not None:
+                    out.append(info)
+    out.sort(key=lambda c: (c["created"], c["step"]), reverse=True)
+    return out
+
+
+# Validation (train.validate) -------------------------------------------------------------------------------
+
+
+def _field_of(exc: JobError, default: str) -> str:
+    where = getattr(exc, "where", "") or ""
+    if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", where):
+        return where
+    m = re.match(r"(source|revision|precision|device|attn_implementation|quant_type|compute_dtype)\b", where)
+    return f"model.{m.group(1)}" if m else default
+
+
+def estimate_memory(eff: dict[str, Any], est: dict[str, Any], trainable: int | None) -> dict[str, Any]:
+    """A rough training-memory estimate: the model (``models.estimate``), the LoRA weights, their
+    gradients and optimizer states, activations and logits, against the device's free memory."""
+    m, t, d = eff["model"], eff["training"], eff["data"]
+    quantized = m["precision"] in ("4bit", "8bit")
+    compute = {"4bit": m["compute_dtype"], "8bit": "fp16"}.get(m["precision"], m["precision"])
+    act_bytes = 4 if compute == "fp32" else 2
+    # trl casts LoRA weights of quantized models to bf16; peft keeps them in fp32 otherwise.
+    lora_bytes = 2 if quantized else 4
+    n = trainable or 0
+    tokens = t["per_device_train_batch_size"] * d["max_length"]
+    hidden, layers, vocab = est.get("hidden_size") or 0, est.get("layers") or 0, est.get("vocab_size") or 0
+    per_token_layer = hidden * (act_bytes // 2)
+    if t["gradient_checkpointing"]:
+        activations = tokens * per_token_layer * (CHECKPOINTED_FACTOR * layers + ACTIVATION_FACTOR)
+    else:
+        activations = tokens * per_token_layer * ACTIVATION_FACTOR * layers
+    parts = {
+        "model": int(est["total_bytes"]),
+        "lora_weights": n * lora_bytes,
+        "gradients": n * lora_bytes,
+        "optimizer_states": n * OPTIMIZER_STATE_BYTES.get(t["optim"], 8),
+        "activations": int(activations),
+        "logits": int(tokens * vocab * 4 * 2),  # fp32 logits for the loss, and their gradient
+        "cuda_context": int(est.get("context_bytes") or 0),
+    }
+    total = sum(parts.values())
+    free = int(est["free_bytes"])
+    from backend import models
+
+    return {"total_bytes": total, "free_bytes": free, "device": est["device"],
+            "device_name": est.get("device_name", est["device"]), "verdict": models.verdict(total, free),
+            "parts": parts, "rough": True}
+
+
+def count_trainable(settings: P.ModelSettings, lora: dict[str, Any]) -> tuple[int, int]:
+    """``(trainable, total)`` parameters as peft counts them, on the model built on the meta
+    device from config.json (no weights, no memory; the held model is not touched)."""
+    from backend import models
+
+    src = models.resolve_source(settings)
+    models.import_ml_stack()
+    raw, where = models.read_config_json(src)
+    meta = models._build_meta_model(raw, where, src, settings.trust_remote_code)
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(meta, lora_config(lora))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return int(trainable), int(total)
+
+
+def train_rows(data: dict[str, Any], home: Path) -> int | None:
+    """Rows of the train split (before formatting), when the source is open in this backend or a
+    local file small enough to open now; None otherwise."""
+    from backend import data as D
+
+    try:
+        settings = D.settings_from(data)
+        opened = D.find_open(settings.source)
+        if opened is None:
+            res = D.resolve_source(settings.source)
+            files = getattr(res, "files", None) or []
+            if res.kind == "hub" or sum(Path(f).stat().st_size for f in files) > 64 * MIB:
+                return None
+            opened = D.open_source(settings.source, home)
+        return int(D.split_counts(opened, settings)["train"])
+    except Exception:
+        return None
+
+
+def steps_for(rows: int, t: dict[str, Any]) -> int:
+    """Optimizer steps as transformers counts them for ``rows`` training rows."""
+    if t["max_steps"] > 0:
+        return t["max_steps"]
+    batches = math.ceil(rows / t["per_device_train_batch_size"])
+    per_epoch = max(batches // t["gradient_accumulation_steps"] + int(batches % t["gradient_accumulation_steps"] > 0), 1)
+    return math.ceil(t["num_train_epochs"] * per_epoch)
+
+
+def validate_run(config: Any, home: Path) -> dict[str, Any]:
+    """``train.validate``: the checked config, field errors and warnings, trainable parameters as
+    peft counts them, a memory estimate against the device, and the number of steps."""
+    checked = TC.validate(config)
+    out: dict[str, Any] = {**checked, "effective": None, "trainable_params": None, "total_params": None,
+                           "trainable_percent": None, "memory": None, "total_steps": None, "device": None}
+    if checked["errors"]:
+        return out
+    config = checked["config"]
+    errors, warnings = dict(checked["errors"]), dict(checked["warnings"])
+    try:
+        eff, device, dev_errors, dev_warnings = effective_config(config)
+    except JobError as exc:
+        errors[_field_of(exc, "model.device")] = str(exc)
+        out.update(ok=False, errors=errors)
+        return out
+    errors.update(dev_errors)
+    warnings.update(dev_warnings)
+    out.update(effective=eff, device=device)
+    settings = model_settings(eff["model"], home)
+    if is_embedded_model(config["model"]["source"], home) and not (Path(settings.source) / "config.json").is_file():
+        warnings["model.source"] = "the embedded tiny model is built when training starts (about 10 s)"
+    else:
+        from backend import models
+
+        try:
+            est = models.estimate(settings)
+        except JobError as exc:
+            errors[_field_of(exc, "model.source")] = str(exc) + (f": {exc.hint}" if exc.hint else "")
+            est = None
+        if est is not None:
+            try:
+                trainable, total = count_trainable(settings, eff["lora"])
+                out.update(trainable_params=trainable, total_params=total,
+                           trainable_percent=round(100 * trainable / total, 4) if total else None)
+            except ValueError as exc:  # peft: target modules not found, and the like
+                errors["lora.target_modules"] = str(exc).split("\n")[0]
+                trainable = None
+            out["memory"] = estimate_memory(eff, est, trainable)
+            if out["memory"]["verdict"] == "will not fit":
+                warnings["memory"] = (f"about {out['memory']['total_bytes'] / GIB:.1f} GiB needed, "
+                                      f"{out['memory']['free_bytes'] / GIB:.1f} GiB free on {device}: lower "
+                                      "per_device_train_batch_size or max_length, or turn on gradient_checkpointing")
+    data = dict(eff["data"])
+    if not data["source"].get("path"):
+        from backend import tiny
+
+        data["source"] = {"path": str(tiny.sample_dataset_path()), "config": "", "split": ""}
+    if not any(data["mapping"].values()):
+        warnings["data.mapping"] = "no column is mapped: the mapping detected from the columns is used"
+    rows = train_rows(data, home)
+    if rows is not None and not eff["training"]["packing"]:
+        out["total_steps"] = steps_for(rows, eff["training"])
+    elif eff["training"]["max_steps"] > 0:
+        out["total_steps"] = eff["training"]["max_steps"]
+    out.update(ok=not errors, errors=errors, warnings=warnings)
+    return out
+
+
+# Building the trainer ------------------------------------------------------------------------------------
+
+
+def lora_config(lora: dict[str, Any]):
+    """peft's ``LoraConfig`` of the lora section (its field names are peft's)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
+        target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora["use_rslora"],
+        use_dora=lora["use_dora"], modules_to_save=list(lora["modules_to_save"]) or None, task_type="CAUSAL_LM")
+
+
+def sft_config(eff: dict[str, Any], sft_kwargs: dict[str, Any], output_dir: Path, device: str, has_eval: bool):
+    """trl's ``SFTConfig`` of the training section plus the prepared dataset's settings."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    t = eff["training"]
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=t["num_train_epochs"], max_steps=t["max_steps"], learning_rate=t["learning_rate"],
+        lr_scheduler_type=t["lr_scheduler_type"], per_device_train_batch_size=t["per_device_train_batch_size"],
+        per_device_eval_batch_size=t["per_device_train_batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"], auto_find_batch_size=t["auto_find_batch_size"],
+        packing=t["packing"], optim=t["optim"], weight_decay=t["weight_decay"], max_grad_norm=t["max_grad_norm"],
+        logging_strategy="steps", logging_steps=t["logging_steps"],
+        eval_strategy="steps" if has_eval and t["eval_steps"] > 0 else "no",
+        save_strategy="steps" if t["save_steps"] > 0 else "no",
+        save_total_limit=t["save_total_limit"] or None, seed=t["seed"], bf16=bool(t["bf16"]), fp16=bool(t["fp16"]),
+        use_cpu=device == "cpu", report_to="none", disable_tqdm=True,
+        **sft_kwargs,
+    )
+    if t["eval_steps"] > 0:
+        kwargs["eval_steps"] = t["eval_steps"]
+    if t["save_steps"] > 0:
+        kwargs["save_steps"] = t["save_steps"]
+    # transformers 5.x: warmup_steps takes a ratio when below 1 (warmup_ratio is gone); older: both.
+    if "warmup_ratio" in names:
+        kwargs.update(warmup_ratio=t["warmup_ratio"], warmup_steps=t["warmup_steps"])
+    else:
+        kwargs["warmup_steps"] = t["warmup_steps"] if t["warmup_steps"] > 0 else t["warmup_ratio"]
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name: a warning).
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    kwargs[key] = t["gradient_checkpointing"]
+    return SFTConfig(**kwargs)
+
+
+_TRAINER_CLASS = None
+
+
+def trainer_class():
+    """trl's ``SFTTrainer``, watching each micro-step's loss (NaN/inf at once) and carrying the
+    test seam; it changes nothing that is computed."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is not None:
+        return _TRAINER_CLASS
+    import torch
+    from trl import SFTTrainer
+
+    class QlwSFTTrainer(SFTTrainer):
+        qlw_fault: tuple[str, int] | None = None
+        qlw_watch: Callable[[int, Any], None] | None = None
+
+        def training_step(self, *args, **kwargs):
+            step = self.state.global_step + 1
+            fault = self.qlw_fault
+            hook = None
+            if fault and fault[1] == step:
+                if fault[0] == "oom":
+                    self.qlw_fault = None
+                    raise torch.OutOfMemoryError(
+                        f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step {step} by {FAULT_ENV})")
+                value = float("nan") if fault[0] == "nan" else float("inf")
+                hook = self.model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out * value)
+            try:
+                loss = super().training_step(*args, **kwargs)
+            finally:
+                if hook is not None:
+                    hook.remove()
+            if self.qlw_watch is not None:
+                self.qlw_watch(step, loss)
+            return loss
+
+    _TRAINER_CLASS = QlwSFTTrainer
+    return QlwSFTTrainer
+
+
+# Reporting ---------------------------------------------------------------------------------------------------
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Reporter:
+    """Turns the trainer's callbacks into ``train.*`` events and ``job.progress``."""
+
+    def __init__(self, ctx, *, has_eval: bool, record_artifact: Callable[[str, str], None], config: dict[str, Any],
+                 resumed_from: str, output_dir: Path):
+        self.ctx = ctx
+        self.has_eval = has_eval
+        self.record_artifact = record_artifact
+        self.config = config
+        self.resumed_from = resumed_from
+        self.output_dir = output_dir
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.started = False
+        self.total_steps = 0
+        self.start_step = 0
+        self.step = 0
+        self.t0 = time.monotonic()
+        self.t_begin = self.t0
+        self.last_tokens: float | None = None
+        self.last_time = self.t0
+        self.first_tokens = None
+        self.tokens_total = 0.0
+        self.bad_loss: str | None = None
+        self.last_checkpoint = ""
+        self.trainable = 0
+        self.total_params = 0
+        self.summary: dict[str, Any] = {}
+
+    # From the trainer --------------------------------------------------------------------------------
+
+    def on_train_begin(self, state) -> None:
+        self.total_steps = int(state.max_steps)
+        self.start_step = self.step = int(state.global_step)
+        self.t_begin = self.last_time = time.monotonic()
+        self.started = True
+        self.ctx.emit("train.started", {
+            "job_id": self.ctx.job_id, "config": self.config, "total_steps": self.total_steps,
+            "trainable_params": self.trainable, "total_params": self.total_params,
+            "output_dir": str(self.output_dir), "resumed_from": self.resumed_from, "start_step": self.start_step})
+        self.ctx.progress("training", self.step, self.total_steps, "steps")
+
+    def on_step_end(self, state) -> None:
+        self.step = int(state.global_step)
+        last = self.rows.get(self.step) or next((self.rows[s] for s in sorted(self.rows, reverse=True)), None)
+        message = f"loss {last['loss']:.4f}" if last and last.get("loss") is not None else ""
+        self.ctx.progress("training", self.step, self.total_steps, "steps", message)
+
+    def watch(self, step: int, loss) -> None:
+        """Every micro-step's loss: flag NaN/inf on the step it first appears."""
+        value = float(loss.detach().float().item())
+        kind = "nan" if math.isnan(value) else ("inf" if math.isinf(value) else None)
+        if kind and kind != self.bad_loss:
+            self.ctx.emit("train.alert", {
+                "job_id": self.ctx.job_id, "kind": kind, "step": step,
+                "message": f"the training loss is {value} at step {step}",
+                "hint": "the run is diverging: stop it (ctrl+g) and lower learning_rate, keep max_grad_norm on "
+                        "(e.g. 0.3), or check the rows of this batch; fp16 overflows where bf16 does not",
+                "memory": {}})
+        self.bad_loss = kind
+
+    def on_log(self, state, logs: dict[str, Any]) -> None:
+        step = int(state.global_step)
+        now = time.monotonic()
+        if "train_runtime" in logs or "train_loss" in logs:
+            self.summary = dict(logs)
+            return
+        row = self.rows.get(step)
+        if row is None:
+            row = {"job_id": self.ctx.job_id, "step": step, "total_steps": self.total_steps, "epoch": 0.0,
+                   "loss": None, "eval_loss": None, "learning_rate": None, "grad_norm": None,
+                   "tokens_per_s": None, "elapsed_s": 0.0, "eta_s": None}
+            self.rows[step] = row
+        row["epoch"] = round(_num(logs.get("epoch")) or row["epoch"] or 0.0, 4)
+        if "eval_loss" in logs:
+            row["eval_loss"] = _num(logs["eval_loss"])
+        if "loss" in logs:
+            row["loss"] = _num(logs["loss"])
+            row["learning_rate"] = _num(logs.get("learning_rate"))
+            row["grad_norm"] = _num(logs.get("grad_norm"))
+            tokens = _num(logs.get("num_tokens"))
+            if tokens is not None:
+                if self.last_tokens is None or tokens < self.last_tokens:
+                    self.last_tokens = 0.0  # trl counts from its trainer's creation
+                dt = now - self.last_time
+                if dt > 0:
+                    row["tokens_per_s"] = round((tokens - self.last_tokens) / dt, 1)
+                self.tokens_total += tokens - self.last_tokens
+                self.last_tokens = tokens
+            self.last_time = now
+        elapsed = now - self.t0
+        row["elapsed_s"] = round(elapsed, 3)
+        done = step - self.start_step
+        if done > 0 and self.total_steps:
+            row["eta_s"] = round((now - self.t_begin) / done * max(self.total_steps - step, 0), 1)
+        self.ctx.emit("train.log", dict(row))
+
+    def on_save(self, state) -> None:
+        path = self.output_dir / f"checkpoint-{int(state.global_step)}"
+        self.last_checkpoint = str(path)
+        self.ctx.emit("train.checkpoint", {"job_id": self.ctx.job_id, "step": int(state.global_step), "path": str(path)})
+        self.record_artifact("checkpoint", str(path))
+
+    # Summaries ---------------------------------------------------------------------------------------------
+
+    def final(self, key: str) -> float | None:
+        for step in sorted(self.rows, reverse=True):
+            if self.rows[step].get(key) is not None:
+                return self.rows[step][key]
+        return None
+
+    def tokens_per_s(self) -> float | None:
+        span = self.last_time - self.t_begin
+        return round(self.tokens_total / span, 1) if self.tokens_total and span > 0 else None
+
+
+def make_callback(reporter: Reporter, ctx, has_eval: bool):
+    """The TrainerCallback: reports, stops gracefully (checkpoint first) and evaluates and saves
+    at the last step."""
+    from transformers import TrainerCallback
+
+    class QlwCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            reporter.on_train_begin(state)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            reporter.on_step_end(state)
+            if ctx.cancelled:
+                # The stop the user asked for: save a checkpoint, then end the loop.
+                control.should_save = True
+                control.should_training_stop = True
+            elif state.global_step >= state.max_steps:
+                # The last step: a checkpoint to continue from, and the final validation loss.
+                control.should_save = True
+                control.should_evaluate = has_eval
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            reporter.on_log(state, logs or {})
+
+        def on_save(self, args, state, control, **kwargs):
+            reporter.on_save(state)
+
+    return QlwCallback()
+
+
+# The run -------------------------------------------------------------------------------------------------------
+
+
+def _held_model_matches(settings: P.ModelSettings, device: str) -> bool:
+    from backend import models
+
+    info = models._LOADED
+    if HOLDINGS.get("base") is None or not info or info.get("device") != device:
+        return False
+    held = info.get("settings") or {}
+
+    def same_source(a: str, b: str) -> bool:
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        if pa.exists() and pb.exists():
+            return pa.resolve() == pb.resolve()
+        return a.strip() == b.strip()
+
+    if not same_source(str(held.get("source", "")), settings.source):
+        return False
+    keys = ["revision", "precision", "attn_implementation", "trust_remote_code"]
+    if settings.precision == "4bit":
+        keys += ["quant_type", "double_quant", "compute_dtype"]
+    return all(held.get(k) == getattr(settings, k) for k in keys)
+
+
+def _memory_now(device: str) -> dict[str, Any]:
+    from backend import models
+    from backend.gpu import torch_memory
+
+    out: dict[str, Any] = {"device": device, "torch": torch_memory()}
+    try:
+        mem = models.device_memory(device)
+        out.update(free_bytes=mem.get("free_bytes"), total_bytes=mem.get("total_bytes"))
+    except Exception:
+        pass
+    import psutil
+
+    out["rss_bytes"] = int(psutil.Process().memory_info().rss)
+    return out
+
+
+def _restore_base(model) -> bool:
+    """Take the adapter out of the held base model (peft's ``unload``, no merge) and undo what
+    training turned on (gradient checkpointing, input gradients), so the next run or chat gets
+    the base model as loaded. False when the model still carries LoRA layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for fn in ("gradient_checkpointing_disable", "disable_input_require_grads"):
+        try:
+            getattr(model, fn)()
+        except Exception:  # never enabled, or another transformers: nothing to undo
+            pass
+    model.eval()
+    return not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def _free_run(box: Holdings, device: str) -> dict[str, Any]:
+    from backend.gpu import GpuSampler, free_memory
+
+    try:
+        return free_memory(box, GpuSampler())
+    except Exception as exc:  # freeing must not hide what happened in the run
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _as_job_error(exc: Exception) -> JobError:
+    """A failure inside the trainer as a JobError for people; the traceback goes to the log."""
+    import logging
+
+    from backend.jobs import describe_exception
+
+    info = describe_exception(exc)
+    logging.getLogger("qlw.train").error("training failed: %s", info["detail"])
+    if isinstance(exc, JobError):
+        return type(exc)(str(exc), where=exc.where, hint=exc.hint)
+    text = str(exc)
+    if "Target modules" in text or "target_modules" in text:
+        return JobError(f"peft: {text.splitlines()[0]}", where="lora.target_modules",
+                        hint="choose names from the model's linear layers (model.inspect), or all-linear")
+    return JobError(info["message"], where=info["where"], hint="see the backend log for the traceback")
+
+
+def oom_hint(eff: dict[str, Any]) -> str:
+    t, d, lora = eff["training"], eff["data"], eff["lora"]
+    tips = []
+    if t["per_device_train_batch_size"] > 1:
+        b = t["per_device_train_batch_size"]
+        tips.append(f"lower per_device_train_batch_size (now {b}; raise gradient_accumulation_steps to "
+                    f"{t['gradient_accumulation_steps'] * 2} with batch {max(1, b // 2)} to keep the effective batch)")
+    tips.append(f"lower data.max_length (now {d['max_length']})")
+    if not t["gradient_checkpointing"]:
+        tips.append("turn on gradient_checkpointing")
+    if lora["r"] > 8:
+        tips.append(f"a smaller lora.r (now {lora['r']})")
+    if eff["model"]["precision"] not in ("4bit",):
+        tips.append("load the model in 4-bit")
+    return "; ".join(tips)
+
+
+def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = "",
+                 record_artifact: Callable[[str, str], None] | None = None,
+                 set_config: Callable[[dict[str, Any]], None] | None = None,
+                 fault: tuple[str, int] | None = None) -> dict[str, Any]:
+    """Train ``config`` (a run config dict) in this thread, reporting through ``ctx`` (a
+    :class:`~backend.jobs.JobContext` or anything with ``job_id``, ``session``, ``emit``,
+    ``progress``, ``cancelled``, ``check_cancelled``). Returns the ``train.finished`` payload; a
+    bad config, bad data or an out-of-memory end raise :class:`JobError`."""
+    home = Path(home)
+    record = record_artifact or (lambda kind, path: None)
+    cfg = TC.checked(config)
+    eff, device, errors, warnings = effective_config(cfg)
+    if errors:
+        raise TC.ConfigError(errors)
+    for key, text in warnings.items():
+        ctx.emit("log", {"level": "warning", "message": f"{key}: {text}"})
+    resume = str(check_resume(resume_from, eff)) if resume_from else ""
+    if set_config is not None:
+        set_config(cfg)
+    folder = run_dir(home, ctx.session)
+    output_dir = folder / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text(TC.dumps_toml(cfg), encoding="utf-8")
+    record("config", str(folder / "config.toml"))
+    progress = lambda st, d, t: ctx.progress(st, d, t)  # noqa: E731
+    cancelled = lambda: ctx.cancelled  # noqa: E731
+
+    # The data first: a bad source or mapping stops the run before anything is loaded.
+    ctx.progress("preparing data", 0, 0)
+    from backend import data as D, models
+
+    data, notes = data_settings(eff["data"], home, progress, cancelled)
+    for note in notes:
+        ctx.emit("log", {"level": "info", "message": note})
+    prepared = D.load_prepared(data, home, progress, cancelled)
+    if len(prepared.train) == 0:
+        raise D.DataError("no training row could be formatted", where="data.mapping",
+                          hint="check the mapping and the template in the Data pane (qlw data shows why rows fail)")
+    ctx.check_cancelled()
+
+    # The model: the held one when it is the one the config names, else loaded now.
+    settings = model_settings(eff["model"], home, build=True, progress=progress, cancelled=cancelled)
+    if not _held_model_matches(settings, device):
+        models.load_job(P.LoadModel(**P.to_dict(settings)))(ctx)
+    else:
+        ctx.emit("log", {"level": "info", "message": f"training on the held base model ({settings.source})"})
+    ctx.check_cancelled()
+    model, tokenizer = HOLDINGS.get("base"), HOLDINGS.get("tokenizer")
+    if tokenizer is None:
+        raise JobError(f"{settings.source} has no tokenizer", where="model.source",
+                       hint="give a model folder that holds the tokenizer files")
+    if prepared.report["form"] == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise D.DataError("the chat template was chosen, but this model's tokenizer has none", where="data.template",
+                          hint="choose the mistral, alpaca or raw template, or a model with a chat template")
+
+    import torch
+
+    has_eval = prepared.validation is not None and len(prepared.validation) > 0
+    args = sft_config(eff, prepared.sft_config, output_dir, device, has_eval)
+    reporter = Reporter(ctx, has_eval=has_eval, record_artifact=record, config=eff, resumed_from=resume,
+                        output_dir=output_dir)
+    box = Holdings()  # what this run allocated; freed at the end, whatever happens
+    status, oom, failure = "done", None, None
+    t0 = time.monotonic()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        ctx.progress("building the trainer", 0, 0)
+        trainer = trainer_class()(
+            model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.validation if has_eval else None,
+            processing_class=tokenizer, peft_config=lora_config(eff["lora"]),
+            callbacks=[make_callback(reporter, ctx, has_eval)])
+        box.put("trainer", trainer, "trainer", "training run")
+        HOLDINGS.put("trainer", trainer, "trainer", f"training run {ctx.job_id}")
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        for cb in (PrinterCallback, ProgressCallback):  # they print; qlw reports through events
+            trainer.remove_callback(cb)
+        trainer.qlw_fault = fault
+        trainer.qlw_watch = reporter.watch
+        reporter.trainable, reporter.total_params = (int(x) for x in trainer.model.get_nb_trainable_parameters())
+        del trainer
+        ctx.check_cancelled()
+        box.get("trainer").train(resume_from_checkpoint=resume or None)
+        if ctx.cancelled:
+            status = "stopped"
+    except torch.OutOfMemoryError as exc:
+        # Facts only: the exception's frames hold the step's activations, let them go now.
+        oom = {"step": reporter.step + 1, "message": str(exc).split("Tried")[0].strip() or "CUDA out of memory",
+               "detail": str(exc)[:600], "memory": _memory_now(device)}
+    except JobCancelled:
+        status = "stopped"
+    except Exception as exc:
+        # Keep the story, not the exception: its frames would pin the run's tensors.
+        failure = _as_job_error(exc)
+    trainer = box.get("trainer")
+    adapter_path = ""
+    if trainer is not None and oom is None and failure is None and reporter.started:
+        adapter_dir = folder / "adapter"
+        trainer.model.save_pretrained(str(adapter_dir))  # safetensors
+        tokenizer.save_pretrained(str(adapter_dir))
+        adapter_path = str(adapter_dir)
+        record("adapter", adapter_path)
+    peak = {"device": device}
+    if device.startswith("cuda"):
+        peak["torch_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    import psutil
+
+    peak["rss_bytes"] = int(psutil.Process().memory_info().rss)
+    # Give the base model back as it was loaded, and free everything the run allocated.
+    restored = False
+    try:
+        if trainer is not None and hasattr(trainer.model, "unload"):
+            trainer.model.unload()
+        restored = _restore_base(model)
+    except Exception:
+        restored = False
+    trainer = None
+    HOLDINGS.drop("trainer")
+    freed = _free_run(box, device)
+    if not restored:
+        models.release_base_model()
+        ctx.emit("log", {"level": "warning",
+                         "message": "released the base model: it still carried the adapter; the next run loads it again"})
+    del model
+    elapsed = round(time.monotonic() - t0, 3)
+    final = {
+        "job_id": ctx.job_id, "status": status, "step": reporter.step, "total_steps": reporter.total_steps,
+        "final_loss": reporter.final("loss"), "final_eval_loss": reporter.final("eval_loss"),
+        "adapter_path": adapter_path, "checkpoint_path": reporter.last_checkpoint, "elapsed_s": elapsed,
+        "tokens_per_s": reporter.tokens_per_s(), "peak_memory": peak,
+    }
+    if oom is not None:
+        hint = oom_hint(eff)
+        after = _memory_now(device)
+        memory = {"at_failure": oom["memory"], "after_free": after, "freed": freed.get("before", {}) if freed else {}}
+        ctx.emit("train.alert", {"job_id": ctx.job_id, "kind": "oom", "step": oom["step"],
+                                 "message": f"{oom['message']} at step {oom['step']}: the run stopped; the base model "
+                                            "and the logged rows are kept", "hint": hint, "memory": memory})
+        final.update(status="failed")
+        ctx.emit("train.finished", final)
+        raise JobError(f"out of memory at step {oom['step']} of {reporter.total_steps} on {device}",
+                       where=f"step {oom['step']}", hint=hint)
+    if failure is not None:
+        if reporter.started:
+            final.update(status="failed")
+            ctx.emit("train.finished", final)
+        raise failure
+    if not reporter.started:  # stopped before the first step
+        ctx.check_cancelled()
+    ctx.emit("train.finished", final)
+    return final
+
+
+def train_job(params: P.StartTraining, home: Path, store=None):
+    """The ``train.start`` job; the config was checked by the handler already."""
+    config = TC.checked(params.config)
+    fault = take_fault()
+
+    def run(ctx) -> dict[str, Any]:
+        record = (lambda kind, path: store.add_artifact(ctx.session, kind, path)) if store is not None else None
+        set_config = (lambda cfg: store.set_config(ctx.session, cfg)) if store is not None else None
+        return run_training(config, home, ctx, resume_from=params.resume_from, record_artifact=record,
+                            set_config=set_config, fault=fault)
+
+    return run
+
+
+# `qlw train`: headless ---------------------------------------------------------------------------------------------
+
+
+ROW_HEADER = (f"{'step':>11}  {'train loss':>10}  {'val loss':>9}  {'learning rate':>13}  {'grad norm':>9}  "
+              f"{'tokens/s':>9}  {'epoch':>6}  {'elapsed':>8}  {'eta':>8}")
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One ``train.log`` row as a line of the loss table (the header is :data:`ROW_HEADER`)."""
+    def f(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    step = f"{row['step']}/{row['total_steps']}"
+    return (f"{step:>11}  {f(row.get('loss'), '.4f'):>10}  {f(row.get('eval_loss'), '.4f'):>9}  "
+            f"{f(row.get('learning_rate'), '.3e'):>13}  {f(row.get('grad_norm'), '.3f'):>9}  "
+            f"{f(row.get('tokens_per_s'), ',.0f'):>9}  {row.get('epoch') or 0:>6.2f}  {_clock(row.get('elapsed_s')):>8}  "
+            f"{_clock(row.get('eta_s')):>8}")
+
+
+class LocalRun:
+    """A job context for ``qlw train``: events go to the store and to a printer, in this process."""
+
+    def __init__(self, store, session: str, on_event: Callable[[str, dict[str, Any]], None]):
+        import secrets
+
+        self.store = store
+        self.session = session
+        self.job_id = secrets.token_hex(4)
+        self.on_event = on_event
+        self._cancel = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise JobCancelled()
+
+    def emit(self, kind: str, payload: dict[str, Any]) -> None:
+        self.store.append_event(self.session, kind, payload)
+        self.on_event(kind, payload)
+
+    def progress(self, stage: str, done: float, total: float = 0, unit: str = "", message: str = "") -> None:
+        self.on_event("job.progress", {"job_id": self.job_id, "stage": stage, "done": done, "total": total,
+                                       "unit": unit, "message": message})
+
+
+def add_cli_arguments(parser) -> None:
+    """The options of ``python -m backend train`` (and so of ``qlw train``)."""
+    parser.add_argument("config", type=Path, help="the run config (TOML, as the Train pane exports it)")
+    parser.add_argument("--resume-from", default="", metavar="CHECKPOINT",
+                        help="a checkpoint-N folder of an earlier run to continue from")
+    parser.add_argument("--name", default="", help="the session's name (default: the config's name)")
+    parser.add_argument("--check", action="store_true", help="only check the config (and the device); train nothing")
+    parser.add_argument("--home", type=Path, default=None, help="data home (default: $QLW_HOME or the user data dir)")
+
+
+def _print_errors(errors: dict[str, str], path: Path) -> None:
+    print(f"qlw train: {path}: the run config has {len(errors)} error(s):", file=sys.stderr)
+    for key, text in errors.items():
+        print(f"  {key}: {text}", file=sys.stderr)
+
+
+def cli(args) -> int:
+    """``qlw train CONFIG.toml``: run the config here (no daemon), print the loss table, record a
+    session in the data home's store. 0: done; 1: the run failed; 2: the config is invalid;
+    130: stopped with ctrl+c (after saving a checkpoint)."""
+    home = (args.home or P.data_home()).expanduser().resolve()
+    config, errors = TC.read_toml(args.config, os.environ)
+    if errors:
+        _print_errors(errors, args.config)
+        return 2
+    try:
+        eff, device, dev_errors, dev_warnings = effective_config(config)
+    except JobError as exc:
+        dev_errors, dev_warnings, device = {_field_of(exc, "model.device"): str(exc)}, {}, "?"
+    if dev_errors:
+        _print_errors(dev_errors, args.config)
+        return 2
+    if args.check:
+        for key, text in {**TC.warnings_for(config), **dev_warnings}.items():
+            print(f"warning: {key}: {text}")
+        print(f"{args.config}: ok (device {device})")
+        return 0
+    from sessions.store import Store
+
+    home.mkdir(parents=True, exist_ok=True)
+    store = Store(home / "sessions.db")
+    info = store.create_session(args.name or config["name"] or f"qlw train {args.config.name}", config)
+    tty = sys.stdout.isatty()
+    printer = _RichPrinter() if tty else _PlainPrinter()
+    run = LocalRun(store, info.id, printer.event)
+    print(f"session {info.id} in {home}", flush=True)
+    stops = {"n": 0}
+
+    def on_sigint(signum, frame):
+        stops["n"] += 1
+        if stops["n"] > 1:
+            raise KeyboardInterrupt
+        print("\nstopping: saving a checkpoint first (ctrl+c again to abort without it)", file=sys.stderr, flush=True)
+        run.cancel()
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    store.set_status(info.id, "running")
+    run.emit("job.started", {"job_id": run.job_id, "kind": "train.start",
+                             "params": {"config": config, "resume_from": args.resume_from}})
+    t0 = time.monotonic()
+    status, error, result, code = "done", None, {}, 0
+    try:
+        with printer:
+            result = run_training(config, home, run, resume_from=args.resume_from,
+                                  record_artifact=lambda kind, path: store.add_artifact(info.id, kind, path),
+                                  set_config=lambda cfg: store.set_config(info.id, cfg), fault=take_fault())
+        if result.get("status") == "stopped":
+            status, code = "cancelled", 130
+    except JobCancelled:
+        status, code = "cancelled", 130
+    except TC.ConfigError as exc:
+        _print_errors(exc.errors, args.config)
+        status, code, error = "failed", 2, {"message": str(exc), "where": "", "hint": ""}
+    except JobError as exc:
+        status, code = "failed", 1
+        error = {"message": str(exc), "where": exc.where, "hint": exc.hint}
+        print(f"qlw train: error: {exc}", file=sys.stderr)
+        if exc.where:
+            print(f"  where: {exc.where}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint:  {exc.hint}", file=sys.stderr)
+    except KeyboardInterrupt:
+        status, code = "cancelled", 130
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if error:
+        run.emit("error", {"job_id": run.job_id, **error})
+    run.emit("job.finished", {"job_id": run.job_id, "kind": "train.start", "status": status,
+                              "elapsed_s": round(time.monotonic() - t0, 3), "result": result, "error": error})
+    store.set_status(info.id, {"done": "finished", "cancelled": "cancelled", "failed": "failed"}[status])
+    store.close()
+    return code
+
+
+class _PlainPrinter:
+    """Rows as lines on stdout; stages and alerts as lines too (no progress bar off a terminal)."""
+
+    def __init__(self) -> None:
+        self.stage = ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def line(self, text: str, err: bool = False) -> None:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+    def event(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "job.progress":
+            if payload["stage"] != self.stage and payload["stage"] != "training":
+                self.line(f"{payload['stage']}...")
+            self.stage = payload["stage"]
+            self.progress(payload)
+        elif kind == "train.started":
+            t = payload
+            resumed = f", resumed from {t['resumed_from']} at step {t['start_step']}" if t["resumed_from"] else ""
+            self.line(f"training {t['total_steps']} steps; {t['trainable_params']:,} trainable of "
+                      f"{t['total_params']:,} parameters{resumed}")
+            self.line(ROW_HEADER)
+        elif kind == "train.log":
+            self.line(format_row(payload))
+        elif kind == "train.checkpoint":
+            self.line(f"checkpoint at step {payload['step']}: {payload['path']}")
+        elif kind == "train.alert":
+            self.line(f"ALERT ({payload['kind']}) step {payload['step']}: {payload['message']}", err=True)
+            if payload.get("hint"):
+                self.line(f"  what to change: {payload['hint']}", err=True)
+        elif kind == "train.finished":
+            f = payload
+            loss = "—" if f["final_loss"] is None else f"{f['final_loss']:.4f}"
+            val = "—" if f["final_eval_loss"] is None else f"{f['final_eval_loss']:.4f}"
+            tps = "—" if f["tokens_per_s"] is None else f"{f['tokens_per_s']:,.0f}"
+            self.line(f"{f['status']} at step {f['step']}/{f['total_steps']} in {_clock(f['elapsed_s'])}: "
+                      f"train loss {loss}, validation loss {val}, {tps} tokens/s")
+            if f["adapter_path"]:
+                self.line(f"adapter: {f['adapter_path']}")
+        elif kind == "log":
+            self.line(f"{payload['level']}: {payload['message']}", err=payload["level"] != "info")
+
+    def progress(self, payload: dict[str, Any]) -> None:
+        pass
+
+
+class _RichPrinter(_PlainPrinter):
+    """On a terminal: the same lines, with a rich progress bar below them (rich is imported here
+    only: the backend package never imports it)."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[message]}"), transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("starting", total=None, message="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def line(self, text: str, err: bool = False) -> None:
+        if err:
+            super().line(text, err)
+        else:
+            self.bar.console.print(text, markup=False, highlight=False)
+
+    def progress(self, payload: dict[str, Any]) -> None:
+        total = payload["total"] or None
+        self.bar.update(self.task, description=payload["stage"], completed=payload["done"], total=total,
+                        message=payload.get("message", ""))

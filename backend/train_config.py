@@ -1,0 +1,618 @@
+"""The run config: typed, versioned, plain data; checked field by field; TOML and environment.
+
+A *run config* (``backend.protocol.RunConfig`` as a dict) is everything a training run needs:
+``{"version": 1, "name": ..., "model": ModelSettings, "data": PreparedData, "lora": LoraSettings,
+"training": TrainingSettings}``. Field names are those of transformers (``ModelSettings`` mirrors
+``from_pretrained``/``BitsAndBytesConfig``), peft's ``LoraConfig`` and trl's ``SFTConfig``, so users
+recognise their settings. This module is pure Python (stdlib, ``tomli_w`` for writing) and cheap
+to import: the server, the LoRA form's validation and ``qlw train`` all use it.
+
+- :func:`normalise` fills the defaults of the protocol's dataclasses and checks every field; errors
+  are keyed by dotted path (``"lora.r": "must be a positive integer, got 0"``), all of them at
+  once, so a form can mark each field.
+- :func:`for_device` adapts a config to the device it will run on: on the CPU the paged and 8-bit
+  optimizers become ``adamw_torch`` and bf16/fp16 become fp32 (each change is a warning), and an
+  explicit ``bf16 = true`` is an error there; on a GPU, ``bf16``/``fp16`` left unset follow the
+  model's compute dtype and what the card supports.
+- :func:`presets`: the QLoRA paper's recipe and a fast small-GPU preset.
+- :func:`dumps_toml` / :func:`loads_toml`: TOML export and import; import errors name the field
+  and the file's line (syntax errors: line and column, from ``tomllib``).
+- :func:`env_overrides`: ``QLW_<SECTION>__<FIELD>=value`` (nested: ``QLW_DATA__SOURCE__PATH``)
+  overrides a field of a config read by ``qlw train``. Values are read as JSON where they parse
+  (``2e-4``, ``true``, ``[\"q_proj\", \"v_proj\"]``, ``null``), else as plain text
+  (``QLW_MODEL__SOURCE=mistralai/Mistral-7B-v0.3``). Sections: model, data, lora, training; an
+  unknown section or field is an error naming the variable. The backend daemon does not read
+  them (a long-lived process should not train differently because of how it was started).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import re
+import tomllib
+from typing import Any, Mapping
+
+from backend import protocol as P
+
+VERSION = P.RUN_CONFIG_VERSION
+SECTIONS: dict[str, type] = {
+    "model": P.ModelSettings,
+    "data": P.PreparedData,
+    "lora": P.LoraSettings,
+    "training": P.TrainingSettings,
+}
+TOP_LEVEL = ("version", "name", *SECTIONS)
+#: The optimizers that need CUDA (bitsandbytes' paged and 8-bit ones).
+GPU_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
+#: What a CPU run uses instead.
+CPU_OPTIMIZER = "adamw_torch"
+ENV_PREFIX = "QLW_"
+
+Errors = dict[str, str]
+
+
+class ConfigError(ValueError):
+    """A run config with errors: ``errors`` maps each dotted field path to what is wrong."""
+
+    def __init__(self, errors: Errors):
+        self.errors = dict(errors)
+        first = next(iter(self.errors.items()), ("", "invalid run config"))
+        more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+        super().__init__(f"{first[0]}: {first[1]}{more}" if first[0] else first[1] + more)
+
+
+# Defaults and presets ----------------------------------------------------------------------------
+
+
+def _section_defaults(cls: type, **required: Any) -> dict[str, Any]:
+    """The fields of ``cls`` in their order, with their defaults (``required`` for those without)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in required:
+            out[f.name] = required[f.name]
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = copy.deepcopy(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def defaults() -> dict[str, Any]:
+    """The run config a user starts from: the embedded tiny model (``model.source`` empty) and the
+    shipped sample dataset (``data.source.path`` empty; its columns are mapped by detection), with
+    the protocol's defaults everywhere else."""
+    model = _section_defaults(P.ModelSettings, source="")
+    data = _section_defaults(P.PreparedData, source={"path": "", "config": "", "split": ""},
+                             mapping={role: "" for role in P.DATA_ROLES})
+    return {"version": VERSION, "name": "", "model": model, "data": data,
+            "lora": _section_defaults(P.LoraSettings), "training": _section_defaults(P.TrainingSettings)}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "qlora-paper": {
+        "description": "the QLoRA paper's recipe (Dettmers et al. 2023): 4-bit NF4 with double quantization, "
+                       "bf16 compute, LoRA r=16 alpha=16 dropout 0.05 on every linear layer, lr 2e-4 constant, "
+                       "paged 8-bit AdamW, max_grad_norm 0.3, effective batch 16",
+        "model": {"precision": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16"},
+        "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear", "bias": "none",
+                 "use_rslora": False, "use_dora": False},
+        "training": {"learning_rate": 2e-4, "lr_scheduler_type": "constant", "warmup_ratio": 0.03,
+                     "optim": "paged_adamw_8bit", "max_grad_norm": 0.3, "weight_decay": 0.0,
+                     "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4,
+                     "gradient_checkpointing": True},
+    },
+    "small-gpu": {
+        "description": "fast on a small GPU (8-16 GB): 4-bit NF4, LoRA r=8 alpha=16 on every linear layer, "
+                       "batch 1 x 8 accumulation with gradient checkpointing, paged 8-bit AdamW, lr 2e-4 cosine",
+        "model": {"precision": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16"},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear", "bias": "none",
+                 "use_rslora": False, "use_dora": False},
+        "training": {"learning_rate": 2e-4, "lr_scheduler_type": "cosine", "warmup_ratio": 0.03,
+                     "optim": "paged_adamw_8bit", "max_grad_norm": 0.3, "weight_decay": 0.0,
+                     "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8,
+                     "gradient_checkpointing": True, "logging_steps": 5},
+    },
+}
+assert tuple(PRESETS) == P.TRAIN_PRESETS
+
+
+def presets() -> dict[str, Any]:
+    """What ``train.presets`` answers: the presets and the defaults."""
+    return {"presets": copy.deepcopy(PRESETS), "defaults": defaults()}
+
+
+def apply_preset(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``config`` with the sections of preset ``name`` laid over it (other fields kept)."""
+    if name not in PRESETS:
+        raise ConfigError({"preset": f"unknown preset {name!r}; presets are {', '.join(PRESETS)}"})
+    out = copy.deepcopy(dict(config))
+    for section in ("model", "lora", "training"):
+        out[section] = {**dict(out.get(section) or {}), **copy.deepcopy(PRESETS[name][section])}
+    return out
+
+
+# Field rules --------------------------------------------------------------------------------------
+# A rule takes the value and returns (normalised value, error or None).
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # JSON clients may send 16.0
+    return None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def int_at_least(low: int, what: str = ""):
+    def rule(value):
+        v = _int(value)
+        if v is None or v < low:
+            text = what or ("a positive integer" if low == 1 else f"an integer of at least {low}")
+            return value, f"must be {text}, got {_show(value)}"
+        return v, None
+    return rule
+
+
+def float_range(low: float, high: float | None, *, low_open: bool = False, high_open: bool = True, what: str = ""):
+    def rule(value):
+        v = _float(value)
+        ok = v is not None and math.isfinite(v) and (v > low if low_open else v >= low)
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+        if not ok:
+            if not what:
+                lo = f"{'>' if low_open else '>='} {low:g}"
+                hi = f" and {'<' if high_open else '<='} {high:g}" if high is not None else ""
+                text = f"a number {lo}{hi}"
+            else:
+                text = what
+            return value, f"must be {text}, got {_show(value)}"
+        return v, None
+    return rule
+
+
+def boolean(value):
+    if isinstance(value, bool):
+        return value, None
+    return value, f"must be true or false, got {_show(value)}"
+
+
+def optional_bool(value):
+    if value is None or isinstance(value, bool):
+        return value, None
+    return value, f"must be true, false or unset (chosen from the device), got {_show(value)}"
+
+
+def text(value):
+    if isinstance(value, str):
+        return value, None
+    return value, f"must be text, got {_show(value)}"
+
+
+def choice(allowed: tuple[str, ...]):
+    def rule(value):
+        if isinstance(value, str) and value in allowed:
+            return value, None
+        close = difflib.get_close_matches(str(value), allowed, n=1) if isinstance(value, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return value, f"must be one of {', '.join(allowed)}, got {_show(value)}{hint}"
+    return rule
+
+
+def device(value):
+    if isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        return value, None
+    return value, f"must be auto, cpu, cuda or cuda:N, got {_show(value)}"
+
+
+def target_modules(value):
+    if isinstance(value, str) and value.strip():
+        return value.strip(), None
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return [v.strip() for v in value], None
+    return value, ('must be "all-linear", a list of module names such as ["q_proj", "v_proj"] '
+                   f"(see the model's linear layers), or a regular expression, got {_show(value)}")
+
+
+def module_list(value):
+    if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+        return [v.strip() for v in value], None
+    return value, f"must be a list of module names (e.g. [\"lm_head\"]), got {_show(value)}"
+
+
+def data_source(value):
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, dict):
+        return value, f"must be a table with path (and config, split), got {_show(value)}"
+    unknown = sorted(set(value) - {"path", "config", "split"})
+    if unknown:
+        return value, f"unknown key(s) {', '.join(unknown)}: a source has path, config and split"
+    out = {"path": value.get("path", ""), "config": value.get("config", ""), "split": value.get("split", "")}
+    for k, v in out.items():
+        if not isinstance(v, str):
+            return value, f"{k} must be text, got {_show(v)}"
+    return out, None
+
+
+def data_mapping(value):
+    if not isinstance(value, dict):
+        return value, f"must be a table of role = column, got {_show(value)}"
+    unknown = sorted(set(value) - set(P.DATA_ROLES))
+    if unknown:
+        return value, f"unknown role(s) {', '.join(unknown)}; roles are {', '.join(P.DATA_ROLES)}"
+    out = {}
+    for role in P.DATA_ROLES:
+        v = value.get(role) or ""
+        if not isinstance(v, str):
+            return value, f"the {role} role must name a column, got {_show(v)}"
+        out[role] = v
+    return out, None
+
+
+RULES: dict[str, dict[str, Any]] = {
+    "model": {
+        "source": text, "revision": text, "trust_remote_code": boolean,
+        "precision": choice(P.MODEL_PRECISIONS), "quant_type": choice(P.MODEL_QUANT_TYPES),
+        "double_quant": boolean, "compute_dtype": choice(P.MODEL_COMPUTE_DTYPES),
+        "attn_implementation": choice(P.MODEL_ATTN_IMPLEMENTATIONS), "device": device,
+    },
+    "data": {
+        "source": data_source, "mapping": data_mapping, "template": choice(P.DATA_TEMPLATES),
+        "loss": choice(P.DATA_LOSSES), "system_prompt": text, "split_mode": choice(P.DATA_SPLIT_MODES),
+        "validation_ratio": float_range(0, 1, low_open=True, what="a fraction between 0 and 1 (e.g. 0.1)"),
+        "validation_split": text, "seed": int_at_least(0), "max_length": int_at_least(1),
+    },
+    "lora": {
+        "r": int_at_least(1), "lora_alpha": int_at_least(1),
+        "lora_dropout": float_range(0, 1, what="a probability from 0 up to (not including) 1"),
+        "target_modules": target_modules, "bias": choice(P.LORA_BIASES), "use_rslora": boolean,
+        "use_dora": boolean, "modules_to_save": module_list,
+    },
+    "training": {
+        "num_train_epochs": float_range(0, None, low_open=True, what="a positive number of epochs"),
+        "max_steps": lambda v: (v, None) if _int(v) == -1 else int_at_least(
+            1, "-1 (train num_train_epochs) or a positive number of steps")(v),
+        "learning_rate": float_range(0, 1, low_open=True, what="a positive number below 1 (e.g. 2e-4)"),
+        "lr_scheduler_type": choice(P.LR_SCHEDULERS),
+        "warmup_ratio": float_range(0, 1, what="a fraction from 0 up to (not including) 1"),
+        "warmup_steps": int_at_least(0), "per_device_train_batch_size": int_at_least(1),
+        "gradient_accumulation_steps": int_at_least(1), "auto_find_batch_size": boolean,
+        "packing": boolean, "gradient_checkpointing": boolean, "optim": choice(P.OPTIMIZERS),
+        "weight_decay": float_range(0, None, what="a number >= 0"),
+        "max_grad_norm": float_range(0, None, what="a number >= 0 (0: no clipping)"),
+        "logging_steps": int_at_least(1), "eval_steps": int_at_least(0, "0 (only at the end) or a number of steps"),
+        "save_steps": int_at_least(0, "0 (only at the end) or a number of steps"),
+        "save_total_limit": int_at_least(0, "0 (keep every checkpoint) or how many to keep"),
+        "seed": int_at_least(0), "bf16": optional_bool, "fp16": optional_bool,
+    },
+}
+for _section, _cls in SECTIONS.items():  # every protocol field has a rule, and no rule lacks a field
+    assert set(RULES[_section]) == {f.name for f in dataclasses.fields(_cls)}, _section
+
+#: Names people bring from other tools, and what the field is called here.
+ALIASES = {
+    "lora.rank": "r", "lora.alpha": "lora_alpha", "lora.dropout": "lora_dropout", "lora.targets": "target_modules",
+    "training.lr": "learning_rate", "training.batch_size": "per_device_train_batch_size",
+    "training.epochs": "num_train_epochs", "training.max_seq_length": "max_length (in [data])",
+    "training.max_length": "max_length (in [data])", "training.scheduler": "lr_scheduler_type",
+    "training.warmup": "warmup_ratio", "training.optimizer": "optim",
+    "training.gradient_accumulation": "gradient_accumulation_steps", "training.activation_checkpointing":
+    "gradient_checkpointing", "model.load_in_4bit": "precision = \"4bit\"", "model.dtype": "compute_dtype",
+    "model.bnb_4bit_quant_type": "quant_type", "model.bnb_4bit_use_double_quant": "double_quant",
+    "model.bnb_4bit_compute_dtype": "compute_dtype", "model.name": "source", "model.model_name_or_path": "source",
+}
+
+
+def _unknown(section: str, key: str, known: list[str]) -> str:
+    alias = ALIASES.get(f"{section}.{key}")
+    if alias:
+        return f"unknown field: here it is called {alias}"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"unknown field{f' (did you mean {close[0]}?)' if close else ''}"
+
+
+# Normalising and checking --------------------------------------------------------------------------
+
+
+def normalise(raw: Any) -> tuple[dict[str, Any], Errors]:
+    """``(config, errors)``: ``raw`` with every default filled in and every field checked.
+
+    ``config`` always has the full shape (a field with an error keeps the value as given, so a
+    form can show it); ``errors`` maps dotted paths to messages, empty when the config is valid.
+    """
+    errors: Errors = {}
+    config = defaults()
+    if not isinstance(raw, Mapping):
+        return config, {"config": f"a run config is a table of sections (model, data, lora, training), got {_show(raw)}"}
+    for key in raw:
+        if key not in TOP_LEVEL:
+            close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)
+            errors[str(key)] = (f"unknown section{f' (did you mean {close[0]}?)' if close else ''}; "
+                                f"a run config has {', '.join(TOP_LEVEL)}")
+    version = raw.get("version", VERSION)
+    if _int(version) is None or _int(version) < 1:
+        errors["version"] = f"must be a positive integer, got {_show(version)}"
+    elif _int(version) > VERSION:
+        errors["version"] = (f"this config is version {_int(version)}, written by a newer qlw; this qlw reads "
+                             f"version {VERSION}: upgrade qlw")
+    name = raw.get("name", "")
+    if not isinstance(name, str):
+        errors["name"] = f"must be text, got {_show(name)}"
+    else:
+        config["name"] = name
+    for section, rules in RULES.items():
+        given = raw.get(section, {})
+        if given is None:
+            given = {}
+        if not isinstance(given, Mapping):
+            errors[section] = f"must be a table of fields, got {_show(given)}"
+            continue
+        for key, value in given.items():
+            if key not in rules:
+                errors[f"{section}.{key}"] = _unknown(section, str(key), list(rules))
+                continue
+            value, error = rules[key](value)
+            config[section][key] = value
+            if error:
+                errors[f"{section}.{key}"] = error
+    _cross_checks(config, errors)
+    return config, errors
+
+
+def _cross_checks(c: dict[str, Any], errors: Errors) -> None:
+    t, d = c["training"], c["data"]
+    if t.get("bf16") is True and t.get("fp16") is True and "training.fp16" not in errors:
+        errors["training.fp16"] = "bf16 and fp16 cannot both be on: choose one mixed precision"
+    if d.get("split_mode") == "split" and not d.get("validation_split") and "data.validation_split" not in errors:
+        errors["data.validation_split"] = "split_mode \"split\" needs the name of the source's validation split"
+    if c["model"].get("precision") == "8bit" and t.get("bf16") is True:
+        errors["training.bf16"] = "8-bit (LLM.int8) models compute in fp16: use fp16 or leave bf16 unset"
+
+
+def warnings_for(config: dict[str, Any]) -> Errors:
+    """Things that are allowed but probably not meant, keyed like errors."""
+    out: Errors = {}
+    t, d, lora = config["training"], config["data"], config["lora"]
+    lr = _float(t.get("learning_rate"))
+    if lr is not None and lr > 1e-2:
+        out["training.learning_rate"] = f"{lr:g} is very high for LoRA (usual: 1e-5 to 5e-4); expect a diverging loss"
+    if d.get("split_mode") == "none" and _int(t.get("eval_steps")):
+        out["training.eval_steps"] = "there are no validation rows (data.split_mode = \"none\"): nothing is evaluated"
+    if t.get("packing") and config["model"].get("attn_implementation") != "flash_attention_2":
+        out["training.packing"] = ("packing puts several rows in one sequence; without flash_attention_2 they may "
+                                   "attend to each other")
+    r, alpha = _int(lora.get("r")), _int(lora.get("lora_alpha"))
+    if r and alpha and alpha / r > 8 and not lora.get("use_rslora"):
+        out["lora.lora_alpha"] = f"lora_alpha/r = {alpha / r:g} scales the update strongly; usual is 1 or 2"
+    return out
+
+
+def validate(raw: Any) -> dict[str, Any]:
+    """The config checked: ``{"ok", "config", "errors", "warnings"}`` (no device involved)."""
+    config, errors = normalise(raw)
+    return {"ok": not errors, "config": config, "errors": errors, "warnings": warnings_for(config) if not errors else {}}
+
+
+def checked(raw: Any) -> dict[str, Any]:
+    """The normalised config, or :class:`ConfigError` with every error."""
+    config, errors = normalise(raw)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def for_device(config: dict[str, Any], device: str, bf16_supported: bool | None = None) -> tuple[dict[str, Any], Errors, Errors]:
+    """``(effective config, errors, warnings)`` for a run on ``device`` (``cpu`` or ``cuda:N``).
+
+    - CPU: the paged and 8-bit optimizers (CUDA only) become ``adamw_torch``; a bf16/fp16 model
+      or 4-bit compute dtype becomes fp32 (CPUs train in fp32 here); ``bf16``/``fp16`` unset mean
+      off, and set to true are errors.
+    - GPU: ``bf16``/``fp16`` unset follow the model's compute dtype (4-bit: ``compute_dtype``;
+      8-bit: fp16; bf16/fp16 models: their dtype; fp32: neither). A card without bf16 (compute
+      capability below 8.0, ``bf16_supported`` False) computes in fp16 instead, with a warning.
+    """
+    c = copy.deepcopy(config)
+    m, t = c["model"], c["training"]
+    errors: Errors = {}
+    warnings: Errors = {}
+    if device == "cpu":
+        if t["optim"] in GPU_OPTIMIZERS:
+            warnings["training.optim"] = f"{t['optim']} needs a CUDA GPU; on the CPU {CPU_OPTIMIZER} is used"
+            t["optim"] = CPU_OPTIMIZER
+        for flag in ("bf16", "fp16"):
+            if t[flag] is True:
+                errors[f"training.{flag}"] = (f"{flag} mixed precision needs a GPU; on the CPU qlw trains in fp32: "
+                                              "set it to false or leave it unset")
+            t[flag] = False
+        if m["precision"] in ("bf16", "fp16"):
+            warnings["model.precision"] = f"{m['precision']} is slow and imprecise on the CPU; the model is loaded in fp32"
+            m["precision"] = "fp32"
+        if m["precision"] == "4bit" and m["compute_dtype"] != "fp32":
+            warnings["model.compute_dtype"] = (f"4-bit layers compute in fp32 on the CPU (not {m['compute_dtype']})")
+            m["compute_dtype"] = "fp32"
+        return c, errors, warnings
+    compute = {"4bit": m["compute_dtype"], "8bit": "fp16"}.get(m["precision"], m["precision"])
+    if compute == "bf16" and bf16_supported is False:
+        if t["bf16"] is True:
+            errors["training.bf16"] = f"{device} does not support bf16 (compute capability below 8.0): use fp16"
+        else:
+            target = "model.compute_dtype" if m["precision"] == "4bit" else "model.precision"
+            warnings[target] = f"{device} has no bf16: computing in fp16 instead"
+            if m["precision"] == "4bit":
+                m["compute_dtype"] = "fp16"
+            else:
+                m["precision"] = "fp16"
+            compute = "fp16"
+    if t["bf16"] is None and t["fp16"] is None:
+        t["bf16"], t["fp16"] = compute == "bf16", compute == "fp16"
+    elif t["bf16"] is None:
+        t["bf16"] = bool(not t["fp16"] and compute == "bf16")
+    elif t["fp16"] is None:
+        t["fp16"] = bool(not t["bf16"] and compute == "fp16")
+    return c, errors, warnings
+
+
+# TOML ------------------------------------------------------------------------------------------------
+
+
+def _strip_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_none(v) for v in value if v is not None]
+    return value
+
+
+def dumps_toml(config: Mapping[str, Any]) -> str:
+    """A run config as TOML (unset fields such as ``bf16 = None`` are left out: absent means unset)."""
+    import tomli_w
+
+    ordered = {k: config[k] for k in TOP_LEVEL if k in config}
+    head = ("# qlw run config: `qlw train THIS_FILE.toml` runs it; the Train pane imports it.\n"
+            "# Field names are those of peft's LoraConfig, trl's SFTConfig and transformers.\n")
+    return head + tomli_w.dumps(_strip_none(ordered), multiline_strings=True)
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """The line (1-based) where each dotted key is set in TOML ``text``, and where each table
+    starts (a light reading of the file, good for ``key = value`` lines under ``[table]``
+    headers, which is what :func:`dumps_toml` writes)."""
+    out: dict[str, int] = {}
+    table: list[str] = []
+    header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\"' -]+?)\s*\]\s*(#.*)?$")
+    assign = re.compile(r"^\s*([A-Za-z0-9_\-\"'. ]+?)\s*=")
+    for n, line in enumerate(text.splitlines(), 1):
+        h = header.match(line)
+        if h and not line.lstrip().startswith("[["):
+            table = [p.strip().strip("\"'") for p in h.group(1).split(".")]
+            out.setdefault(".".join(table), n)
+            continue
+        a = assign.match(line)
+        if a:
+            key = [p.strip().strip("\"'") for p in a.group(1).split(".")]
+            out.setdefault(".".join(table + key), n)
+    return out
+
+
+def _line_of(path: str, lines: dict[str, int]) -> int | None:
+    parts = path.split(".")
+    while parts:
+        found = lines.get(".".join(parts))
+        if found:
+            return found
+        parts.pop()
+    return None
+
+
+def loads_toml(text: str, environ: Mapping[str, str] | None = None) -> tuple[dict[str, Any], Errors]:
+    """``(config, errors)`` from TOML ``text`` (then environment overrides, when ``environ`` is
+    given). Errors are keyed by field and say the line: ``"lora.r": "must be ... (line 12)"``;
+    a syntax error is keyed ``"toml"`` with tomllib's line and column."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return defaults(), {"toml": f"not valid TOML: {exc}"}
+    env_errors: Errors = {}
+    if environ is not None:
+        raw, env_errors = apply_env(raw, environ)
+    config, errors = normalise(raw)
+    lines = key_lines(text)
+    located: Errors = {}
+    for path, message in errors.items():
+        line = _line_of(path, lines)
+        located[path] = f"{message} (line {line})" if line and path not in env_errors else message
+    located.update(env_errors)
+    return config, located
+
+
+def read_toml(path, environ: Mapping[str, str] | None = None) -> tuple[dict[str, Any], Errors]:
+    """:func:`loads_toml` of a file; a file that cannot be read is an error keyed ``"file"``."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return defaults(), {"file": f"{p}: no such file"}
+    except (OSError, UnicodeDecodeError) as exc:
+        return defaults(), {"file": f"{p}: cannot be read ({exc})"}
+    return loads_toml(text, environ)
+
+
+# Environment -----------------------------------------------------------------------------------------
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        low = text.strip().lower()
+        if low in ("true", "yes", "on"):
+            return True
+        if low in ("false", "no", "off"):
+            return False
+        return text
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[list[tuple[list[str], Any, str]], Errors]:
+    """``QLW_<SECTION>__<FIELD>[__<KEY>]`` variables as ``[(path, value, variable)]`` plus errors
+    for variables that name no section or field. Variables without ``__`` (``QLW_HOME``) are not
+    config overrides."""
+    out, errors = [], {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        section = path[0]
+        if section not in RULES:
+            errors[name] = f"{name}: no section {section!r}; sections are {', '.join(RULES)}"
+            continue
+        if len(path) < 2 or path[1] not in RULES[section]:
+            field = path[1] if len(path) > 1 else ""
+            errors[f"{section}.{field}"] = f"{name}: {_unknown(section, field, list(RULES[section]))}"
+            continue
+        nested_ok = section == "data" and path[1] in ("source", "mapping")
+        if len(path) > 2 and not (nested_ok and len(path) == 3):
+            errors[".".join(path)] = f"{name}: {'.'.join(path)} is not a field"
+            continue
+        out.append((path, _parse_env_value(environ[name]), name))
+    return out, errors
+
+
+def apply_env(raw: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, Any], Errors]:
+    """``raw`` with the environment's overrides applied (before normalising)."""
+    raw = copy.deepcopy(dict(raw))
+    overrides, errors = env_overrides(environ)
+    for path, value, _name in overrides:
+        node = raw.setdefault(path[0], {})
+        if not isinstance(node, dict):
+            continue  # normalise reports the section
+        if len(path) == 3:
+            inner = node.get(path[1])
+            if isinstance(inner, str) and path[1] == "source":
+                inner = {"path": inner}
+            if not isinstance(inner, dict):
+                inner = {}
+            inner[path[2]] = value if path[1] == "mapping" or isinstance(value, str) else str(value)
+            node[path[1]] = inner
+        else:
+            node[path[1]] = value
+    return raw, errors
