@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from textual.notifications import Notify
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Input, Select, SelectionList, TabbedContent, TabPane
 
-from backend import protocol as P
-from tests.conftest import ROOT
+from backend import protocol as P, tiny
+from tests.conftest import ROOT, start_backend, stop_backend
 from tui.app import QlwApp
 from tui.client import CONNECTED
 from tui.messages import BackendEvent, ConnectionChanged
 from tui.modals.confirm_screen import ConfirmScreen
+from tui.screens.main_screen import MainScreen
 from tui.widgets.data.data_pane import DataPane, sample_dataset_path
 from tui.widgets.lora.lora_pane import LoraPane, expand_path
 from tui.widgets.lora.run_config import FIELDS, cross_errors, parse, FIELD_BY_PATH
@@ -93,8 +95,7 @@ class TrainingScreen(Screen):
         yield JobIndicator(id="job-indicator")
         yield Footer()
 
-    def action_show_tab(self, tab: str) -> None:
-        self.query_one(TabbedContent).active = tab
+    action_show_tab = MainScreen.action_show_tab  # shows the tab and focuses in it
 
 
 class TrainingApp(QlwApp):
@@ -340,8 +341,7 @@ def test_checks_as_typed_and_by_the_backend_disable_start(qlw_home):
 
             # Resume from a checkpoint, then Start: the exact config and the checkpoint go out.
             resume = pane.query_one("#lora-resume", Select)
-            await until(pilot, lambda: "/data/qlw/runs/s0/checkpoint-30" in {v for _, v in resume._options},
-                        "the checkpoints")
+            await until(pilot, lambda: pane.checkpoints, "the checkpoints")
             resume.value = "/data/qlw/runs/s0/checkpoint-30"
             await pilot.press("f5")
             await until(pilot, lambda: fake.of("train.start"), "train.start")
@@ -485,3 +485,90 @@ def test_lora_pane_snapshot(snap_compare, qlw_home):
         await pilot.pause()
 
     assert snap_compare(make_app(qlw_home), terminal_size=SIZE, run_before=settle)
+
+
+# With a real backend ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
+    """The embedded tiny model, built once into pytest's cache (as test_model_pane does)."""
+    cache = getattr(pytestconfig, "cache", None)
+    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
+    return tiny.ensure_tiny_model(home)
+
+
+@pytest.fixture
+def backend_with_tiny(qlw_home, tiny_folder):
+    shutil.copytree(tiny_folder, tiny.tiny_model_path(qlw_home))
+    proc = start_backend(qlw_home)
+    yield qlw_home
+    stop_backend(proc)
+
+
+def test_real_backend_checks_and_trains_the_tiny_model_at_80x24(backend_with_tiny):
+    """The embedded tiny model (empty source) on the shipped sample (no dataset open), fp32 on
+    the CPU: train.validate's trainable-params line, then a 4-step run whose rows, merged
+    evaluation and result reach the Train tab."""
+
+    notes: list[str] = []
+
+    def hook(message):
+        if isinstance(message, Notify):
+            notes.append(message.notification.message)
+
+    async def body():
+        app = make_app(backend_with_tiny)
+        async with app.run_test(size=(80, 24), message_hook=hook) as pilot:
+            await until(pilot, lambda: app.connection.state == "connected", "connected")
+            screen = app.screen
+            screen.query_one(ModelPane).form.query_one("#model-precision", Select).value = "fp32"
+            screen.query_one(TabbedContent).active = "lora"
+            pane = screen.query_one(LoraPane)
+            await until(pilot, lambda: set(pane.presets) == set(P.TRAIN_PRESETS), "the backend's presets")
+            for path, value in (("training.max_steps", "4"), ("training.logging_steps", "1"),
+                                ("training.per_device_train_batch_size", "2"),
+                                ("training.gradient_accumulation_steps", "1"), ("training.eval_steps", "2"),
+                                ("training.optim", "adamw_torch"), ("data.max_length", "128")):
+                set_field(pane, path, value)
+            # The first check imports the ML stack and builds the model on the meta device.
+            await until(pilot, lambda: start_enabled(pane), "a clean check", timeout=60)
+            result = pane.query_one(ValidationLine).result
+            assert result["total_steps"] == 4 and result["memory"]["device"] == "cpu"
+            trainable, total = result["trainable_params"], result["total_params"]
+            assert 0 < trainable < total
+            assert line_text(pane).startswith(
+                f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
+                f"{100 * trainable / total:.4f}\nmemory ~")
+            assert "→ ✔ fits · 4 steps" in line_text(pane)
+            assert pane.config()["model"]["precision"] == "fp32" and pane.config()["model"]["source"] == ""
+
+            pane.query_one("#lora-path", Input).focus()
+            await pilot.press("f5")
+            tp = screen.query_one(TrainPane)
+            await until(pilot, lambda: screen.query_one(TabbedContent).active == "train", f"the Train tab (notices: {notes})")
+            try:
+                await until(pilot, lambda: tp.finished is not None, "the end of the run", timeout=60)
+            except AssertionError:  # say how it ended instead, and what the backend logged
+                log = (backend_with_tiny / "backend-test.log").read_text()[-2000:]
+                raise AssertionError(f"no train.finished; job line: {screen.query_one(JobIndicator).render()}; "
+                                     f"notices: {notes}; backend log:\n{log}") from None
+            await until(pilot, lambda: tp.table.row_count == 4 and tp.drawn, "the rows")
+            table = rows_of(tp)
+            assert [r[0] for r in table] == ["1", "2", "3", "4"]
+            assert [r[2] != "—" for r in table] == [False, True, False, True]  # eval merged at 2 and 4
+            assert len(tp.curve.train) == 4 and len(tp.curve.eval) == 2
+            assert tp.finished["status"] == "done"
+            result_text = str(tp.query_one("#train-result").render())
+            assert result_text.startswith("✔ finished at step 4/4") and "adapter: " in result_text
+            assert Path(tp.finished["adapter_path"]).is_dir()
+            # The checkpoint is offered for a resume.
+            await until(pilot, lambda: pane.checkpoints, "the checkpoint to resume from")
+            assert pane.checkpoints[0]["step"] == 4
+        await app.backend.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 150))
+
+
+def rows_of(tp: TrainPane) -> list[list[str]]:
+    return [[str(c) for c in tp.table.get_row_at(i)] for i in range(tp.table.row_count)]

@@ -93,7 +93,7 @@ async def show_train_tab(pilot) -> None:
     app = pilot.app
     await until(pilot, lambda: app.connection.state == "gone", "no backend")
     app.clear_notifications()  # the notice names the temporary socket path
-    await pilot.press("4")
+    await pilot.press("5")
 
 
 # Tests --------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_replay_of_2000_rows_is_drawn_in_a_few_batches(qlw_home):
                     replay.append(run.log(step, total, eval_loss=curve_loss(step) + 0.1))
             started = time.perf_counter()
             send(app, replay)
-            await until(pilot, lambda: tp.table.row_count == total and not tp._dirty, "2,000 rows", timeout=20)
+            await until(pilot, lambda: tp.table.row_count == total and tp.drawn, "2,000 rows", timeout=20)
             elapsed = time.perf_counter() - started
             assert elapsed < 5.0, f"the replay took {elapsed:.2f} s"
             assert tp.flushes <= 4 * elapsed + 3, (tp.flushes, elapsed)  # coalesced: ~4 draws a second
@@ -309,7 +309,7 @@ def test_train_pane_snapshot(snap_compare, qlw_home):
             if step % 25 == 0:
                 events.append(run.log(step, 200, eval_loss=curve_loss(step) + 0.12))
         send(app, events)
-        await until(pilot, lambda: pane(app).table.row_count == 20 and not pane(app)._dirty, "the rows")
+        await until(pilot, lambda: pane(app).table.row_count == 20 and pane(app).drawn, "the rows")
         pane(app).table.focus()
         await pilot.pause()
 

@@ -80,6 +80,8 @@ class LoraPane(BackendRequests, Vertical):
         #: ``train.presets``' presets and defaults.
         self.presets: dict[str, Any] = {}
         self.preset_defaults: dict[str, Any] = {}
+        #: ``train.checkpoints``' checkpoints offered to resume from, newest first.
+        self.checkpoints: list[dict[str, Any]] = []
         #: The model and dataset sections of the run config, and where they come from.
         self.model: dict[str, Any] = {}
         self.model_origin = ""
@@ -163,11 +165,11 @@ class LoraPane(BackendRequests, Vertical):
         p = ev.payload
         if ev.kind == "job.started":
             self.job = dict(p)
-            self._update_start()
+            self.check()
         elif ev.kind == "job.finished":
             if self.job is None or p.get("job_id") == self.job.get("job_id"):
                 self.job = None
-                self._update_start()
+                self.check()
             if p.get("kind") in ("gpu.free", "backend.restart"):
                 self.read_inspection()  # the model may be gone
         elif ev.kind == "model.loaded":
@@ -196,7 +198,7 @@ class LoraPane(BackendRequests, Vertical):
     @work(name="read the backend's job", group="lora.job", exclusive=True, exit_on_error=False)
     async def read_job(self) -> None:
         self.job = (await self.call(P.Status())).get("job") or None
-        self._update_start()
+        self.check()
 
     @work(name="inspect the loaded model", group="lora.inspect", exclusive=True, exit_on_error=False)
     async def read_inspection(self) -> None:
@@ -219,6 +221,7 @@ class LoraPane(BackendRequests, Vertical):
 
     def show_checkpoints(self, checkpoints: list[dict[str, Any]]) -> None:
         """Offer ``train.checkpoints``' checkpoints to resume from (newest first)."""
+        self.checkpoints = list(checkpoints)
         select = self.query_one("#lora-resume", Select)
         keep = select.value
         options: list[tuple[str, str]] = [("fresh start (no checkpoint)", FRESH_START)]
@@ -232,12 +235,11 @@ class LoraPane(BackendRequests, Vertical):
     # The model and dataset sections -------------------------------------------------------------------
 
     def _model_pane_settings(self) -> dict[str, Any] | None:
+        """The Model tab's settings (``ModelForm.settings()``), None without a Model tab."""
         from tui.widgets.model.model_pane import ModelPane
 
         for pane in self.screen.query(ModelPane):
-            settings = pane.form.settings()
-            if settings.get("source"):
-                return settings
+            return pane.form.settings()
         return None
 
     def _data_pane_settings(self) -> dict[str, Any] | None:
@@ -252,11 +254,7 @@ class LoraPane(BackendRequests, Vertical):
         a preset's or a file's section stands until that tab changes. The dataset's max_length and
         loss are taken into the form when the Data tab changes them. True if anything changed."""
         before = (self.model, self.data)
-        pane_model = self._model_pane_settings()
-        if pane_model is not None:
-            model, origin = pane_model, "Model tab"
-        else:
-            model, origin = self.loaded_model, ("loaded in the backend" if self.loaded_model else "")
+        model, origin = self._base_model()
         if self._model_override is not None and self._covered(model) != self._model_seen:
             self._model_override = None  # the Model tab changed what the override set: it wins
         if self._model_override is not None:
@@ -282,8 +280,16 @@ class LoraPane(BackendRequests, Vertical):
         self.form.show_sections(self.model, self.model_origin, self.data, self.data_origin)
         return (self.model, self.data) != before
 
-    def _base_model(self) -> dict[str, Any]:
-        return self._model_pane_settings() or self.loaded_model
+    def _base_model(self) -> tuple[dict[str, Any], str]:
+        """The model section before any override, and where it comes from: the Model tab; the
+        model the backend holds when the tab names none; else nothing (an empty source: the
+        backend's embedded tiny model)."""
+        pane_model = self._model_pane_settings()
+        if pane_model is not None and (pane_model.get("source") or not self.loaded_model):
+            return pane_model, "Model tab"
+        if self.loaded_model:
+            return self.loaded_model, "loaded in the backend"
+        return {}, ""
 
     def _covered(self, base: dict[str, Any]) -> dict[str, Any]:
         """The base's fields that the model override sets."""
@@ -293,7 +299,7 @@ class LoraPane(BackendRequests, Vertical):
         """Set model fields (a preset's precision, a file's model) until the Model tab changes
         one of them."""
         self._model_override, self._model_override_origin = dict(fields), origin
-        self._model_seen = self._covered(self._base_model())
+        self._model_seen = self._covered(self._base_model()[0])
 
     def _set_data_override(self, data: dict[str, Any], origin: str) -> None:
         self._data_override, self._data_override_origin = dict(data), origin
@@ -333,6 +339,10 @@ class LoraPane(BackendRequests, Vertical):
         elif not self.connected:
             self.line.show_failure("not connected to the backend: the run cannot be checked or started "
                                    "(ctrl+r starts one)")
+        elif self.job is not None:
+            # train.validate builds the model on the meta device; not while a job loads or trains
+            # one (and Start waits for the job anyway). Checked when it ends.
+            self.line.show_waiting(f"the backend checks the run when the {self.job.get('kind') or ''} job ends")
         else:
             self.line.show_pending()
             self._validate_timer = self.set_timer(VALIDATE_DELAY_S, self._timed_validate)
@@ -349,7 +359,7 @@ class LoraPane(BackendRequests, Vertical):
     @work(name="check the run", group="train.validate", exclusive=True, exit_on_error=False)
     async def validate(self) -> None:
         config = self.config()
-        if self.local_errors(config):
+        if self.local_errors(config) or self.job is not None:
             return
         try:
             result = await self.call(P.ValidateRun(config=config), timeout=120)

@@ -19,7 +19,7 @@ from backend import protocol as P
 
 LORA_DEFAULTS = P.to_dict(P.LoraSettings())
 TRAINING_DEFAULTS = P.to_dict(P.TrainingSettings())
-DATA_DEFAULTS = P.to_dict(P.PreparedData(source={"path": ""}))
+DATA_DEFAULTS = P.to_dict(P.PreparedData(source={"path": "", "config": "", "split": ""}))
 MODEL_DEFAULTS = P.to_dict(P.ModelSettings(source=""))
 
 #: The two ``bool | None`` settings (``bf16``, ``fp16``) as a three-way choice.
@@ -216,10 +216,8 @@ def cross_errors(config: dict[str, Any]) -> dict[str, str]:
     target = lora.get("target_modules")
     if isinstance(target, list) and not target:
         errors[TARGET_MODULES] = "pick at least one module, or all-linear"
-    if not (config.get("model") or {}).get("source"):
-        errors["model.source"] = "no base model: choose one in the Model tab (or press tiny there)"
-    if not ((config.get("data") or {}).get("source") or {}).get("path"):
-        errors["data.source"] = "no dataset: open one in the Data tab (the shipped sample is one Open away)"
+    # An empty model source or data path is no error: the backend then trains the embedded tiny
+    # model on the shipped sample dataset (the run config a user starts from).
     return errors
 
 
@@ -295,29 +293,34 @@ def memory_text(memory: dict[str, Any]) -> str:
 
 
 def model_line(model: dict[str, Any], origin: str) -> str:
-    """The base model section in one line: where it comes from and how it is quantized."""
-    if not model.get("source"):
-        return "model   none chosen: pick one in the Model tab"
-    precision = model.get("precision", "")
+    """The base model section in one line: which model, how it is quantized, where it comes from.
+    An empty source is the backend's embedded tiny model."""
+    model = {**MODEL_DEFAULTS, **model}
+    precision = model["precision"]
     if precision == "4bit":
-        quant = (f"4-bit {model.get('quant_type', 'nf4')}, compute {model.get('compute_dtype', 'bf16')}"
-                 + (", double quant" if model.get("double_quant") else ""))
+        quant = (f"4-bit {model['quant_type']}, compute {model['compute_dtype']}"
+                 + (", double quant" if model["double_quant"] else ""))
     elif precision == "8bit":
         quant = "8-bit"
     else:
         quant = precision
-    source = model["source"].rstrip("/").rsplit("/", 2)
-    short = "/".join(source[-2:]) if len(source) > 1 else source[0]
-    return f"model   {short} · {quant} · {model.get('device', 'auto')}  ({origin})"
+    if model["source"]:
+        parts = model["source"].rstrip("/").rsplit("/", 2)
+        name = "/".join(parts[-2:]) if len(parts) > 1 else parts[0]
+    else:
+        name = "embedded tiny model"
+    where = f"({origin})" if origin else "(choose another in the Model tab)"
+    return f"model   {name} · {quant} · {model['device']}  {where}"
 
 
 def data_line(data: dict[str, Any], origin: str) -> str:
-    """The prepared dataset in one line: the source, the template and the validation rows."""
+    """The prepared dataset in one line: the source, the template and the validation rows. An
+    empty path is the shipped sample dataset."""
+    data = {**DATA_DEFAULTS, **data}
     source = (data.get("source") or {}).get("path", "")
-    if not source:
-        return "data    none open: open a dataset in the Data tab"
-    name = source.rstrip("/").rsplit("/", 1)[-1]
+    name = source.rstrip("/").rsplit("/", 1)[-1] if source else "shipped sample dataset"
     split = {"none": "no validation",
-             "ratio": f"validation {data.get('validation_ratio', 0):g} of the rows",
-             "split": f"validation split {data.get('validation_split') or '?'}"}.get(data.get("split_mode", ""), "")
-    return f"data    {name} · template {data.get('template', 'chat')} · {split}  ({origin})"
+             "ratio": f"validation {data['validation_ratio']:g} of the rows",
+             "split": f"validation split {data['validation_split'] or '?'}"}.get(data["split_mode"], "")
+    where = f"({origin})" if origin else "(open another in the Data tab)"
+    return f"data    {name} · template {data['template']} · {split}  {where}"

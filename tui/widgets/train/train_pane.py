@@ -102,6 +102,11 @@ class TrainPane(BackendRequests, Vertical):
         return self.query_one(LossCurve)
 
     @property
+    def drawn(self) -> bool:
+        """Every row received is in the table (none waits for the next draw)."""
+        return not self._dirty and not self._reset_table
+
+    @property
     def running(self) -> bool:
         return self.state in ("starting", "running", "stopping")
 
