@@ -93,7 +93,8 @@ async def show_train_tab(pilot) -> None:
     app = pilot.app
     await until(pilot, lambda: app.connection.state == "gone", "no backend")
     app.clear_notifications()  # the notice names the temporary socket path
-    await pilot.press("5")
+    app.screen.action_show_tab("train")  # as its number key does (numbers follow the tab order)
+    await pilot.pause()
 
 
 # Tests --------------------------------------------------------------------------------------

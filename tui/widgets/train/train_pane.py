@@ -49,7 +49,7 @@ class TrainPane(BackendRequests, Vertical):
                 tooltip="Show or hide the loss curve (hidden, the table gets its rows)."),
     ]
 
-    IDLE = "No run yet: set one up in the LoRA tab (3) and press Start (f5)."
+    IDLE = "No run yet: set one up in the LoRA tab and press Start (f5)."
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
