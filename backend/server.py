@@ -515,6 +515,8 @@ class BackendServer:
                 _eff, _device, errors, _warnings = await asyncio.to_thread(train.effective_config, config)
             except JobError as exc:
                 errors = {"model.device": str(exc)}
+        if not errors:
+            errors = await asyncio.to_thread(train.preflight, config, self.home)
         if not errors and params.resume_from:
             try:
                 train.check_resume(params.resume_from, config)

@@ -181,6 +181,25 @@ def effective_config(config: dict[str, Any]) -> tuple[dict[str, Any], str, dict[
     return eff, device, errors, warnings
 
 
+def preflight(config: dict[str, Any], home: Path) -> dict[str, str]:
+    """Cheap checks before a run is accepted, keyed by field: the model folder or Hub id and the
+    dataset exist (nothing heavy is imported; an uncached Hub id fails at once offline)."""
+    from backend import data as D, models
+
+    errors: dict[str, str] = {}
+    if not is_embedded_model(config["model"]["source"], home):
+        try:
+            models.resolve_source(P.ModelSettings(**config["model"]))
+        except JobError as exc:
+            errors["model.source"] = str(exc) + (f": {exc.hint}" if exc.hint else "")
+    if config["data"]["source"].get("path"):
+        try:
+            D.resolve_source(config["data"]["source"])
+        except JobError as exc:
+            errors["data.source"] = str(exc) + (f": {exc.hint}" if exc.hint else "")
+    return errors
+
+
 def check_resume(path: str, config: dict[str, Any]) -> Path:
     """The checkpoint folder to resume from, checked: it exists, holds a trainer state and an
     adapter whose shape the config's LoRA settings can load. JobError keyed ``resume_from``."""
@@ -346,11 +365,12 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
         return out
     errors.update(dev_errors)
     warnings.update(dev_warnings)
+    errors.update(preflight(eff, home))
     out.update(effective=eff, device=device)
     settings = model_settings(eff["model"], home)
     if is_embedded_model(config["model"]["source"], home) and not (Path(settings.source) / "config.json").is_file():
         warnings["model.source"] = "the embedded tiny model is built when training starts (about 10 s)"
-    else:
+    elif "model.source" not in errors:
         from backend import models
 
         try:
@@ -451,10 +471,11 @@ def trainer_class():
 
     class QlwSFTTrainer(SFTTrainer):
         qlw_fault: tuple[str, int] | None = None
+        qlw_step: int | None = None
         qlw_watch: Callable[[int, Any], None] | None = None
 
         def training_step(self, *args, **kwargs):
-            step = self.state.global_step + 1
+            step = self.qlw_step = self.state.global_step + 1
             fault = self.qlw_fault
             hook = None
             if fault and fault[1] == step:
@@ -469,6 +490,7 @@ def trainer_class():
             finally:
                 if hook is not None:
                     hook.remove()
+            self.qlw_step = None  # out of the step: an OOM now is in evaluation or saving
             if self.qlw_watch is not None:
                 self.qlw_watch(step, loss)
             return loss
@@ -622,7 +644,8 @@ def make_callback(reporter: Reporter, ctx, has_eval: bool):
             elif state.global_step >= state.max_steps:
                 # The last step: a checkpoint to continue from, and the final validation loss.
                 control.should_save = True
-                control.should_evaluate = has_eval
+                if has_eval:
+                    control.should_evaluate = True
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -821,7 +844,9 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
             status = "stopped"
     except torch.OutOfMemoryError as exc:
         # Facts only: the exception's frames hold the step's activations, let them go now.
-        oom = {"step": reporter.step + 1, "message": str(exc).split("Tried")[0].strip() or "CUDA out of memory",
+        in_step = getattr(box.get("trainer"), "qlw_step", None)
+        oom = {"step": in_step or reporter.step, "phase": "training step" if in_step else "evaluation or saving",
+               "message": str(exc).split("Tried")[0].strip() or "CUDA out of memory",
                "detail": str(exc)[:600], "memory": _memory_now(device)}
     except JobCancelled:
         status = "stopped"
@@ -836,12 +861,12 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
         tokenizer.save_pretrained(str(adapter_dir))
         adapter_path = str(adapter_dir)
         record("adapter", adapter_path)
-    peak = {"device": device}
+    import resource
+
+    peak = {"device": device, "rss_peak_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
     if device.startswith("cuda"):
         peak["torch_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    import psutil
-
-    peak["rss_bytes"] = int(psutil.Process().memory_info().rss)
+        peak["torch_reserved_bytes"] = int(torch.cuda.memory_reserved(device))
     # Give the base model back as it was loaded, and free everything the run allocated.
     restored = False
     try:
@@ -868,10 +893,13 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     if oom is not None:
         hint = oom_hint(eff)
         after = _memory_now(device)
-        memory = {"at_failure": oom["memory"], "after_free": after, "freed": freed.get("before", {}) if freed else {}}
+        # at_failure/after_free: device free/total, torch per device, RSS; freed: free_memory's figures.
+        memory = {"at_failure": oom["memory"], "after_free": after,
+                  "freed": {k: freed.get(k) for k in ("before", "after", "dropped")}}
         ctx.emit("train.alert", {"job_id": ctx.job_id, "kind": "oom", "step": oom["step"],
-                                 "message": f"{oom['message']} at step {oom['step']}: the run stopped; the base model "
-                                            "and the logged rows are kept", "hint": hint, "memory": memory})
+                                 "message": f"{oom['message']} in the {oom['phase']} at step {oom['step']}: the run "
+                                            "stopped; the base model and the logged rows are kept",
+                                 "hint": hint, "memory": memory})
         final.update(status="failed")
         ctx.emit("train.finished", final)
         raise JobError(f"out of memory at step {oom['step']} of {reporter.total_steps} on {device}",
@@ -988,12 +1016,28 @@ def cli(args) -> int:
         eff, device, dev_errors, dev_warnings = effective_config(config)
     except JobError as exc:
         dev_errors, dev_warnings, device = {_field_of(exc, "model.device"): str(exc)}, {}, "?"
+    if not dev_errors:
+        dev_errors = preflight(config, home)
     if dev_errors:
         _print_errors(dev_errors, args.config)
         return 2
     if args.check:
-        for key, text in {**TC.warnings_for(config), **dev_warnings}.items():
+        checked = validate_run(config, home)
+        for key, text in checked["warnings"].items():
             print(f"warning: {key}: {text}")
+        if checked["errors"]:
+            _print_errors(checked["errors"], args.config)
+            return 2
+        if checked["trainable_params"] is not None:
+            print(f"trainable params: {checked['trainable_params']:,} || all params: {checked['total_params']:,} "
+                  f"|| trainable%: {checked['trainable_percent']:.4f}")
+        mem = checked["memory"]
+        if mem:
+            parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem["parts"].items() if v)
+            print(f"memory: about {mem['total_bytes'] / GIB:.1f} GiB of {mem['free_bytes'] / GIB:.1f} GiB free on "
+                  f"{mem['device_name']}: {mem['verdict']} (GiB: {parts})")
+        if checked["total_steps"] is not None:
+            print(f"steps: {checked['total_steps']:,}")
         print(f"{args.config}: ok (device {device})")
         return 0
     from sessions.store import Store

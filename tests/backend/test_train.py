@@ -310,6 +310,10 @@ def test_train_through_the_backend_with_a_reattaching_client(tiny_folder, monkey
             bad["lora"]["r"] = 0
             reply = await conn.request(P.StartTraining(config=bad))
             assert reply.status == "refused" and reply.result["errors"] == {"lora.r": "must be a positive integer, got 0"}
+            missing = small_config()
+            missing["model"]["source"] = str(home / "no-such-model")
+            reply = await conn.request(P.StartTraining(config=missing))
+            assert reply.status == "refused" and "no model folder" in reply.result["errors"]["model.source"]
 
             job = await conn.call(P.StartTraining(config=small_config(max_steps=3)))
             await wait_for(lambda: any(e.kind == "job.finished" for e in first), what="the OOM run's end")
