@@ -554,9 +554,11 @@ class Reporter:
 
     def on_step_end(self, state) -> None:
         self.step = int(state.global_step)
-        last = self.rows.get(self.step) or next((self.rows[s] for s in sorted(self.rows, reverse=True)), None)
-        message = f"loss {last['loss']:.4f}" if last and last.get("loss") is not None else ""
-        self.ctx.progress("training", self.step, self.total_steps, "steps", message)
+        self._progress()
+
+    def _progress(self) -> None:
+        loss = self.final("loss")
+        self.ctx.progress("training", self.step, self.total_steps, "steps", "" if loss is None else f"loss {loss:.4f}")
 
     def watch(self, step: int, loss) -> None:
         """Every micro-step's loss: flag NaN/inf on the step it first appears."""
@@ -606,6 +608,8 @@ class Reporter:
         if done > 0 and self.total_steps:
             row["eta_s"] = round((now - self.t_begin) / done * max(self.total_steps - step, 0), 1)
         self.ctx.emit("train.log", dict(row))
+        if "loss" in logs:
+            self._progress()
 
     def on_save(self, state) -> None:
         path = self.output_dir / f"checkpoint-{int(state.global_step)}"
@@ -1042,6 +1046,16 @@ def cli(args) -> int:
         return 0
     from sessions.store import Store
 
+    import logging
+    import warnings
+
+    # The loss table is the output: the libraries' deprecation notes and bitsandbytes' optional
+    # kernel notice are noise here (QLW_LOG_LEVEL=INFO or DEBUG shows them).
+    if logging.getLogger().getEffectiveLevel() >= logging.WARNING:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        for name in ("bitsandbytes", "transformers", "peft", "trl", "accelerate"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     home.mkdir(parents=True, exist_ok=True)
     store = Store(home / "sessions.db")
     info = store.create_session(args.name or config["name"] or f"qlw train {args.config.name}", config)

@@ -483,12 +483,37 @@ def _strip_none(value: Any) -> Any:
 
 def dumps_toml(config: Mapping[str, Any]) -> str:
     """A run config as TOML (unset fields such as ``bf16 = None`` are left out: absent means unset)."""
-    import tomli_w
-
-    ordered = {k: config[k] for k in TOP_LEVEL if k in config}
+    ordered = _strip_none({k: config[k] for k in TOP_LEVEL if k in config})
     head = ("# qlw run config: `qlw train THIS_FILE.toml` runs it; the Train pane imports it.\n"
             "# Field names are those of peft's LoraConfig, trl's SFTConfig and transformers.\n")
-    return head + tomli_w.dumps(_strip_none(ordered), multiline_strings=True)
+    try:
+        import tomli_w
+    except ImportError:  # an environment without it (a bare GPU image): the run config's shape is simple
+        return head + _plain_toml(ordered)
+    return head + tomli_w.dumps(ordered, multiline_strings=True)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _plain_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """TOML for nested tables of scalars and lists (what a run config holds), without tomli_w."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            name = f"{prefix}.{k}" if prefix else k
+            out += f"\n[{name}]\n" + _plain_toml(v, name)
+    return out
 
 
 def key_lines(text: str) -> dict[str, int]:

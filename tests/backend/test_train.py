@@ -129,6 +129,8 @@ def test_config_errors_are_keyed_by_field_and_the_defaults_round_trip_through_to
     assert "(line " in errs["training.max_grad_norm"]
     _, errs = TC.loads_toml("[lora]\nr = \n")
     assert "line 2" in errs["toml"]
+    # Without tomli_w (a bare GPU image), the built-in writer says the same.
+    assert TC.loads_toml(TC._plain_toml(TC._strip_none(TC.defaults())))[0] == TC.defaults()
 
     env = {"QLW_TRAINING__LEARNING_RATE": "1e-4", "QLW_LORA__TARGET_MODULES": '["q_proj", "v_proj"]',
            "QLW_DATA__SOURCE__PATH": "/data/x.jsonl", "QLW_MODEL__SOURCE": "org/model", "QLW_HOME": "/elsewhere"}
@@ -222,6 +224,7 @@ def test_stop_saves_a_checkpoint_and_resume_continues_the_same_curve(home):
     The tolerance, 1e-5, is the equality test's; on a GPU, non-deterministic kernels would need
     a relative one (~1e-3)."""
     config = small_config(max_steps=8)
+    config["data"]["split_mode"] = "none"  # no validation: only the training curve matters here
     full, result = train_here(home, config)
     assert isinstance(result, dict), result
     stopped, result = train_here(home, config, stop_at=4)
@@ -243,7 +246,9 @@ def test_stop_saves_a_checkpoint_and_resume_continues_the_same_curve(home):
 
 
 def test_out_of_memory_ends_cleanly_and_a_nan_loss_is_flagged_at_once(home):
-    run, result = train_here(home, small_config(max_steps=6), fault=("oom", 3))
+    config = small_config(max_steps=6)
+    config["data"]["split_mode"] = "none"
+    run, result = train_here(home, config, fault=("oom", 3))
     from backend.holdings import HOLDINGS
     from backend.jobs import JobError
 
@@ -256,7 +261,8 @@ def test_out_of_memory_ends_cleanly_and_a_nan_loss_is_flagged_at_once(home):
     assert (finished["status"], finished["step"], finished["adapter_path"]) == ("failed", 2, "")
     assert HOLDINGS.get("trainer") is None and HOLDINGS.get("base") is not None  # the base model is kept
 
-    run, result = train_here(home, small_config(max_steps=3), fault=("nan", 2))
+    config["training"]["max_steps"] = 3
+    run, result = train_here(home, config, fault=("nan", 2))
     assert isinstance(result, dict) and result["status"] == "done"  # flagged, not stopped: the user decides
     alerts = run.of("train.alert")
     assert [(a["kind"], a["step"]) for a in alerts] == [("nan", 2)]
