@@ -22,7 +22,7 @@ from tui.app import QlwApp  # noqa: E402
 from tui.client import Connection  # noqa: E402
 
 OUT = ROOT / "docs" / "img"
-PANES = {"1": "gpu", "7": "sessions"}
+PANES = {"1": "gpu", "2": "model", "3": "data", "4": "lora", "5": "train", "8": "sessions"}
 
 
 async def shoot(home: Path) -> None:

@@ -73,7 +73,7 @@ def test_whole_backbone_in_a_real_terminal(tmux, qlw_home):
     # 1. A first terminal, 80x24: connects (starting the backend), Sessions tab, start a job.
     tmux.open("first", qlw, (80, 24))
     tmux.wait_for("first", "connected", timeout=60)
-    tmux.keys("first", "7")
+    tmux.keys("first", "8")
     tmux.wait_for("first", "Status")
     tmux.keys("first", "C-t")
     tmux.wait_for("first", "tiny.prepare", timeout=30)
@@ -92,7 +92,7 @@ def test_whole_backbone_in_a_real_terminal(tmux, qlw_home):
     tmux.open("second", qlw, (200, 50))
     tmux.wait_for("second", "connected", timeout=30)
     tmux.wait_for("second", "tiny.prepare done", timeout=120)
-    tmux.keys("second", "7")
+    tmux.keys("second", "8")
     screen = tmux.wait_for("second", "finished", timeout=30)
     assert screen.count("finished") >= 1
     assert (qlw_home / "models" / "qlw-tiny-llama" / "config.json").exists()

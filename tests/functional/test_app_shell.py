@@ -150,7 +150,7 @@ def test_sessions_tab_and_job_line_follow_the_backend(backend):
             await until(pilot, lambda: app.connection.state == "connected", "connected")
             assert header(app) == f"● connected · backend pid {pid}"
 
-            await pilot.press("7")
+            await pilot.press("8")
             assert app.screen.query_one(TabbedContent).active == "sessions"
             await until(pilot, lambda: len(table_rows(app)) == 3, "three sessions")
             rows = table_rows(app)

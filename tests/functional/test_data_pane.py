@@ -68,7 +68,7 @@ def test_browse_the_sample_dataset(data_backend, tmp_path):
         app.animation_level = "none"
         async with app.run_test(size=SIZE, message_hook=hook) as pilot:
             await until(pilot, lambda: app.connection.state == "connected", "connected")
-            await pilot.press("2")
+            await pilot.press("3")
             pane = app.screen.query_one(DataPane)
             table = pane.query_one(RowsTable)
             status = pane.query_one("#data-status")

@@ -175,7 +175,7 @@ def test_no_gpu_pane_and_header_show_the_reason_and_the_host(backend):
             assert {"Free VRAM", "Sample less often", "Sample more often"} <= titles
 
             # The header says the same in brief, on every tab.
-            await pilot.press("7")
+            await pilot.press("8")
             await until(pilot, lambda: gpu_line(app).startswith("no GPU"), "the header's GPU line")
             assert re.fullmatch(rf"no GPU · CPU \d+% · RAM \d+\.\d/{ram_total} GiB", gpu_line(app)), gpu_line(app)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, TabbedContent, TabPane, Tabs
+from textual.widgets import Footer, Input, TabbedContent, TabPane, Tabs, TextArea
 
 from tui.client import CONNECTED
 from tui.widgets.chat.chat_pane import ChatPane
@@ -13,16 +13,18 @@ from tui.widgets.data.data_pane import DataPane
 from tui.widgets.gpu.gpu_pane import GpuPane
 from tui.widgets.lora.lora_pane import LoraPane
 from tui.widgets.merge.merge_pane import MergePane
+from tui.widgets.model.model_pane import ModelPane
 from tui.widgets.sessions.sessions_pane import SessionsPane
 from tui.widgets.shell.app_header import AppHeader
 from tui.widgets.shell.job_indicator import JobIndicator
 from tui.widgets.train.train_pane import TrainPane
 
-#: (tab id, title, pane class, what the tab is for): keys 1..7 in this order.
+#: (tab id, title, pane class, what the tab is for): keys 1..8 in this order.
 TABS = [
     ("gpu", "GPU", GpuPane, "the card's memory, utilisation and temperature"),
+    ("model", "Model", ModelPane, "load the base model and inspect it"),
     ("data", "Data", DataPane, "load and preview a dataset"),
-    ("lora", "LoRA", LoraPane, "the base model and the adapter's settings"),
+    ("lora", "LoRA", LoraPane, "the adapter's and the run's settings"),
     ("train", "Train", TrainPane, "start, follow and stop a training run"),
     ("chat", "Chat", ChatPane, "talk to the base model or a trained adapter"),
     ("merge", "Merge", MergePane, "merge an adapter into its base model and upload it"),
@@ -65,12 +67,14 @@ class MainScreen(Screen):
         return super().check_action(action, parameters)
 
     def action_show_tab(self, tab: str) -> None:
-        """Show ``tab`` and put the focus in it (or on the tab bar if nothing there takes it)."""
+        """Show ``tab`` and put the focus in it (or on the tab bar if nothing there takes it).
+
+        Text fields are skipped: they would swallow the number keys that switch tabs."""
         tabs = self.query_one(TabbedContent)
         tabs.active = tab
         pane = tabs.get_pane(tab)
         for widget in pane.query("*"):
-            if widget.focusable:
+            if widget.focusable and not isinstance(widget, (Input, TextArea)):
                 widget.focus()
                 return
         tabs.query_one(Tabs).focus()
