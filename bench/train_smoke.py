@@ -19,7 +19,7 @@ does for the estimate. ``bench/train_7b.toml`` then trains it in 4-bit NF4 with 
 settings for 50 steps (``model.source`` is /tmp/qlw-7b; override with QLW_MODEL__SOURCE=DIR). On
 random weights the loss starts near ln(32768) = 10.4; what the run measures is that the whole path
 works on the GPU, its throughput, and the peak memory against ``train.validate``'s estimate.
-``--oom DIR`` trains the same model with a batch that cannot fit (64 x 4,096 tokens, no gradient
+``--oom DIR`` trains the same model with a batch that cannot fit (128 rows, no gradient
 checkpointing) and records the clean end: the alert, what was freed, that the base model is kept
 and a small run trains right after in the same process.
 """
@@ -146,7 +146,7 @@ def oom(folder: Path) -> dict:
     config["model"]["source"] = str(folder)
     big = json.loads(json.dumps(config))
     big["data"]["max_length"] = 4096
-    big["training"].update(per_device_train_batch_size=64, gradient_accumulation_steps=1,
+    big["training"].update(per_device_train_batch_size=128, gradient_accumulation_steps=1,
                            gradient_checkpointing=False, max_steps=3, eval_steps=0, save_steps=0)
     big["data"]["split_mode"] = "none"
     run, events = local_run(home)
