@@ -106,6 +106,8 @@ class LoraPane(BackendRequests, Vertical):
         self._file_errors_for: dict[str, Any] | None = None
         self._validate_timer = None
         self._message = ""
+        #: The train.start job this pane started ("" when none runs).
+        self._started_job = ""
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="lora-bar"):
@@ -167,6 +169,10 @@ class LoraPane(BackendRequests, Vertical):
             self.job = dict(p)
             self.check()
         elif ev.kind == "job.finished":
+            if p.get("job_id") and p.get("job_id") == self._started_job:
+                self._started_job = ""
+                self._status(f"last run: {p.get('status', 'ended')} after {p.get('elapsed_s', 0):.1f} s "
+                             "(the Train tab has its table)")
             if self.job is None or p.get("job_id") == self.job.get("job_id"):
                 self.job = None
                 self.check()
@@ -465,7 +471,8 @@ class LoraPane(BackendRequests, Vertical):
                             timeout=6)
                 return
             raise
-        self._status(f"▶ started {result.get('job_id', '')}" + (f" from {resume_from}" if resume_from else ""))
+        self._started_job = result.get("job_id", "")
+        self._status(f"▶ started {self._started_job}" + (f" from {resume_from}" if resume_from else ""))
         show_tab = getattr(self.screen, "action_show_tab", None)
         if show_tab is not None:
             show_tab("train")

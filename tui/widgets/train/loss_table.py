@@ -55,6 +55,8 @@ class LossTable(DataTable):
                     self.steps.append(step)
         if following and self.row_count:
             self.move_cursor(row=self.row_count - 1, animate=False)
+            # New rows count in the scroll range only after the next layout: scroll again then.
+            self.call_after_refresh(self.follow)
 
     def reset_rows(self, rows: dict[int, dict[str, Any]]) -> None:
         """Show exactly ``rows``, in step order."""

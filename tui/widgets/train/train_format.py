@@ -114,9 +114,10 @@ def finished_text(p: dict[str, Any]) -> str:
     if peak_figure is not None:
         parts.append(f"peak {_size(peak_figure)}")
     lines = [" · ".join(parts)]
+    # The adapter is what the run made; its last checkpoint is offered by the LoRA tab's resume.
     if p.get("adapter_path"):
         lines.append(f"adapter: {p['adapter_path']}")
-    if p.get("checkpoint_path"):
+    elif p.get("checkpoint_path"):
         lines.append(f"checkpoint: {p['checkpoint_path']}")
     return "\n".join(lines)
 

@@ -199,8 +199,7 @@ class TrainPane(BackendRequests, Vertical):
         p = ev.payload
         self.alerts.append(dict(p))
         alert = self.query_one("#train-alert", Static)
-        alert.update(alert_text(p))
-        alert.display = True
+        self._show_block(alert, alert_text(p))
         if time.time() - ev.time < NOTIFY_RECENT_S:
             self.notify(alert_text(p), title="Training alert", severity="error", timeout=15, markup=False)
 
@@ -210,12 +209,11 @@ class TrainPane(BackendRequests, Vertical):
         self.finished = dict(p)
         self.state = p.get("status") or "done"
         result = self.query_one("#train-result", Static)
-        result.update(finished_text(p))
-        result.display = True
+        self._flush()
+        self._show_block(result, finished_text(p))
         for cls, on in (("-done", self.state == "done"), ("-stopped", self.state == "stopped"),
                         ("-failed", self.state == "failed")):
             result.set_class(on, cls)
-        self._flush()
         self._update_stop()
 
     def _on_job_finished(self, p: dict[str, Any]) -> None:
@@ -225,14 +223,23 @@ class TrainPane(BackendRequests, Vertical):
         self.state = {"done": "done", "cancelled": "cancelled"}.get(status, "failed")
         alert = self.query_one("#train-alert", Static)
         if status == "failed":
-            alert.update(failed_text(p.get("error") or {}))
-            alert.display = True
+            self._show_block(alert, failed_text(p.get("error") or {}))
         elif status == "cancelled":
             self._show_line(f"■ stopped after {p.get('elapsed_s', 0):.1f} s, before training began")
         self._flush()
         self._update_stop()
 
     # Drawing ------------------------------------------------------------------------------------
+
+    def _show_block(self, block: Static, text: str) -> None:
+        """Show the alert or the result above the table; the table, shorter now, still shows
+        its newest row if it did."""
+        table = self.table
+        following = table.row_count == 0 or table.cursor_row >= table.row_count - 1
+        block.update(text)
+        block.display = True
+        if following:
+            self.call_after_refresh(table.follow)
 
     def _schedule_flush(self) -> None:
         if self._flush_timer is None:
