@@ -319,6 +319,21 @@ def count_trainable(settings: P.ModelSettings, lora: dict[str, Any]) -> tuple[in
     return int(trainable), int(total)
 
 
+def unmatched_targets(settings: P.ModelSettings, lora: dict[str, Any]) -> list[str]:
+    """Names in a ``target_modules`` list that match no module of the model (peft only refuses
+    a list of which none matches)."""
+    targets = lora["target_modules"]
+    if not isinstance(targets, list):
+        return []
+    from backend import models
+
+    src = models.resolve_source(settings)
+    raw, where = models.read_config_json(src)
+    meta = models._build_meta_model(raw, where, src, settings.trust_remote_code)
+    names = [n for n, _ in meta.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
 def train_rows(data: dict[str, Any], home: Path) -> int | None:
     """Rows of the train split (before formatting), when the source is open in this backend or a
     local file small enough to open now; None otherwise."""
@@ -386,6 +401,11 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
             except ValueError as exc:  # peft: target modules not found, and the like
                 errors["lora.target_modules"] = str(exc).split("\n")[0]
                 trainable = None
+            else:
+                missing = unmatched_targets(settings, eff["lora"])
+                if missing:
+                    warnings["lora.target_modules"] = (f"{', '.join(missing)} match(es) no layer of this model: "
+                                                       "only the others get an adapter")
             out["memory"] = estimate_memory(eff, est, trainable)
             if out["memory"]["verdict"] == "will not fit":
                 warnings["memory"] = (f"about {out['memory']['total_bytes'] / GIB:.1f} GiB needed, "
