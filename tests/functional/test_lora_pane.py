@@ -548,7 +548,7 @@ def test_real_backend_checks_and_trains_the_tiny_model_at_80x24(backend_with_tin
             tp = screen.query_one(TrainPane)
             await until(pilot, lambda: screen.query_one(TabbedContent).active == "train", f"the Train tab (notices: {notes})")
             try:
-                await until(pilot, lambda: tp.finished is not None, "the end of the run", timeout=60)
+                await until(pilot, lambda: tp.finished is not None, "the end of the run", timeout=150)
             except AssertionError:  # say how it ended instead, and what the backend logged
                 log = (backend_with_tiny / "backend-test.log").read_text()[-2000:]
                 raise AssertionError(f"no train.finished; job line: {screen.query_one(JobIndicator).render()}; "
@@ -565,9 +565,25 @@ def test_real_backend_checks_and_trains_the_tiny_model_at_80x24(backend_with_tin
             # The checkpoint is offered for a resume.
             await until(pilot, lambda: pane.checkpoints, "the checkpoint to resume from")
             assert pane.checkpoints[0]["step"] == 4
+
+            # The config round-trips through a TOML file the backend writes and reads.
+            app.screen.action_show_tab("lora")
+            config = pane.config()
+            path = backend_with_tiny / "runs-config" / "tiny.toml"
+            pane.query_one("#lora-path", Input).value = str(path)
+            pane.query_one("#lora-path", Input).focus()
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: path.is_file(), "the exported file")
+            set_field(pane, "lora.r", "4")
+            await pilot.press("ctrl+o")
+            await until(pilot, lambda: pane.config()["lora"]["r"] == 16, "the imported file")
+            imported = pane.config()
+            assert {k: imported[k] for k in ("lora", "training", "name")} == {
+                k: config[k] for k in ("lora", "training", "name")}
+            assert imported["data"]["max_length"] == 128 and imported["model"]["precision"] == "fp32"
         await app.backend.stop()
 
-    asyncio.run(asyncio.wait_for(body(), 150))
+    asyncio.run(asyncio.wait_for(body(), 300))  # seconds alone; minutes on a busy 2-core machine
 
 
 def rows_of(tp: TrainPane) -> list[list[str]]:

@@ -545,6 +545,10 @@ class LoraPane(BackendRequests, Vertical):
             result = await self.call(P.ExportRunConfig(config=config, path=path, overwrite=True))
         self._status(f"exported to {result.get('path', path)}")
         self.notify(f"Run config written to {result.get('path', path)}", timeout=5, markup=False)
+        if result.get("errors"):  # written as it is; the file says what still needs attention
+            self.notify(f"It has {len(result['errors'])} setting(s) marked ✖: "
+                        + "; ".join(f"{k}: {v}" for k, v in sorted(result["errors"].items())),
+                        severity="warning", timeout=8, markup=False)
 
     async def _confirm_overwrite(self, path: str) -> bool:
         return bool(await self.app.push_screen_wait(ConfirmScreen(
