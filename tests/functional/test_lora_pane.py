@@ -1,7 +1,7 @@
 """The LoRA tab: the run config the form builds (with the Model and Data tabs' sections), checks
 as typed and by the backend at the fields, presets, TOML export/import, Start and resume.
 
-The tab is mounted beside the Data, Model and Train tabs as the shell holds them. The backend's
+The tab runs in the shell, beside the Model, Data and Train tabs it reads and feeds. The backend's
 answers come from a fake standing in for ``BackendRequests.call`` (the pane's one door to the
 backend), so these tests hold the pane to the protocol, whatever the backend's progress; the last
 test runs against a real backend. Waits poll a condition with a timeout, never a fixed sleep.
@@ -18,23 +18,19 @@ from typing import Any, Callable
 
 import pytest
 from textual.notifications import Notify
-from textual.screen import Screen
-from textual.widgets import Button, Checkbox, Footer, Input, Select, SelectionList, TabbedContent, TabPane
+from textual.widgets import Button, Input, Select, SelectionList, TabbedContent
 
 from backend import protocol as P, tiny
-from tests.conftest import ROOT, start_backend, stop_backend
+from tests.conftest import start_backend, stop_backend
 from tui.app import QlwApp
 from tui.client import CONNECTED
 from tui.messages import BackendEvent, ConnectionChanged
 from tui.modals.confirm_screen import ConfirmScreen
-from tui.screens.main_screen import MainScreen
 from tui.widgets.data.data_pane import DataPane, sample_dataset_path
 from tui.widgets.lora.lora_pane import LoraPane, expand_path
 from tui.widgets.lora.run_config import FIELDS, cross_errors, parse, FIELD_BY_PATH
-from tui.widgets.lora.run_form import RunForm
 from tui.widgets.lora.validation_line import ValidationLine
 from tui.widgets.model.model_pane import ModelPane
-from tui.widgets.shell.app_header import AppHeader
 from tui.widgets.shell.job_indicator import JobIndicator
 from tui.widgets.train.train_pane import TrainPane
 
@@ -79,30 +75,7 @@ VALID = {"ok": True, "errors": {}, "warnings": {}, "trainable_params": 1_179_648
                     "device": "cuda:0", "parts": {}}}
 
 
-# The app, as the shell will hold the tabs ---------------------------------------------------
-
-
-class TrainingScreen(Screen):
-    """The shell's layout with the tabs a run is set up in."""
-
-    def compose(self):
-        yield AppHeader(id="app-header")
-        with TabbedContent(id="tabs"):
-            for tab, title, pane in (("data", "2 Data", DataPane), ("model", "Model", ModelPane),
-                                     ("lora", "3 LoRA", LoraPane), ("train", "4 Train", TrainPane)):
-                with TabPane(title, id=tab):
-                    yield pane(id=f"{tab}-pane")
-        yield JobIndicator(id="job-indicator")
-        yield Footer()
-
-    action_show_tab = MainScreen.action_show_tab  # shows the tab and focuses in it
-
-
-class TrainingApp(QlwApp):
-    CSS_PATH = str(ROOT / "tui" / "styles" / "app.tcss")
-
-    def get_default_screen(self) -> Screen:
-        return TrainingScreen(id="main")
+# Helpers ------------------------------------------------------------------------------------
 
 
 class FakeBackend:
@@ -125,8 +98,9 @@ class FakeBackend:
         return [p for p in self.sent if p.METHOD == method]
 
 
-def make_app(home: Path, app_class=TrainingApp) -> QlwApp:
-    app = app_class(home=home, start_backend=False)
+def make_app(home: Path) -> QlwApp:
+    """The shell (its Model, Data, LoRA and Train tabs), with no backend started."""
+    app = QlwApp(home=home, start_backend=False)
     app.animation_level = "none"
     return app
 

@@ -60,12 +60,9 @@ class ValidationLine(Static):
 
     def show_waiting(self, message: str) -> None:
         """The check waits (for the backend's job to end); the last result stays in view."""
-        first = "" if self.result is None else self.render_result_line() + "\n"
+        first = "" if self.result is None else trainable_text(self.result) + "\n"
         self.update(f"{first}⧗ {message}")
         self._state("-pending")
-
-    def render_result_line(self) -> str:
-        return trainable_text(self.result or {})
 
     def show_failure(self, message: str) -> None:
         """The backend could not check the run (not connected, or it failed)."""
