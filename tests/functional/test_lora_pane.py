@@ -454,7 +454,7 @@ def test_lora_pane_snapshot(snap_compare, qlw_home):
                                                                   "total_params": 7_289_966_592,
                                                                   "trainable_percent": 0.5754}))
         pane.apply_config(config, origin="mistral.toml")
-        await until(pilot, lambda: pane.validated is not None, "the check")
+        await until(pilot, lambda: pane.validated == pane.config(), "the check of the imported config")
         pane.form.row("lora.r").control.focus()
         await pilot.pause()
 
