@@ -75,6 +75,8 @@ class LoraPane(BackendRequests, Vertical):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.connected = False
+        #: Whether ``status`` has said, since the last connect, which job runs (if any).
+        self.job_known = False
         #: The running job (``job.started`` payload) or None: Start waits for it to end.
         self.job: dict[str, Any] | None = None
         #: ``train.presets``' presets and defaults.
@@ -156,6 +158,7 @@ class LoraPane(BackendRequests, Vertical):
 
     def on_connection(self, change: ConnectionChanged) -> None:
         self.connected = change.state == CONNECTED
+        self.job_known = False
         if self.connected:
             self.read_presets()
             self.read_job()
@@ -204,6 +207,7 @@ class LoraPane(BackendRequests, Vertical):
     @work(name="read the backend's job", group="lora.job", exclusive=True, exit_on_error=False)
     async def read_job(self) -> None:
         self.job = (await self.call(P.Status())).get("job") or None
+        self.job_known = True
         self.check()
 
     @work(name="inspect the loaded model", group="lora.inspect", exclusive=True, exit_on_error=False)
@@ -345,6 +349,8 @@ class LoraPane(BackendRequests, Vertical):
         elif not self.connected:
             self.line.show_failure("not connected to the backend: the run cannot be checked or started "
                                    "(ctrl+r starts one)")
+        elif not self.job_known:
+            self.line.show_pending()  # asked for once status says no job runs (read_job)
         elif self.job is not None:
             # train.validate builds the model on the meta device; not while a job loads or trains
             # one (and Start waits for the job anyway). Checked when it ends.
@@ -365,7 +371,7 @@ class LoraPane(BackendRequests, Vertical):
     @work(name="check the run", group="train.validate", exclusive=True, exit_on_error=False)
     async def validate(self) -> None:
         config = self.config()
-        if self.local_errors(config) or self.job is not None:
+        if self.local_errors(config) or self.job is not None or not self.job_known:
             return
         try:
             result = await self.call(P.ValidateRun(config=config), timeout=120)
