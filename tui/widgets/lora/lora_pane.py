@@ -202,6 +202,9 @@ class LoraPane(BackendRequests, Vertical):
         """Offer ``train.presets``' presets (their buttons are enabled)."""
         self.presets = dict(result.get("presets") or {})
         self.preset_defaults = dict(result.get("defaults") or {})
+        for name, preset in self.presets.items():
+            if name in P.TRAIN_PRESETS and preset.get("description"):
+                self.query_one(f"#preset-{name}", Button).tooltip = f"{name}: {preset['description']}"
         self.refresh_bindings()
 
     @work(name="read the backend's job", group="lora.job", exclusive=True, exit_on_error=False)
