@@ -495,7 +495,7 @@ def options(home: Path) -> dict[str, Any]:
 
 def _build_meta_model(raw: dict[str, Any], config_path: str, src: Source, trust_remote_code: bool):
     """The model of ``raw`` on the meta device (no memory, no weights), with its ties applied."""
-    from accelerate import init_empty_weights
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_kwargs = dict(trust_remote_code=trust_remote_code)
@@ -504,10 +504,12 @@ def _build_meta_model(raw: dict[str, Any], config_path: str, src: Source, trust_
         config = AutoConfig.from_pretrained(src.name, revision=src.revision, **config_kwargs)
     else:
         config = AutoConfig.from_pretrained(str(Path(config_path).parent), **config_kwargs)
-    with init_empty_weights():
+    # torch's device context is thread-local. accelerate's init_empty_weights patches
+    # nn.Module for the whole process, so a load running in the job thread meanwhile got meta
+    # tensors ("Cannot copy out of meta tensor"; seen when train.validate overlapped a load).
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    # accelerate's init_empty_weights leaves tied weights (embeddings <-> lm_head) untied:
-    # tie them, or a tied model counts its embedding twice.
+    # Tie weights (embeddings <-> lm_head) explicitly, or a tied model counts its embedding twice.
     model.tie_weights()
     return model
 

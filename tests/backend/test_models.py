@@ -512,3 +512,37 @@ def test_estimate_load_inspect_and_replace_through_the_backend(backend_with_tiny
         await conn.close()
 
     asyncio.run(asyncio.wait_for(body(), 120))
+
+
+def test_meta_model_build_does_not_leak_into_other_threads(tiny_folder, monkeypatch):
+    """train.validate / model.estimate build meta models in worker threads while a load may run
+    in the job thread: the load must get real tensors (seen: "Cannot copy out of meta tensor")."""
+    import threading
+
+    import torch
+    import transformers
+
+    inside, release = threading.Event(), threading.Event()
+    real = transformers.AutoModelForCausalLM.from_config
+
+    def slow_from_config(*args, **kwargs):
+        model = real(*args, **kwargs)
+        inside.set()
+        release.wait(10)
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", slow_from_config)
+    raw = json.loads((tiny_folder / "config.json").read_text())
+    src = models.resolve_source(P.ModelSettings(source=str(tiny_folder)))
+    built = {}
+    t = threading.Thread(target=lambda: built.setdefault(
+        "m", models._build_meta_model(raw, str(tiny_folder / "config.json"), src, False)))
+    t.start()
+    assert inside.wait(30)
+    try:
+        other = torch.nn.Linear(4, 4)  # another thread builds a module meanwhile
+        assert other.weight.device.type == "cpu"
+    finally:
+        release.set()
+        t.join(30)
+    assert next(built["m"].parameters()).device.type == "meta"
