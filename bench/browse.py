@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend import protocol as P  # noqa: E402
+from tests.conftest import start_backend as _start_backend, stop_backend  # noqa: E402
 from tui.client import Connection  # noqa: E402
 
 SEED = 20261123
@@ -69,35 +70,9 @@ def generate(path: Path, rows: int) -> dict:
 
 
 def start_backend(home: Path) -> subprocess.Popen:
-    env = dict(os.environ, QLW_HOME=str(home), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-               HF_HOME=str(home / "hf"))
-    log = open(home / "backend-bench.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--home", str(home)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(home))
-    deadline = time.monotonic() + 30
-
-    async def probe():
-        conn = await Connection.open(P.socket_path(home), "probe", timeout=1)
-        await conn.close()
-
-    while True:
-        try:
-            asyncio.run(probe())
-            return proc
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError((home / "backend-bench.log").read_text()[-2000:])
-            time.sleep(0.05)
-
-
-def stop_backend(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """The tests' backend launcher, offline and with the Hub cache inside the data home."""
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HOME=str(home / "hf"))
+    return _start_backend(home, timeout=30)
 
 
 def pct(values: list[float], q: float) -> float:
