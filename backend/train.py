@@ -1173,6 +1173,11 @@ class _PlainPrinter:
             tps = "—" if f["tokens_per_s"] is None else f"{f['tokens_per_s']:,.0f}"
             self.line(f"{f['status']} at step {f['step']}/{f['total_steps']} in {_clock(f['elapsed_s'])}: "
                       f"train loss {loss}, validation loss {val}, {tps} tokens/s")
+            peak = f.get("peak_memory") or {}
+            if peak.get("torch_peak_bytes") is not None:
+                self.line(f"peak memory on {peak['device']}: torch allocated "
+                          f"{peak['torch_peak_bytes'] / 2**30:.2f} GiB, reserved "
+                          f"{peak.get('torch_reserved_bytes', 0) / 2**30:.2f} GiB")
             if f["adapter_path"]:
                 self.line(f"adapter: {f['adapter_path']}")
         elif kind == "log":
