@@ -216,6 +216,12 @@ def free_memory(holdings, sampler: GpuSampler | None = None) -> dict[str, Any]:
     collected = gc.collect()
     if cuda:
         torch.cuda.synchronize()
+        # cuBLAS keeps a workspace per handle and stream (32 MiB each on Hopper), allocated through
+        # torch's caching allocator and owned by no Python object: the forward's and the autograd
+        # thread's backward's matmuls each leave one. Found with bench/gpu_cleanup.py --trace-memory.
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
         torch.cuda.ipc_collect()
         for d in range(torch.cuda.device_count()):

@@ -266,6 +266,26 @@ class SamplerThread:
             self.stop.wait(self.interval)
 
 
+def _paired_cost(blocks, times, mode: str) -> dict:
+    """Per round, 100 * (1 - off block's mean step time / ``mode`` block's): median and quartiles."""
+    costs, prev_off = [], None
+    for m, a, b in blocks:
+        ts = [times[i] for i in range(a, b + 1) if i in times]
+        if not ts:
+            continue
+        mean = statistics.fmean(ts)
+        if m == "off":
+            prev_off = mean
+        elif m == mode and prev_off is not None:
+            costs.append(100 * (1 - prev_off / mean))
+    if len(costs) < 2:
+        return {"rounds": len(costs)}
+    q = statistics.quantiles(costs, n=4)
+    return {"rounds": len(costs), "median": round(statistics.median(costs), 2), "q1": round(q[0], 2),
+            "q3": round(q[2], 2), "mean": round(statistics.fmean(costs), 2),
+            "sem": round(statistics.stdev(costs) / len(costs) ** 0.5, 2)}
+
+
 def train_blocks(model, tok, args, sampler_thread, out):
     from datasets import Dataset
     from peft import LoraConfig
@@ -336,6 +356,10 @@ def train_blocks(model, tok, args, sampler_thread, out):
         "cost_percent_host_only": round(100 * (1 - tps["host"] / tps["off"]), 2),
         "block_medians_s": [(m, round(statistics.median([times[i] for i in range(a, b + 1) if i in times]), 4))
                             for m, a, b in blocks],
+        # Paired: each round's "full" (and "host") block against the "off" block right before it,
+        # so slow drifts of the card (clocks, the paged optimizer) cancel out of the comparison.
+        "paired_cost_percent": _paired_cost(blocks, times, "full"),
+        "paired_cost_percent_host_only": _paired_cost(blocks, times, "host"),
         "samples_taken": sampler_thread.samples,
         "interval_s": sampler_thread.interval,
     }
@@ -413,6 +437,7 @@ def main() -> int:
     s = out["sampling"]
     print(f"sampling at 1 s: tokens/s {s['tokens_per_s']} -> cost full {s['cost_percent']}%, host only "
           f"{s['cost_percent_host_only']}% ({s['steps_per_mode']} steps, {s['samples_taken']} samples)")
+    print("paired cost per round (full):", s["paired_cost_percent"], " (host only):", s["paired_cost_percent_host_only"])
     print("block medians:", s["block_medians_s"])
     print("sampler calls, idle, ms:", out["sampler_call_ms_idle"])
     print("live CUDA tensors after cleanup:", json.dumps(out["live_cuda_tensors_after"]))
