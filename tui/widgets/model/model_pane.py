@@ -15,6 +15,7 @@ from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Input, ProgressBar, Static
 
@@ -30,6 +31,13 @@ from tui.widgets.model.model_inspector import ModelInspector
 
 class ModelPane(BackendRequests, Vertical):
     """The Model tab."""
+
+    BINDINGS = [
+        Binding("f5", "load", "Load", id="model.load",
+                tooltip="Load the model with these settings (a backend job; replaces the loaded one)."),
+        Binding("f4", "tiny", "Tiny model", id="model.tiny",
+                tooltip="Fill in the embedded tiny model (built first when the data home has none)."),
+    ]
 
     #: Typing pauses this long before the estimate is asked for.
     ESTIMATE_DELAY_S = 0.35
@@ -145,6 +153,12 @@ class ModelPane(BackendRequests, Vertical):
     def _on_load(self, event: Button.Pressed) -> None:
         event.stop()
         self.load()
+
+    def action_load(self) -> None:
+        self.load()
+
+    def action_tiny(self) -> None:
+        self.use_tiny()
 
     @on(Button.Pressed, "#model-cancel")
     def _on_cancel(self, event: Button.Pressed) -> None:
