@@ -11,52 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.tmux import ROOT, Tmux, qlw_command
+
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-
-
-class Tmux:
-    """A private tmux server (its own socket) running one command per session."""
-
-    def __init__(self):
-        self.sock = f"qlw-test-{os.getpid()}"
-
-    def tmux(self, *args: str, check=True) -> str:
-        out = subprocess.run(["tmux", "-L", self.sock, *args], capture_output=True, text=True)
-        if check and out.returncode != 0:
-            raise RuntimeError(f"tmux {' '.join(args)}: {out.stderr}")
-        return out.stdout
-
-    def open(self, name: str, cmd: str, size: tuple[int, int]) -> None:
-        self.tmux("new-session", "-d", "-s", name, "-x", str(size[0]), "-y", str(size[1]), cmd)
-
-    def screen(self, name: str) -> str:
-        return self.tmux("capture-pane", "-p", "-t", name)
-
-    def keys(self, name: str, *keys: str) -> None:
-        self.tmux("send-keys", "-t", name, *keys)
-
-    def wait_for(self, name: str, text: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = self.screen(name)
-            if text in screen:
-                return screen
-            time.sleep(0.1)
-        raise AssertionError(f"{text!r} never appeared on the screen; last screen:\n{screen}")
-
-    def kill(self, name: str) -> None:
-        self.tmux("kill-session", "-t", name, check=False)
-
-    def close(self) -> None:
-        self.tmux("kill-server", check=False)
 
 
 @pytest.fixture
@@ -67,8 +28,7 @@ def tmux():
 
 
 def test_whole_backbone_in_a_real_terminal(tmux, qlw_home):
-    env = f"QLW_HOME={qlw_home} PYTHONPATH={ROOT} TERM=xterm-256color"
-    qlw = f"cd {tempfile.gettempdir()} && env {env} {sys.executable} -m tui.cli"
+    qlw = qlw_command(qlw_home)
 
     # 1. A first terminal, 80x24: connects (starting the backend), Sessions tab, start a job.
     tmux.open("first", qlw, (80, 24))

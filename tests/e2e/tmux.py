@@ -1,0 +1,56 @@
+"""A private tmux server for end-to-end tests: open the real `qlw`, send keys, read the screen."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def qlw_command(home: Path) -> str:
+    """The shell command that runs `qlw` on ``home`` as a user would (from another folder)."""
+    env = f"QLW_HOME={home} PYTHONPATH={ROOT} TERM=xterm-256color HF_HUB_OFFLINE=1"
+    return f"cd {tempfile.gettempdir()} && env {env} {sys.executable} -m tui.cli"
+
+
+class Tmux:
+    """A private tmux server (its own socket) running one command per session."""
+
+    def __init__(self):
+        self.sock = f"qlw-test-{os.getpid()}"
+
+    def tmux(self, *args: str, check=True) -> str:
+        out = subprocess.run(["tmux", "-L", self.sock, *args], capture_output=True, text=True)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"tmux {' '.join(args)}: {out.stderr}")
+        return out.stdout
+
+    def open(self, name: str, cmd: str, size: tuple[int, int]) -> None:
+        self.tmux("new-session", "-d", "-s", name, "-x", str(size[0]), "-y", str(size[1]), cmd)
+
+    def screen(self, name: str) -> str:
+        return self.tmux("capture-pane", "-p", "-t", name)
+
+    def keys(self, name: str, *keys: str) -> None:
+        self.tmux("send-keys", "-t", name, *keys)
+
+    def wait_for(self, name: str, text: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.screen(name)
+            if text in screen:
+                return screen
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} never appeared on the screen; last screen:\n{screen}")
+
+    def kill(self, name: str) -> None:
+        self.tmux("kill-session", "-t", name, check=False)
+
+    def close(self) -> None:
+        self.tmux("kill-server", check=False)
