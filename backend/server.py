@@ -536,18 +536,40 @@ class BackendServer:
     async def _train_checkpoints(self, client: Client, params: P.ListCheckpoints) -> P.Reply:
         from backend import train
 
-        found = await asyncio.to_thread(train.list_checkpoints, self.home, params.session)
+        from backend.jobs import JobError
+
+        try:
+            found = await asyncio.to_thread(train.list_checkpoints, self.home, params.session)
+        except JobError as exc:
+            return P.Reply("", "refused", reason=f"{exc}: {exc.hint}", code=P.BAD_MESSAGE)
         return P.Reply("", "ok", {"checkpoints": found})
 
     def _config_path(self, text: str) -> Path:
+        """A run config's path: absolute (a file the user named) or relative to
+        ``<home>/configs``, which a relative path may not leave ("../../x")."""
+        if not text.strip() or "\0" in text:
+            raise ValueError("no path given")
         path = Path(text).expanduser()
-        return path if path.is_absolute() else self.home / "configs" / path
+        if path.is_absolute():
+            return path
+        base = (self.home / "configs").resolve()
+        path = (base / path).resolve()
+        if not path.is_relative_to(base):
+            raise ValueError(f"{text} leads outside {base}: give an absolute path to write elsewhere")
+        return path
 
     async def _train_export(self, client: Client, params: P.ExportRunConfig) -> P.Reply:
         from backend import train_config
 
         config, errors = train_config.normalise(params.config)
-        path = self._config_path(params.path)
+        try:
+            path = self._config_path(params.path)
+        except ValueError as exc:
+            return P.Reply("", "refused", reason=str(exc), code=P.BAD_MESSAGE)
+        if path.suffix.lower() != ".toml":
+            # Never another kind of file (the store, a model's weights, a shell profile).
+            return P.Reply("", "refused", {"path": str(path)}, code=P.BAD_MESSAGE,
+                           reason=f"{path} is not a .toml file: a run config is written as name.toml")
         if path.exists() and not params.overwrite:
             return P.Reply("", "refused", {"path": str(path)}, reason=f"{path} exists: confirm to overwrite it",
                            code=P.CONFIRM)
@@ -562,7 +584,10 @@ class BackendServer:
     async def _train_import(self, client: Client, params: P.ImportRunConfig) -> P.Reply:
         from backend import train_config
 
-        path = self._config_path(params.path)
+        try:
+            path = self._config_path(params.path)
+        except ValueError as exc:
+            return P.Reply("", "refused", reason=str(exc), code=P.BAD_MESSAGE)
         config, errors = await asyncio.to_thread(train_config.read_toml, path)
         if "file" in errors:
             return P.Reply("", "error", {"config": None, "errors": errors}, reason=errors["file"], code=P.FAILED)

@@ -67,8 +67,15 @@ CHECKPOINTED_FACTOR = 2
 # Where things go ------------------------------------------------------------------------------------
 
 
+_SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def run_dir(home: Path, session: str) -> Path:
-    """``<home>/runs/<session>``: checkpoints/, adapter/, config.toml."""
+    """``<home>/runs/<session>``: checkpoints/, adapter/, config.toml. A session id is one plain
+    path component (the store makes them): anything else ("..", "a/b") could reach outside runs/."""
+    if not _SESSION_NAME.fullmatch(session or "") or ".." in session:
+        raise JobError(f"{session!r} is not a session id", where="session",
+                       hint="use an id from sessions.list (letters, digits, '-', '_' and '.')")
     return Path(home) / "runs" / session
 
 
@@ -210,10 +217,33 @@ def check_resume(path: str, config: dict[str, Any]) -> Path:
     if not (p / "trainer_state.json").is_file():
         raise JobError(f"{p} is not a training checkpoint (no trainer_state.json)", where="resume_from",
                        hint="resume from a checkpoint-N folder, not from a final adapter")
+    broken = "pick an earlier checkpoint from the checkpoints list (this one is incomplete or damaged)"
+    try:
+        state = json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            raise ValueError("no global_step")
+    except (OSError, ValueError) as exc:
+        raise JobError(f"{p / 'trainer_state.json'} is damaged ({exc})", where="resume_from", hint=broken) from None
     try:
         adapter = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise JobError(f"{p} holds no LoRA adapter (adapter_config.json)", where="resume_from") from None
+    if not isinstance(adapter, dict):
+        raise JobError(f"{p / 'adapter_config.json'} is damaged (not a JSON object)", where="resume_from", hint=broken)
+    from backend import adapters
+
+    try:
+        adapters.read_safetensors_header(p / adapters.WEIGHTS_FILE)
+    except JobError as exc:
+        raise JobError(f"the checkpoint's adapter weights are unusable: {exc}", where="resume_from", hint=broken) from None
+    # transformers resumes silently with a fresh optimizer or schedule when these are missing:
+    # the curve would jump. torch.save writes zip files: a cut-off one has no central directory.
+    import zipfile
+
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not zipfile.is_zipfile(p / name):
+            what = "missing" if not (p / name).exists() else "truncated or damaged"
+            raise JobError(f"the checkpoint's {name} is {what}", where=f"resume_from: {p / name}", hint=broken)
     lora = config["lora"]
     for key in ("r", "use_dora"):
         if key in adapter and adapter[key] != lora[key]:
@@ -239,10 +269,20 @@ def checkpoint_info(path: Path, session: str) -> dict[str, Any] | None:
             "max_steps": state.get("max_steps")}
 
 
+def partial_checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders without a readable trainer state: a save that was cut off (the
+    trainer writes ``trainer_state.json`` last), by a full disk or a killed process."""
+    if not Path(output_dir).is_dir():
+        return []
+    return sorted(c for c in Path(output_dir).iterdir()
+                  if c.is_dir() and c.name.startswith("checkpoint-") and checkpoint_info(c, "") is None)
+
+
 def list_checkpoints(home: Path, session: str = "") -> list[dict[str, Any]]:
-    """Checkpoints of ``session`` (every session when empty), newest first."""
+    """Checkpoints of ``session`` (every session when empty), newest first; partial ones are
+    left out (see :func:`partial_checkpoints`)."""
     runs = Path(home) / "runs"
-    sessions = [runs / session] if session else (sorted(runs.iterdir()) if runs.is_dir() else [])
+    sessions = [run_dir(home, session)] if session else (sorted(runs.iterdir()) if runs.is_dir() else [])
     out = []
     for folder in sessions:
         ckpts = folder / "checkpoints"
@@ -474,6 +514,9 @@ def sft_config(eff: dict[str, Any], sft_kwargs: dict[str, Any], output_dir: Path
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name: a warning).
     key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     kwargs[key] = t["gradient_checkpointing"]
+    for name in ("use_liger_kernel", "activation_offloading"):  # speed options; off: trl's defaults
+        if t.get(name) and name in names:
+            kwargs[name] = True
     return SFTConfig(**kwargs)
 
 
@@ -763,6 +806,43 @@ def _as_job_error(exc: Exception) -> JobError:
     return JobError(info["message"], where=info["where"], hint="see the backend log for the traceback")
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """True for a write that failed for want of space (ENOSPC or EDQUOT, as OSError or as the
+    RuntimeError torch.save and safetensors turn it into)."""
+    import errno
+
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+    text = str(exc)
+    return "No space left" in text or "Disk quota exceeded" in text or "file write failed" in text
+
+
+def _save_failure(exc: BaseException, output_dir: Path, what: str = "") -> JobError | None:
+    """A failed save as a JobError for people, after removing what it left half-written; None
+    when ``exc`` was no failed save."""
+    import shutil
+
+    partial = partial_checkpoints(output_dir) if not what else []
+    if not partial and not what:
+        return None
+    for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+    target = Path(what) if what else partial[-1]
+    kept = [c for c in (checkpoint_info(c, "") for c in Path(output_dir).glob("checkpoint-*") if c.is_dir()) if c]
+    last = max(kept, key=lambda c: c["step"], default=None)
+    intact = f"; the last complete checkpoint, {Path(last['path']).name}, is intact" if last else ""
+    if _disk_full(exc):
+        try:
+            free = f" ({shutil.disk_usage(target.parent).free / MIB:.0f} MiB free there)"
+        except OSError:
+            free = ""
+        return JobError(f"disk full while saving {target.name} at {target}{free}: the run stopped{intact}",
+                        where=str(target), hint="free space or lower save_total_limit, then resume from the last checkpoint")
+    return JobError(f"saving {target.name} at {target} failed: {type(exc).__name__}: {exc}"[:600] + intact,
+                    where=str(target), hint="the half-written folder was removed; see the backend log for the traceback")
+
+
 def oom_hint(eff: dict[str, Any]) -> str:
     t, d, lora = eff["training"], eff["data"], eff["lora"]
     tips = []
@@ -783,11 +863,12 @@ def oom_hint(eff: dict[str, Any]) -> str:
 def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = "",
                  record_artifact: Callable[[str, str], None] | None = None,
                  set_config: Callable[[dict[str, Any]], None] | None = None,
-                 fault: tuple[str, int] | None = None) -> dict[str, Any]:
+                 fault: tuple[str, int] | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Train ``config`` (a run config dict) in this thread, reporting through ``ctx`` (a
     :class:`~backend.jobs.JobContext` or anything with ``job_id``, ``session``, ``emit``,
     ``progress``, ``cancelled``, ``check_cancelled``). Returns the ``train.finished`` payload; a
-    bad config, bad data or an out-of-memory end raise :class:`JobError`."""
+    bad config, bad data or an out-of-memory end raise :class:`JobError`. ``callbacks``: extra
+    ``TrainerCallback`` objects (bench/train_speed.py times the steps with one)."""
     home = Path(home)
     record = record_artifact or (lambda kind, path: None)
     cfg = TC.checked(config)
@@ -851,7 +932,7 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
         trainer = trainer_class()(
             model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.validation if has_eval else None,
             processing_class=tokenizer, peft_config=lora_config(eff["lora"]),
-            callbacks=[make_callback(reporter, ctx, has_eval)])
+            callbacks=[make_callback(reporter, ctx, has_eval), *(callbacks or ())])
         box.put("trainer", trainer, "trainer", "training run")
         HOLDINGS.put("trainer", trainer, "trainer", f"training run {ctx.job_id}")
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -877,14 +958,22 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     except Exception as exc:
         # Keep the story, not the exception: its frames would pin the run's tensors.
         failure = _as_job_error(exc)
+        # A checkpoint save cut off (disk full): remove the half-written folder, say so plainly.
+        failure = _save_failure(exc, output_dir) or failure
     trainer = box.get("trainer")
     adapter_path = ""
     if trainer is not None and oom is None and failure is None and reporter.started:
         adapter_dir = folder / "adapter"
-        trainer.model.save_pretrained(str(adapter_dir))  # safetensors
-        tokenizer.save_pretrained(str(adapter_dir))
-        adapter_path = str(adapter_dir)
-        record("adapter", adapter_path)
+        try:
+            trainer.model.save_pretrained(str(adapter_dir))  # safetensors
+            tokenizer.save_pretrained(str(adapter_dir))
+            adapter_path = str(adapter_dir)
+            record("adapter", adapter_path)
+        except Exception as exc:  # disk full: no half-written adapter, and the cleanup below still runs
+            import shutil
+
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            failure = _save_failure(exc, output_dir, what=str(adapter_dir))
     import resource
 
     peak = {"device": device, "rss_peak_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
