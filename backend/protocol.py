@@ -690,7 +690,16 @@ class TrainingSettings:
     """trl ``SFTConfig`` / transformers ``TrainingArguments`` fields (``max_length``, packing and
     the loss mask live in the prepared dataset: ``PreparedData.max_length`` / ``loss``).
     ``max_steps`` > 0 overrides ``num_train_epochs``. ``eval_steps``/``save_steps`` 0: only at
-    the end. ``bf16``/``fp16`` ``None``: chosen from the model's compute dtype and the device."""
+    the end. ``bf16``/``fp16`` ``None``: chosen from the model's compute dtype and the device.
+
+    Speed and memory (bench/train_speed.py measures them against the plain trl recipe):
+    ``packing`` puts several rows into one ``max_length`` sequence (trl's best-fit-decreasing
+    packing, padding-free: no pad tokens are computed); rows never attend to each other, since
+    transformers builds a block-diagonal mask from the position ids for sdpa and eager (and
+    flash-attention reads the boundaries); ``per_device_train_batch_size`` then counts packed
+    sequences. ``use_liger_kernel``: Liger's fused RMSNorm/SwiGLU/RoPE kernels (needs the
+    liger-kernel package and a CUDA GPU; off otherwise, with a warning). ``activation_offloading``:
+    the activations kept for the backward pass wait in CPU memory (less GPU memory, some speed)."""
 
     num_train_epochs: float = 1.0
     max_steps: int = -1
@@ -713,6 +722,8 @@ class TrainingSettings:
     seed: int = 42
     bf16: bool | None = None
     fp16: bool | None = None
+    use_liger_kernel: bool = False
+    activation_offloading: bool = False
 
 
 @dataclass

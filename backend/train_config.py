@@ -48,6 +48,10 @@ SECTIONS: dict[str, type] = {
 TOP_LEVEL = ("version", "name", *SECTIONS)
 #: The optimizers that need CUDA (bitsandbytes' paged and 8-bit ones).
 GPU_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
+#: Attention implementations that keep packed rows apart: transformers turns the packed position ids
+#: into a block-diagonal mask for sdpa and eager (masking_utils.find_packed_sequence_indices), and
+#: flash-attention reads the row boundaries (tests/backend/test_packing.py checks sdpa and eager).
+PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 #: What a CPU run uses instead.
 CPU_OPTIMIZER = "adamw_torch"
 ENV_PREFIX = "QLW_"
@@ -302,6 +306,7 @@ RULES: dict[str, dict[str, Any]] = {
         "save_steps": int_at_least(0, "0 (only at the end) or a number of steps"),
         "save_total_limit": int_at_least(0, "0 (keep every checkpoint) or how many to keep"),
         "seed": int_at_least(0), "bf16": optional_bool, "fp16": optional_bool,
+        "use_liger_kernel": boolean, "activation_offloading": boolean,
     },
 }
 for _section, _cls in SECTIONS.items():  # every protocol field has a rule, and no rule lacks a field
@@ -396,9 +401,10 @@ def warnings_for(config: dict[str, Any]) -> Errors:
         out["training.learning_rate"] = f"{lr:g} is very high for LoRA (usual: 1e-5 to 5e-4); expect a diverging loss"
     if d.get("split_mode") == "none" and _int(t.get("eval_steps")):
         out["training.eval_steps"] = "there are no validation rows (data.split_mode = \"none\"): nothing is evaluated"
-    if t.get("packing") and config["model"].get("attn_implementation") != "flash_attention_2":
-        out["training.packing"] = ("packing puts several rows in one sequence; without flash_attention_2 they may "
-                                   "attend to each other")
+    if t.get("packing") and config["model"].get("attn_implementation") not in PACKING_SAFE_ATTENTION:
+        out["training.packing"] = (f"packing puts several rows in one sequence; with attention "
+                                   f"{config['model'].get('attn_implementation')!r} they may attend to each other: "
+                                   f"use one of {', '.join(PACKING_SAFE_ATTENTION)}")
     r, alpha = _int(lora.get("r")), _int(lora.get("lora_alpha"))
     if r and alpha and alpha / r > 8 and not lora.get("use_rslora"):
         out["lora.lora_alpha"] = f"lora_alpha/r = {alpha / r:g} scales the update strongly; usual is 1 or 2"
@@ -434,6 +440,12 @@ def for_device(config: dict[str, Any], device: str, bf16_supported: bool | None 
     errors: Errors = {}
     warnings: Errors = {}
     if device == "cpu":
+        if t["use_liger_kernel"]:
+            warnings["training.use_liger_kernel"] = "Liger's kernels need a CUDA GPU: off on the CPU"
+            t["use_liger_kernel"] = False
+        if t["activation_offloading"]:
+            warnings["training.activation_offloading"] = "activation offloading moves GPU memory to the CPU: off on the CPU"
+            t["activation_offloading"] = False
         if t["optim"] in GPU_OPTIMIZERS:
             warnings["training.optim"] = f"{t['optim']} needs a CUDA GPU; on the CPU {CPU_OPTIMIZER} is used"
             t["optim"] = CPU_OPTIMIZER
@@ -449,6 +461,12 @@ def for_device(config: dict[str, Any], device: str, bf16_supported: bool | None 
             warnings["model.compute_dtype"] = (f"4-bit layers compute in fp32 on the CPU (not {m['compute_dtype']})")
             m["compute_dtype"] = "fp32"
         return c, errors, warnings
+    if t["use_liger_kernel"]:
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            warnings["training.use_liger_kernel"] = "the liger-kernel package is not installed: Liger's kernels are off"
+            t["use_liger_kernel"] = False
     compute = {"4bit": m["compute_dtype"], "8bit": "fp16"}.get(m["precision"], m["precision"])
     if compute == "bf16" and bf16_supported is False:
         if t["bf16"] is True:
