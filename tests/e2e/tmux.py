@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+_SERVERS = itertools.count()
 
 
 def qlw_command(home: Path) -> str:
@@ -22,7 +24,7 @@ class Tmux:
     """A private tmux server (its own socket) running one command per session."""
 
     def __init__(self):
-        self.sock = f"qlw-test-{os.getpid()}"
+        self.sock = f"qlw-test-{os.getpid()}-{next(_SERVERS)}"  # a fresh server per test
 
     def tmux(self, *args: str, check=True) -> str:
         out = subprocess.run(["tmux", "-L", self.sock, *args], capture_output=True, text=True)
@@ -48,6 +50,20 @@ class Tmux:
                 return screen
             time.sleep(0.1)
         raise AssertionError(f"{text!r} never appeared on the screen; last screen:\n{screen}")
+
+    def wait_match(self, name: str, pattern: str, timeout: float = 60.0, flags=0):
+        """Wait until the screen matches the regular expression; returns (screen, match)."""
+        import re
+
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.screen(name)
+            m = re.search(pattern, screen, flags)
+            if m:
+                return screen, m
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} never matched the screen; last screen:\n{screen}")
 
     def kill(self, name: str) -> None:
         self.tmux("kill-session", "-t", name, check=False)
