@@ -4,6 +4,8 @@
 
 `python -m backend train CONFIG.toml` (what `qlw train` runs) trains a run config in this process.
 
+`python -m backend merge ADAPTER OUT` (what `qlw merge` runs) merges an adapter into its base here.
+
 `qlw serve` (without --foreground) and `qlw` itself start this detached from the terminal.
 """
 
@@ -47,6 +49,19 @@ def main(argv: list[str] | None = None) -> int:
                     "(e.g. QLW_TRAINING__LEARNING_RATE=1e-4). Exit status: 0 done, 1 failed, 2 invalid config, "
                     "130 stopped with ctrl+c (a checkpoint is saved first).")
     train_room.add_cli_arguments(train_cmd)
+    # `qlw merge ADAPTER OUT` runs this: the Merge pane's steps in this process (backend/merge.py).
+    from backend import merge as merge_room
+
+    merge_cmd = sub.add_parser(
+        "merge", help="merge a LoRA adapter into its base model and save it (then verify, upload)",
+        description="Merge a LoRA adapter (a session's adapter/ or a checkpoint) into its base model in bf16, "
+                    "fp16 or fp32 (never 4-bit): into the base as trained, its 4-bit weights dequantized "
+                    "(default for a QLoRA adapter), or into the base's original weights. Saves safetensors "
+                    "shards, tokenizer, generation config and a model card through a temporary folder renamed "
+                    "into place when complete. --verify compares it with the model as trained; --push uploads "
+                    "it (token from HF_TOKEN or `hf auth login`, never printed). Exit status: 0 done, 1 failed, "
+                    "2 refused (bad input, existing output without --yes), 130 stopped with ctrl+c.")
+    merge_room.add_cli_arguments(merge_cmd)
     args = parser.parse_args(argv)
     if args.cmd == "data":
         logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
@@ -57,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
                             format="%(levelname)s %(name)s: %(message)s")
         return train_room.cli(args)
+    if args.cmd == "merge":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return merge_room.cli(args)
 
     home = (args.home or P.data_home()).expanduser().resolve()
     # Before torch is ever imported: expandable segments let "free VRAM" return the free parts of

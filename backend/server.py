@@ -255,6 +255,10 @@ class BackendServer:
             "train.export": self._train_export,
             "train.import": self._train_import,
         })
+        # Merge and upload (backend/merge.py, backend/hub.py): merge.*, hub.* requests and jobs.
+        from backend import merge as merge_room
+
+        merge_room.register(self)
 
     # Life cycle ---------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 HEADLESS = {
     "data": "inspect a dataset as the Data pane would: shape, mapping, columns, token lengths",
     "train": "train a run config (TOML) headless, printing the loss table",
+    "merge": "merge a LoRA adapter into its base model and save it (verify, upload): ADAPTER OUT",
 }
 
 
