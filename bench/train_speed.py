@@ -5,8 +5,12 @@
 
 One command runs every variant on two generated datasets, each variant in its own process (a
 model reused across runs keeps gradient checkpointing on; Liger patches model classes for the
-whole process), then the same processes again in the reverse order, and prints one table; the
-same rows go to ``bench/results/train_speed.json`` (rewritten after every row).
+whole process), then A, B and C again in the reverse order (and each process's datasets in the
+reverse order), and prints one table; the same rows go to ``bench/results/train_speed.json``
+(rewritten after every row). ``L`` and ``S`` run once, at the end of the first pass, so that the
+whole bench fits one device call (~460 s on an H100 with the model already built, ~500 s with
+the build; ``--budget`` skips what would not fit, and a process still running when the budget
+ends is killed).
 
 Model: a Mistral-7B-v0.3-shaped model with random weights (``bench/train_smoke.make_7b``: built
 on the GPU in a subprocess and saved, or reused from ``--model DIR`` when that folder holds one),
@@ -78,8 +82,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "B": {"kind": "qlw", "label": "qlw defaults", "options": {}},
     "C": {"kind": "qlw", "label": "qlw all speed options", "options": {"packing": True, "use_liger_kernel": True}},
     "L": {"kind": "qlw", "label": "qlw low memory", "options": {"activation_offloading": True}, "halve": True,
-          "datasets": ("fixed",)},
-    "S": {"kind": "served", "label": "qlw defaults, served", "options": {}, "datasets": ("mix",)},
+          "datasets": ("fixed",), "once": True},
+    "S": {"kind": "served", "label": "qlw defaults, served", "options": {}, "datasets": ("mix",), "once": True},
 }
 #: Rough seconds per variant process on an H100 (imports, loads and steps), until pass 1 measures them.
 GPU_ESTIMATE = {"A": 65, "B": 50, "C": 50, "L": 35, "S": 50}
@@ -259,6 +263,7 @@ def step_timer(cuda: bool):
             self.t: dict[int, float] = {}
             self.tokens: dict[int, float] = {}
             self.loss: dict[int, float] = {}
+            self.peak_alloc = self.peak_reserved = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t[int(state.global_step)] = time.perf_counter()
@@ -267,6 +272,12 @@ def step_timer(cuda: bool):
             if cuda:
                 torch.cuda.synchronize()
             self.t[int(state.global_step)] = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            # Here, not after the run: qlw frees the run's memory and resets the peak counters.
+            if cuda:
+                self.peak_alloc = torch.cuda.max_memory_allocated()
+                self.peak_reserved = torch.cuda.max_memory_reserved()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -354,6 +365,9 @@ def run_plain(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workd
 
     smoke, cuda = spec["smoke"], torch.cuda.is_available() and not spec["smoke"]
     if cuda:
+        import gc
+
+        gc.collect()  # the previous dataset's model and trainer, in this process
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     quant = None if smoke else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -396,6 +410,9 @@ def run_qlw(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workdir
 
     cuda = torch.cuda.is_available() and not spec["smoke"]
     if cuda:
+        import gc
+
+        gc.collect()  # the previous dataset's model and trainer, in this process
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     home = workdir / "qlw-home"
@@ -436,6 +453,7 @@ def run_served(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], work
     home = Path(tempfile.mkdtemp(prefix="qlw-s-", dir="/tmp"))  # short: a Unix socket path has 107 bytes
     os.environ["QLW_GPU_INTERVAL"] = "1"
     proc = C.spawn_backend(home)
+    (workdir / "backend.pid").write_text(str(proc.pid), encoding="utf-8")  # killed by the parent if we are
     rows: dict[int, dict[str, Any]] = {}
     seen = {"gpu.sample": 0}
     done = {}
@@ -533,8 +551,8 @@ def run_one(spec: dict[str, Any], ds: dict[str, Any], workdir: Path) -> dict[str
         row.update(timed_figures(timer.t, timer.tokens, warm, last))
         losses = timer.loss
         row.update(train_s=out["train_s"], nvml_gib=nvml.gib() if cuda else None,
-                   peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
-                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None)
+                   peak_alloc_gib=round(timer.peak_alloc / GIB, 3) if timer.peak_alloc else None,
+                   peak_reserved_gib=round(timer.peak_reserved / GIB, 3) if timer.peak_reserved else None)
         if kind == "qlw":
             row.update(event_tokens_per_s=out["event_tokens_per_s"], event_s_per_step=out["event_s_per_step"])
             if out["result"].get("status") != "done":
@@ -701,6 +719,12 @@ class Bench:
                     self.take(line.strip())
         proc.wait()
         timer.cancel()
+        pidfile = Path(spec["workdir"]) / f"{spec['variant']}-{spec['pass']}" / "backend.pid"
+        if proc.returncode != 0 and pidfile.is_file():  # a served run cut off: its backend has its own session
+            try:
+                os.killpg(int(pidfile.read_text()), 9)
+            except (OSError, ValueError):
+                pass
         if proc.returncode != 0:
             print(f"  ({spec['variant']} pass {spec['pass']}: process exit {proc.returncode}; log {log})", flush=True)
             tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
@@ -712,6 +736,8 @@ class Bench:
         print(HEADER, flush=True)
         for p, variants in enumerate(order, 1):
             for name in variants:
+                if p > 1 and VARIANTS[name].get("once"):
+                    continue  # L and S: one run each, to keep the whole bench in one device call
                 wanted = VARIANTS[name].get("datasets", ("fixed", "mix"))
                 names = [d for d in self.args.datasets if d in wanted]
                 if p % 2 == 0:
