@@ -62,7 +62,24 @@ def main(argv: list[str] | None = None) -> int:
                     "it (token from HF_TOKEN or `hf auth login`, never printed). Exit status: 0 done, 1 failed, "
                     "2 refused (bad input, existing output without --yes), 130 stopped with ctrl+c.")
     merge_room.add_cli_arguments(merge_cmd)
+    # `qlw eval` runs this: base, tuned and merged side by side, the Markdown table on stdout
+    # (backend/evaluate.py).
+    from backend import evaluate as eval_room
+
+    eval_cmd = sub.add_parser(
+        "eval", help="evaluate base, tuned and merged models on the same inputs: the table on stdout",
+        description="Load the base model, adapters (--adapter) and merged folders (--merged) here and measure "
+                    "each on the same inputs: size on disk, load time, generation time over --runs runs of a "
+                    "prompt set (mean and std), tokens/s, peak memory, and perplexity on the validation split "
+                    "of the adapter's run (or --text FILE). Prints a Markdown table. Exit status: 0 done, 1 "
+                    "failed, 2 bad arguments.")
+    eval_room.add_cli_arguments(eval_cmd)
     args = parser.parse_args(argv)
+    if args.cmd == "eval":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `serve` does
+        logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return eval_room.cli(args)
     if args.cmd == "data":
         logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
                             format="%(levelname)s %(name)s: %(message)s")

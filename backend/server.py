@@ -30,6 +30,9 @@ log = logging.getLogger("qlw.server")
 
 #: Lines a client may have waiting before it is dropped as too slow (QLW_CLIENT_QUEUE_LIMIT).
 CLIENT_QUEUE_LIMIT = int(os.environ.get("QLW_CLIENT_QUEUE_LIMIT", "20000"))
+#: Bytes a client may have waiting (QLW_CLIENT_QUEUE_BYTES): a client that sends large requests
+#: and never reads the replies would otherwise make the backend hold up to LIMIT x 4 MiB.
+CLIENT_QUEUE_BYTES = int(os.environ.get("QLW_CLIENT_QUEUE_BYTES", str(64 * 1024 * 1024)))
 _READ_CHUNK = 256 * 1024
 
 
@@ -101,6 +104,7 @@ class Client:
         self.cid = cid
         self.name = f"client-{cid}"
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(server.queue_limit)
+        self.queued_bytes = 0
         self.hello = False
         self.attached = False
         self.replaying = False
@@ -116,10 +120,16 @@ class Client:
     def offer(self, line: bytes) -> None:
         if self.closed:
             return
+        size = len(line) if line is not None else 0
+        if size and self.queued_bytes + size > CLIENT_QUEUE_BYTES:
+            self.drop(f"fell more than {CLIENT_QUEUE_BYTES:,} bytes behind")
+            return
         try:
             self.queue.put_nowait(line)
         except asyncio.QueueFull:
             self.drop(f"fell more than {self.server.queue_limit} messages behind")
+            return
+        self.queued_bytes += size
 
     def offer_event(self, ev: P.Event, line: bytes) -> None:
         if self.closed or not self.attached:
@@ -146,6 +156,7 @@ class Client:
         """Queue an event, waiting for room (used by this client's own replay)."""
         if self._fresh(ev) and not self.closed:
             await self.queue.put(line)
+            self.queued_bytes += len(line)
 
     def drop(self, why: str) -> None:
         if self.closed:
@@ -165,6 +176,7 @@ class Client:
                     self.writer.close()
                     break
                 self.writer.write(line)
+                self.queued_bytes -= len(line)
                 # Write what is already queued in one go, then wait for the socket once.
                 for _ in range(min(self.queue.qsize(), 512)):
                     more = self.queue.get_nowait()
@@ -173,6 +185,7 @@ class Client:
                         self.writer.close()
                         return
                     self.writer.write(more)
+                    self.queued_bytes -= len(more)
                 await self.writer.drain()
         except (ConnectionError, OSError):
             self.closed = True
@@ -259,6 +272,10 @@ class BackendServer:
         from backend import merge as merge_room
 
         merge_room.register(self)
+        # Chat and evaluation (backend/chat.py, backend/evaluate.py): chat.*, eval.* requests and jobs.
+        from backend import chat as chat_room
+
+        chat_room.register(self)
 
     # Life cycle ---------------------------------------------------------------------------------
 
@@ -713,6 +730,7 @@ class BackendServer:
                 ev, line = client.pending.pop(0)
                 if client._fresh(ev):
                     await client.queue.put(line)
+                    client.queued_bytes += len(line)
         finally:
             client.replaying = False
         last = client.sent.get(session, 0) if session else 0

@@ -1,0 +1,242 @@
+"""Chat (backend/chat.py) on the tiny model in 4-bit on the CPU: prompts as training formatted
+them, streamed answers in several deltas, stop, the adapter switched on and off with exact
+logits, the fast path's decode copy against the 4-bit model, the chat.send job's events and
+transcript, and the refusal while training holds the GPU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend import chat, data as D, models, protocol as P, tiny
+from backend.holdings import HOLDINGS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
+    cache = getattr(pytestconfig, "cache", None)
+    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
+    return tiny.ensure_tiny_model(home)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_folder, tmp_path_factory):
+    """The tiny model in 4-bit NF4 (fp32 compute) on the CPU, held as the base, and a random
+    LoRA adapter (A and B non-zero) saved for it."""
+    chat.ENGINE.release()
+    models.load_job(P.LoadModel(source=str(tiny_folder), precision="4bit", compute_dtype="fp32",
+                                device="cpu"))(chat.QuietContext())
+    base, tokenizer = HOLDINGS.get("base"), HOLDINGS.get("tokenizer")
+    adapter = chat.make_random_adapter(base, tmp_path_factory.mktemp("adapter") / "adapter", r=8, lora_alpha=16)
+    assert not chat._carries_lora(base)
+    yield base, tokenizer, adapter
+    chat.ENGINE.release()
+    models.release_base_model()
+
+
+def prompt_ids(tokenizer, text="Tell me about copper and iron."):
+    return chat.build_prompt(tokenizer, [{"role": "user", "content": text}], "chat")[0]
+
+
+def test_clean_text_keeps_text_and_drops_what_terminals_misread():
+    dirty = "red \x1b[31mtext\x1b[0m\r\nbell\x07 nul\x00 tab\tok \ud800 bidi\u202eX \ufffd end"
+    assert chat.clean_text(dirty) == "red text\nbell nul tab\tok  bidiX  end"
+    assert chat.clean_text("") == ""
+    assert chat.clean_text("naïve café ✓ 日本") == "naïve café ✓ 日本"
+
+
+def test_prompts_follow_the_training_templates(loaded):
+    _base, tokenizer, _adapter = loaded
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "and now?"}]
+    ids, _ = chat.build_prompt(tokenizer, msgs, "chat", "be brief")
+    want = tokenizer.apply_chat_template([{"role": "system", "content": "be brief"}] + msgs,
+                                         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == list(want)
+    _ids, text = chat.build_prompt(tokenizer, msgs, "mistral")
+    assert text == D._mistral("", msgs) == "[INST] hi [/INST] hello</s>[INST] and now? [/INST]"
+    _ids, text = chat.build_prompt(tokenizer, msgs[-1:], "alpaca")
+    assert text == D.ALPACA_PROMPT.format(instruction="and now?")
+    _ids, text = chat.build_prompt(tokenizer, msgs[-1:], "raw", "sys")
+    assert text == "sys\n\nand now?\n\n"
+    with pytest.raises(chat.JobError, match="end with a user message"):
+        chat.build_prompt(tokenizer, msgs[:2], "chat")
+    with pytest.raises(chat.JobError, match="must be"):
+        chat.chat_settings({"top_p": 2.0})
+    assert chat.resolve_template(P.ChatSettings(), tokenizer) == ("chat", "")
+
+
+def test_an_answer_streams_as_several_deltas(loaded, monkeypatch):
+    _base, tokenizer, _adapter = loaded
+    monkeypatch.setattr(chat, "DELTA_INTERVAL_S", 0.02)
+    deltas, times = [], []
+
+    def on_delta(text):
+        deltas.append(text)
+        times.append(time.perf_counter())
+
+    result = chat.ENGINE.answer(chat.parse_target("base"), prompt_ids(tokenizer),
+                                P.ChatSettings(max_new_tokens=40, do_sample=True, seed=1),
+                                on_delta=on_delta, fast=False, extra={"min_new_tokens": 40})
+    assert result["tokens"] == 40 and result["finish_reason"] == "length" and result["path"] == "plain"
+    assert len(deltas) >= 3, deltas
+    assert "".join(deltas) == result["text"] and all(deltas)
+    assert all(b - a >= 0.02 * 0.9 for a, b in zip(times, times[1:-1]))  # coalesced (the last one may follow at once)
+    assert 0 < result["ttft_s"] <= result["elapsed_s"] and result["tokens_per_s"] > 0
+
+
+def test_stop_ends_the_answer_within_a_couple_of_tokens(loaded):
+    _base, tokenizer, _adapter = loaded
+    stop = {"at": None}
+    counted = []
+
+    def on_delta(text):
+        if stop["at"] is None:
+            stop["at"] = time.perf_counter()
+
+    def cancelled():
+        counted.append(1)
+        return stop["at"] is not None
+
+    result = chat.ENGINE.answer(chat.parse_target("base"), prompt_ids(tokenizer),
+                                P.ChatSettings(max_new_tokens=200, do_sample=True, seed=2), cancelled=cancelled,
+                                on_delta=on_delta, fast=False, extra={"min_new_tokens": 200})
+    assert result["finish_reason"] == "stopped" and result["stopped"]
+    assert result["tokens"] < 200
+    # The criterion is polled once per token: after the stop was seen, at most a couple more tokens.
+    polls_after_stop = sum(1 for _ in counted) - result["tokens"]
+    assert polls_after_stop <= 2
+
+
+def test_adapter_switch_gives_the_plain_base_logits_exactly(loaded):
+    base, tokenizer, adapter = loaded
+    ids = prompt_ids(tokenizer)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        plain = base(input_ids=x, use_cache=False).logits[0, -1].float()
+    engine = chat.ENGINE
+    tuned = chat.parse_target(f"tuned:{adapter}")
+    engine.prepare(tuned, Path("."))
+    assert HOLDINGS.get(chat.HOLD_PEFT) is not None and chat._carries_lora(base)
+    t1 = engine.logits(tuned, ids, fast=False)
+    b1 = engine.logits(chat.parse_target("base"), ids, fast=False)
+    t2 = engine.logits(tuned, ids, fast=False)
+    assert torch.equal(b1, plain)  # the adapter switched off is the plain base, bit for bit
+    assert (t1 - plain).abs().max() > 1e-2  # the adapter changes the answer
+    assert torch.equal(t2, t1)  # and switching back restores the tuned logits
+    engine.release()
+    assert not chat._carries_lora(base) and HOLDINGS.get(chat.HOLD_PEFT) is None
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=x, use_cache=False).logits[0, -1].float(), plain)
+
+
+def test_the_decode_copy_computes_what_the_4bit_model_computes(loaded, monkeypatch):
+    base, tokenizer, adapter = loaded
+    monkeypatch.setenv(chat.FAST_ENV, "1")  # the fast path is for GPUs; allowed on the CPU here
+    engine = chat.ENGINE
+    engine.release()
+    ids = prompt_ids(tokenizer)
+    greedy = P.ChatSettings(max_new_tokens=16, do_sample=False)
+    for target in (chat.parse_target("base"), chat.parse_target(f"tuned:{adapter}")):
+        ready = engine.prepare(target, Path("."))
+        assert ready["fast_path"] == "on" and ready["path"] == "fast", ready
+        fast, plain = engine.logits(target, ids), engine.logits(target, ids, fast=False)
+        assert (fast - plain).abs().max() < 1e-4, target.id
+        a = engine.answer(target, ids, greedy, extra={"min_new_tokens": 16})
+        b = engine.answer(target, ids, greedy, fast=False, extra={"min_new_tokens": 16})
+        assert a["path"] == "fast" and b["path"] == "plain"
+        assert a["output_ids"] == b["output_ids"] and a["text"] == b["text"], target.id
+    dc = HOLDINGS.get(chat.HOLD_DECODE)
+    assert isinstance(dc, chat.DecodeCopy)
+    assert {h["name"]: h["kind"] for h in HOLDINGS.describe()}[chat.HOLD_DECODE] == "model"
+    # One copy serves both targets: switching writes the weights in place (same tensors).
+    before = {n: p.data_ptr() for n, p in dc.model.named_parameters()}
+    engine.prepare(chat.parse_target("base"), Path("."))
+    assert {n: p.data_ptr() for n, p in dc.model.named_parameters()} == before
+    assert engine.fast_path_state() == "on"
+    engine.release()
+    assert HOLDINGS.get(chat.HOLD_DECODE) is None
+
+
+class Ctx(chat.QuietContext):
+    def __init__(self):
+        self.events = []
+        self.stop = False
+
+    @property
+    def cancelled(self):
+        return self.stop
+
+    def emit(self, kind, payload):
+        self.events.append((kind, json.loads(json.dumps(payload))))  # what goes on the wire
+
+
+def test_send_job_answers_both_targets_and_the_transcript_exports(loaded, tmp_path):
+    _base, tokenizer, adapter = loaded
+    msgs = [{"role": "user", "content": "Name a metal."}]
+    params = P.ChatSend(target="base", messages=msgs, compare_with=f"tuned:{adapter}",
+                        settings={"max_new_tokens": 8, "do_sample": False})
+    ctx = Ctx()
+    result = chat.send_job(params, tmp_path, "c1", ["a1", "a2"])(ctx)
+    kinds = [k for k, _ in ctx.events]
+    assert kinds.count("chat.started") == 2 and kinds.count("chat.answer") == 2
+    for kind, payload in ctx.events:
+        if kind in P.EVENTS:
+            P.build(P.EVENTS[kind], payload, kind)  # every payload fits the protocol
+    answers = [p for k, p in ctx.events if k == "chat.answer"]
+    assert [a["target"] for a in answers] == ["base", chat.parse_target(f"tuned:{adapter}").id]
+    assert all(a["prompt"] == "Name a metal." and a["finish_reason"] in ("eos", "length") for a in answers)
+    assert [a["answer_id"] for a in result["answers"]] == ["a1", "a2"]
+    started = [p for k, p in ctx.events if k == "chat.started"]
+    assert started[0]["prompt_tokens"] == len(prompt_ids(tokenizer, "Name a metal.")) and started[0]["template"] == "chat"
+    rows = chat.transcript(ctx.events, "c1")
+    md = chat.transcript_markdown(rows, "c1")
+    assert md.count("## User") == 1 and "## base" in md and "## tuned" in md
+    lines = chat.transcript_jsonl(rows).splitlines()
+    assert [json.loads(line)["answer_id"] for line in lines] == ["a1", "a2"]
+    with pytest.raises(chat.JobError, match="unknown chat target"):
+        chat.send_job(P.ChatSend(target="nope", messages=msgs), tmp_path, "c1", ["a3"])
+
+
+class _Job:
+    def __init__(self, kind):
+        self.kind, self.job_id, self.started = kind, "j1", time.time()
+
+    def to_dict(self):
+        return {"kind": self.kind, "job_id": self.job_id}
+
+
+class _Jobs:
+    def __init__(self, kind):
+        self.current = _Job(kind) if kind else None
+
+
+class _Server:
+    def __init__(self, kind, home):
+        self.jobs, self.home, self.handlers, self.job_factories = _Jobs(kind), home, {}, {}
+        self.started = []
+
+    def _start_job(self, method, params, fn):
+        self.started.append(method)
+        return P.Reply("", "accepted", {"job_id": "x", "session": "s"})
+
+
+def test_chat_is_refused_while_training_holds_the_gpu(tmp_path):
+    import asyncio
+
+    room = chat.ChatRoom(_Server("train.start", tmp_path))
+    params = P.ChatSend(target="base", messages=[{"role": "user", "content": "hi"}])
+    reply = asyncio.run(room.send(None, params))
+    assert reply.status == "refused"
+    assert "train.start job" in reply.reason and "holds the GPU" in reply.reason and "stop it" in reply.reason
+    room = chat.ChatRoom(_Server("", tmp_path))
+    reply = asyncio.run(room.send(None, params))
+    assert reply.status == "accepted" and len(reply.result["answer_ids"]) == 1
+    reply = asyncio.run(room.load(None, P.ChatLoad(target="weird:thing")))
+    assert reply.status == "error" and "unknown chat target" in reply.reason
