@@ -172,6 +172,18 @@ def push(folder: str, repo_id: str, ctx, private: bool = True, adapter_only: boo
     token = _token()
     if not token:
         raise JobError("no Hugging Face token", where="HF_TOKEN", hint=LOGIN_HINT)
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()  # the job's own progress says it; tqdm bars would land in logs
+    try:
+        return _push(files, listed, total, base, token, repo_id, ctx, private, adapter_only, commit_message)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _push(files, listed, total, base, token, repo_id, ctx, private, adapter_only, commit_message) -> dict[str, Any]:
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(endpoint=base, token=token)

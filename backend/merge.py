@@ -571,6 +571,14 @@ def run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] | 
               record_artifact: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """Merge, save (atomically), optionally verify. ``params``: the fields of ``merge.start``.
     Emits ``merge.saved`` (and ``merge.verified``); returns the job's result."""
+    from backend.tiny import _no_progress_bars  # transformers' tqdm bars stay out of logs and tables
+
+    with _no_progress_bars():
+        return _run_merge(params, home, ctx, fault, record_artifact)
+
+
+def _run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] | None,
+               record_artifact: Callable[[str, str], None] | None) -> dict[str, Any]:
     from backend import models
 
     adapter = params["adapter"]
@@ -580,7 +588,7 @@ def run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] | 
     overwrite = bool(params.get("overwrite", False))
     report = ctx.progress
     cancelled = lambda: ctx.cancelled  # noqa: E731
-    p = plan(adapter, params["out"], home, dtype, into, max_shard)
+    p = plan(adapter, params["out"], home, dtype, into, max_shard, device=params.get("device") or "auto")
     out = Path(p["out"])
     if p["out_exists"] and not overwrite:
         raise JobError(f"{out} exists", where=f"out = {out}", hint="confirm to overwrite it, or choose another folder")
@@ -750,6 +758,14 @@ def verify(out: str, adapter: str, home: Path, ctx, dtype: str = "fp32", merge_d
     """The verification table (``merge.verified``): the saved folder loaded on its own, the model
     as trained (its base as trained + adapter) and the full-precision base + adapter, each in
     ``dtype``, on ``prompts``; one model at a time (logits kept on the CPU)."""
+    from backend.tiny import _no_progress_bars
+
+    with _no_progress_bars():
+        return _verify(out, adapter, home, ctx, dtype, merge_dtype, prompts, device)
+
+
+def _verify(out: str, adapter: str, home: Path, ctx, dtype: str, merge_dtype: str | None,
+            prompts: list[str] | None, device: str) -> dict[str, Any]:
     import gc
 
     import torch

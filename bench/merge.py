@@ -149,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         home = work / "home"
         home.mkdir(parents=True, exist_ok=True)
-        if args.smoke:
-            base = tiny.ensure_tiny_model(home)
-            result["base"] = {"folder": "embedded tiny model", "built": True}
-        elif args.model:
+        if args.model:
             base = args.model.expanduser().resolve()
             result["base"] = {"folder": str(base), "built": False}
+        elif args.smoke:
+            base = tiny.ensure_tiny_model(home)
+            result["base"] = {"folder": "embedded tiny model", "built": True}
         else:
             from bench.train_smoke import make_7b  # a Mistral-7B-shaped random bf16 model + tokenizer
 
@@ -165,15 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         result["adapter"] = make_adapter(base, run)
         print(f"adapter: {result['adapter']['tensors']} tensors, {result['adapter']['parameters']:,} parameters", flush=True)
         ctx = Recorder()
-        plan = merge.plan(str(run / "adapter"), "bench-merged", home, args.dtype, "dequantized")
+        plan = merge.plan(str(run / "adapter"), "bench-merged", home, args.dtype, "dequantized",
+                          device="cpu" if args.smoke else "auto")
         result["plan"] = {k: plan[k] for k in ("device", "memory", "disk", "into_default", "warnings")}
         result["parameters"] = plan["base"]["parameters"]
         t = time.perf_counter()
         merged = merge.run_merge({"adapter": str(run / "adapter"), "out": "bench-merged", "dtype": args.dtype,
                                   "into": "dequantized", "max_shard_size": "5GB", "verify": True,
-                                  "verify_dtype": args.verify_dtype}, home, ctx)
+                                  "verify_dtype": args.verify_dtype, "device": "cpu" if args.smoke else "auto"},
+                                 home, ctx)
         result["merge_and_verify_s"] = round(time.perf_counter() - t, 2)
-        result.update({k: merged[k] for k in ("merge_s", "save_s", "size_bytes", "files", "device")})
+        result.update({k: merged[k] for k in ("merge_s", "save_s", "size_bytes", "files")})
+        result["merge_device"] = merged["device"]
         result["stage_s"] = ctx.stage_seconds()
         result["verify"] = merged["verify"]
         card = (Path(merged["out"]) / "README.md").read_text(encoding="utf-8")
