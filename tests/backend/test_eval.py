@@ -1,0 +1,124 @@
+"""Evaluation (backend/evaluate.py) and the chat benchmark's smoke run, on the tiny model on the
+CPU: perplexity against exp of the mean token loss computed here with the model's own loss,
+`qlw eval` printing its table, the exports, and `bench/chat.py --smoke`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend import chat, evaluate, models, protocol as P, tiny
+from backend.holdings import HOLDINGS
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+TEXT = ("Copper is a soft, malleable and ductile metal with very high thermal and electrical conductivity. "
+        "Iron is the most common element on Earth by mass, forming much of its outer and inner core. ") * 12
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
+    cache = getattr(pytestconfig, "cache", None)
+    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
+    return tiny.ensure_tiny_model(home)
+
+
+@pytest.fixture
+def clean_engine():
+    chat.ENGINE.release()
+    chat.ENGINE.last_base_settings = None
+    models.release_base_model()
+    yield chat.ENGINE
+    chat.ENGINE.release()
+    chat.ENGINE.last_base_settings = None
+    models.release_base_model()
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss(tiny_folder, tmp_path, clean_engine):
+    models.load_job(P.LoadModel(source=str(tiny_folder), precision="fp32", device="cpu"))(chat.QuietContext())
+    base, tokenizer = HOLDINGS.get("base"), HOLDINGS.get("tokenizer")
+    seqs = evaluate.text_sequences(tokenizer, TEXT, window=64)
+    assert len(seqs) >= 3
+    ppl, n = evaluate.perplexity(lambda ids: clean_engine.logits(chat.parse_target("base"), ids, last_only=False), seqs)
+    # Independently: transformers' own loss (mean over each window's predicted tokens), weighted.
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, _mask in seqs:
+            x = torch.tensor([ids])
+            loss = base(input_ids=x, labels=x).loss
+            total += float(loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    assert n == count
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+    # A mask leaves tokens out of the mean.
+    ids = seqs[0][0]
+    logits = clean_engine.logits(chat.parse_target("base"), ids, last_only=False)
+    half = [0] * (len(ids) // 2) + [1] * (len(ids) - len(ids) // 2)
+    _nll, counted = evaluate.token_nll(logits, ids, half)
+    assert counted == sum(half[1:])
+
+
+def test_qlw_eval_prints_the_table_and_exits_0(tiny_folder, tmp_path, capsys, clean_engine):
+    from backend.__main__ import main
+
+    models.load_job(P.LoadModel(source=str(tiny_folder), precision="fp32", device="cpu"))(chat.QuietContext())
+    adapter = chat.make_random_adapter(HOLDINGS.get("base"), tmp_path / "adapter", r=4, lora_alpha=8)
+    models.release_base_model()
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a metal.\n\nWhat is iron?\n", encoding="utf-8")
+    out_csv, out_md = tmp_path / "rows.csv", tmp_path / "table.md"
+    code = main(["eval", "--base", str(tiny_folder), "--adapter", str(adapter), "--precision", "fp32",
+                 "--device", "cpu", "--prompts", str(prompts), "--runs", "2", "--max-new-tokens", "4",
+                 "--text", str(text), "--home", str(tmp_path / "home"), "--csv", str(out_csv),
+                 "--markdown", str(out_md)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    lines = stdout.splitlines()
+    assert lines[0].startswith("| target | size | load s | gen s (mean) | gen s (std) | tokens/s | peak memory | "
+                               "perplexity |")
+    rows = [line for line in lines[2:] if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| base", f"| tuned ({tmp_path.name})"]  # the run folder's name
+    assert out_md.read_text(encoding="utf-8") == stdout
+    table = list(csv.DictReader(io.StringIO(out_csv.read_text(encoding="utf-8"))))
+    assert [r["target"] for r in table] == ["base", f"tuned:{adapter.resolve()}"]
+    for r in table:
+        assert float(r["perplexity"]) > 1 and int(r["ppl_tokens"]) > 100 and r["runs"] == "2"
+        assert float(r["gen_mean_s"]) > 0 and float(r["tokens_per_s"]) > 0 and int(r["size_bytes"]) > 0
+    assert table[0]["perplexity"] != table[1]["perplexity"]  # the adapter changes the model
+    assert main(["eval", "--home", str(tmp_path / "home")]) == 2  # nothing named
+
+
+def test_eval_tables_and_row_events():
+    row = {"target": "base", "label": "base", "size_bytes": 3 * 1024**3, "load_s": 1.5, "gen_mean_s": 2.0,
+           "gen_std_s": 0.1, "tokens_per_s": 31.0, "peak_bytes": 5 * 1024**3, "perplexity": 7.25, "ppl_tokens": 900,
+           "runs": 3, "device": "cuda:0", "path": "fast", "note": "a | b"}
+    P.build(P.EvalRow, row, "eval.row")
+    md = evaluate.markdown_table([row])
+    assert "| base | 3.00 GiB | 1.500 | 2.000 | 0.100 | 31.0 | 5.00 GiB | 7.250 | 900 | fast |" in md
+    assert list(csv.DictReader(io.StringIO(evaluate.csv_text([row]))))[0]["perplexity"] == "7.25"
+
+
+def test_bench_chat_smoke_runs_and_writes_its_figures(tiny_folder, tmp_path):
+    out = tmp_path / "chat.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "chat.py"), "--smoke", "--model", str(tiny_folder),
+                           "--tokens", "4", "--runs", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "qlw fast" in proc.stdout and "max|Δlogit|" in proc.stdout
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {"bare/base", "bare/tuned", "qlw/base", "qlw/tuned"}
+    for key in ("qlw/base", "qlw/tuned"):
+        row = record["rows"][key]
+        assert row["path"] == "fast" and row["tokens"] == [4] and row["max_logit_diff"] < 1e-4 and row["argmax_equal"]
+    assert record["versions"]["transformers"] and record["device"].startswith("CPU")
