@@ -105,6 +105,9 @@ JobFn = Callable[[JobContext], dict[str, Any] | None]
 class JobRunner:
     """Runs at most one job at a time in a dedicated worker thread."""
 
+    #: Events a job may have handed to the loop and not yet published before its emit waits.
+    MAX_IN_FLIGHT = 64
+
     def __init__(self, loop: asyncio.AbstractEventLoop, publish: Publish,
                  on_status: Callable[[str, str], Any] | None = None):
         self._loop = loop
@@ -114,6 +117,7 @@ class JobRunner:
         self._ctx: JobContext | None = None
         self._task: asyncio.Task | None = None
         self._loop_thread = threading.get_ident()  # constructed on the loop's thread
+        self._in_flight = threading.BoundedSemaphore(self.MAX_IN_FLIGHT)
 
     @property
     def current(self) -> JobInfo | None:
@@ -161,11 +165,26 @@ class JobRunner:
     def _publish_threadsafe(self, session: str | None, kind: str, payload: dict[str, Any]) -> None:
         if threading.get_ident() == self._loop_thread:
             self._publish(session, kind, payload)
-        else:
+            return
+        # Backpressure: a job that emits faster than the loop records and broadcasts would
+        # otherwise grow the loop's ready queue without bound, and every request (ping, hello)
+        # would wait behind it. The job thread waits instead, once MAX_IN_FLIGHT are queued.
+        while not self._in_flight.acquire(timeout=0.5):
+            if self._loop.is_closed() or not self._loop.is_running():
+                log.warning("dropped %s event: the loop is not running", kind)
+                return
+
+        def publish() -> None:
             try:
-                self._loop.call_soon_threadsafe(self._publish, session, kind, payload)
-            except RuntimeError:  # loop closed during shutdown: nobody left to tell
-                log.warning("dropped %s event after the loop closed", kind)
+                self._publish(session, kind, payload)
+            finally:
+                self._in_flight.release()
+
+        try:
+            self._loop.call_soon_threadsafe(publish)
+        except RuntimeError:  # loop closed during shutdown: nobody left to tell
+            self._in_flight.release()
+            log.warning("dropped %s event after the loop closed", kind)
 
     async def _run(self, ctx: JobContext, fn: JobFn) -> None:
         info = ctx.info
