@@ -134,13 +134,9 @@ def _describe(exc: BaseException, repo_id: str) -> tuple[str, str]:
         if code == 404:
             return (f"the Hub has no repository {repo_id} ({first})", "check the namespace and name")
         return (f"the Hub answered {code}: {first}", "try again later; the message above says what the Hub objected to")
-    try:
-        import httpx
-
-        network = (httpx.TransportError, OSError, ConnectionError)
-    except ImportError:
-        network = (OSError, ConnectionError)
-    if isinstance(exc, network):
+    # huggingface_hub's HTTP client (httpx, or its fork httpx2) raises TransportError subclasses.
+    transport = {"TransportError", "NetworkError", "ConnectError", "TimeoutException", "ProxyError"}
+    if isinstance(exc, (OSError, ConnectionError)) or transport & {c.__name__ for c in type(exc).__mro__}:
         return (f"cannot reach the Hub at {endpoint()}: {type(exc).__name__}: {exc}",
                 "check the network (or HF_ENDPOINT); set HF_HUB_OFFLINE=1 to work locally only")
     return (f"{type(exc).__name__}: {exc}", "")
