@@ -817,8 +817,9 @@ class ChatEngine:
             why = self.adapter_fast.get(target.path)
             if why:
                 return why
+            name = self._ensure_adapter(target.path)
             try:
-                deltas = lora_deltas(self.peft(), _adapter_name(target.path))
+                deltas = lora_deltas(self.peft(), name)
             except FastPathUnavailable as exc:
                 self.adapter_fast[target.path] = str(exc)
                 return str(exc)

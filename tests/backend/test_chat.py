@@ -240,3 +240,61 @@ def test_chat_is_refused_while_training_holds_the_gpu(tmp_path):
     assert reply.status == "accepted" and len(reply.result["answer_ids"]) == 1
     reply = asyncio.run(room.load(None, P.ChatLoad(target="weird:thing")))
     assert reply.status == "error" and "unknown chat target" in reply.reason
+
+
+def test_chat_through_the_backend(tiny_folder, tmp_path_factory):
+    """chat.* on a real backend: the targets list the session's adapter; a compare send streams
+    both answers (deltas are not stored, the transcript is); the export writes it."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    from tests.conftest import start_backend, stop_backend
+    from tui.client import Connection
+
+    home = Path(tempfile.mkdtemp(prefix="qlw-c-", dir="/tmp"))
+    shutil.copytree(tiny_folder, tiny.tiny_model_path(home))
+    models.load_job(P.LoadModel(source=str(tiny_folder), precision="fp32", device="cpu"))(chat.QuietContext())
+    adapter = chat.make_random_adapter(HOLDINGS.get("base"), home / "runs" / "s1" / "adapter", r=4, lora_alpha=8)
+    models.release_base_model()
+    (home / "runs" / "s1" / "config.toml").write_text(
+        f'name = "s1"\n[model]\nsource = "{tiny_folder}"\nprecision = "fp32"\ndevice = "cpu"\n', encoding="utf-8")
+    proc = start_backend(home)
+    try:
+        async def body():
+            events: list = []
+            conn = await Connection.open(P.socket_path(home), "chat-test", events.append)
+            await conn.call(P.Attach())
+            listed = await conn.call(P.ChatTargets())
+            tuned = f"tuned:{adapter.resolve()}"
+            assert [t["id"] for t in listed["targets"]] == ["base", tuned] and not listed["base_loaded"]
+            msgs = [{"role": "user", "content": "Name a metal."}]
+            sent = await conn.call(P.ChatSend(target=tuned, messages=msgs, compare_with="base",
+                                              settings={"max_new_tokens": 12, "do_sample": True, "seed": 3}))
+            assert len(sent["answer_ids"]) == 2
+            for _ in range(600):
+                if any(e.kind == "job.finished" and e.payload["job_id"] == sent["job_id"] for e in events):
+                    break
+                await asyncio.sleep(0.05)
+            end = next(e.payload for e in events if e.kind == "job.finished")
+            assert end["status"] == "done", end
+            answers = [e.payload for e in events if e.kind == "chat.answer"]
+            assert [a["answer_id"] for a in answers] == sent["answer_ids"]
+            assert [a["target"] for a in answers] == [tuned, "base"]
+            deltas = [e for e in events if e.kind == "chat.delta"]
+            assert deltas and all(e.seq is None for e in deltas)
+            for a in answers:
+                assert "".join(e.payload["text"] for e in deltas if e.payload["answer_id"] == a["answer_id"]) == a["text"]
+            listed = await conn.call(P.ChatTargets())
+            assert listed["base_loaded"] and listed["targets"][1]["loaded"]
+            out = await conn.call(P.ChatExport(path="talk.md", format="markdown"))
+            assert out["answers"] == 2 and Path(out["path"]) == home / "exports" / "talk.md"
+            assert "Name a metal." in Path(out["path"]).read_text(encoding="utf-8")
+            cleared = await conn.call(P.ChatClear())
+            assert cleared["conversation"] != sent["conversation"]
+            await conn.close()
+
+        asyncio.run(body())
+    finally:
+        stop_backend(proc)
+        shutil.rmtree(home, ignore_errors=True)
