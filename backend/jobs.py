@@ -135,9 +135,13 @@ class JobRunner:
         info = JobInfo(secrets.token_hex(4), kind, session, time.time(), dict(params or {}))
         ctx = JobContext(self, info)
         self._ctx = ctx
-        self._on_status(session, "running")
-        self._publish(session, "job.started", {"job_id": info.job_id, "kind": kind, "params": info.params})
-        self._task = self._loop.create_task(self._run(ctx, fn))
+        try:
+            self._on_status(session, "running")
+            self._publish(session, "job.started", {"job_id": info.job_id, "kind": kind, "params": info.params})
+            self._task = self._loop.create_task(self._run(ctx, fn))
+        except BaseException:
+            self._ctx = None  # never left "running" with nothing that runs: that would refuse every later job
+            raise
         return info
 
     def cancel(self, job_id: str = "") -> bool:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import json
 import logging
 import os
+import re
 import signal
 import stat
 import time
@@ -50,6 +52,21 @@ def ensure_private_dir(path: Path) -> None:
         raise RuntimeError(f"{path} belongs to uid {st.st_uid}, not to you: refusing to use it")
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
+
+
+def encode(msg: Any) -> bytes:
+    """:func:`backend.protocol.encode`, or, for text that is no valid Unicode (a lone surrogate,
+    as from a file name that is not UTF-8), the same JSON with every non-ASCII character escaped:
+    a message is always sent, never the connection dropped for it."""
+    try:
+        return P.encode(msg)
+    except UnicodeEncodeError:
+        data = {"type": msg.TYPE, **P.to_dict(msg)}
+        return json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=True).encode("ascii") + b"\n"
+
+
+#: A \uXXXX escape of a UTF-16 surrogate: the message may hold a lone one (checked further).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class _TooLarge:
@@ -115,7 +132,7 @@ class Client:
         self.task = asyncio.get_running_loop().create_task(self._write_loop())
 
     def send(self, msg: Any) -> None:
-        self.offer(P.encode(msg))
+        self.offer(encode(msg))
 
     def offer(self, line: bytes) -> None:
         if self.closed:
@@ -374,7 +391,7 @@ class BackendServer:
         if session is not None and kind not in P.EPHEMERAL and self.store is not None:
             seq = self.store.append_event(session, kind, payload, now)
         ev = P.Event(kind=kind, payload=payload, time=now, session=session, seq=seq)
-        line = P.encode(ev)
+        line = encode(ev)
         for c in list(self.clients):
             c.offer_event(ev, line)
         return ev
@@ -426,6 +443,13 @@ class BackendServer:
     async def _dispatch(self, client: Client, line: bytes) -> None:
         try:
             msg = P.decode(line)
+            if _SURROGATE_ESCAPE.search(line):
+                try:  # a pair is one character once decoded; a lone half cannot be stored or sent
+                    P.encode(msg)
+                except UnicodeEncodeError:
+                    raise P.ProtocolError(P.BAD_JSON, "message holds a lone UTF-16 surrogate (\\ud800-\\udfff "
+                                                      "escape): not valid Unicode",
+                                          getattr(msg, "id", None)) from None
         except P.ProtocolError as exc:
             log.warning("%s: %s (%s)", client.name, exc.message, exc.code)
             client.send(P.Reply(exc.request_id or "", "error", reason=exc.message, code=exc.code))
@@ -722,7 +746,7 @@ class BackendServer:
                     rows = await asyncio.to_thread(self.store.read_events, session, since, batch)
                     for row in rows:
                         ev = P.Event(row.kind, row.payload, row.time, row.session, row.seq)
-                        await client.put_event(ev, P.encode(ev))
+                        await client.put_event(ev, encode(ev))
                     if len(rows) < batch:
                         break
                     since = rows[-1].seq

@@ -214,6 +214,10 @@ class Store:
         """Record one event and return its sequence number (1, 2, ... per session)."""
         when = time.time() if when is None else when
         text = json.dumps(payload, ensure_ascii=False, allow_nan=True)  # a NaN loss must still be reported
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (a file name that is not UTF-8): escape, keep the event
+            text = json.dumps(payload, ensure_ascii=True, allow_nan=True)
         with self._lock:
             seq = self._last_seq.get(session)
             if seq is None:
