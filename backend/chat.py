@@ -55,6 +55,10 @@ FAST_MARGIN_BYTES = 2 * 1024**3
 #: The static KV cache is sized in steps of this many tokens, so most answers reuse one compiled graph.
 CACHE_BUCKET = 1024
 GIB = 1024**3
+#: transformers ``CompileConfig`` fields for the decode copy (None: transformers' default,
+#: inductor with CUDA graphs, on GPUs only). Set (e.g. ``{"backend": "aot_eager", "mode": None}``)
+#: it also compiles on the CPU: how the tests check that one compile serves every answer.
+COMPILE_OVERRIDE: dict[str, Any] | None = None
 
 HOLD_PEFT = "chat.peft"
 HOLD_DECODE = "chat.decode"
@@ -536,6 +540,12 @@ class DecodeCopy:
         if leftover:
             raise FastPathUnavailable(f"could not fill {leftover[0]} of the copy")
         model.generation_config = copy.deepcopy(plain_src.generation_config)
+        if COMPILE_OVERRIDE is not None:
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig(**COMPILE_OVERRIDE)
+            compile_config._compile_all_devices = True
+            model.generation_config.compile_config = compile_config
         model.eval()
         self.model = model
         self.state = ""  # what the weights hold now: "base" or "tuned:<adapter>"

@@ -298,3 +298,36 @@ def test_chat_through_the_backend(tiny_folder, tmp_path_factory):
     finally:
         stop_backend(proc)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_one_compile_serves_base_tuned_and_every_prompt(loaded, monkeypatch):
+    """The fast path's decode step is compiled once (at load, by the warm-up): switching between
+    base and tuned rewrites weights in place and new prompts reuse the static cache, so nothing
+    recompiles; the compiled answers equal the plain path's. (On the CPU with dynamo's
+    aot_eager backend: the same tracing and guards as on a GPU, without CUDA graphs.)"""
+    from torch._dynamo.utils import counters
+
+    base, tokenizer, adapter = loaded
+    monkeypatch.setenv(chat.FAST_ENV, "1")
+    monkeypatch.setattr(chat, "COMPILE_OVERRIDE", {"backend": "aot_eager", "mode": None})
+    engine = chat.ENGINE
+    engine.release()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert engine.prepare(chat.parse_target("base"), Path("."))["fast_path"] == "on"
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        greedy = P.ChatSettings(max_new_tokens=10, do_sample=False)
+        for target, text in [("base", "Name a metal."), (f"tuned:{adapter}", "Name a metal."),
+                             ("base", "A much longer question about copper, iron and the stars."),
+                             (f"tuned:{adapter}", "Why?")]:
+            t, ids = chat.parse_target(target), prompt_ids(tokenizer, text)
+            engine.prepare(t, Path("."))
+            fast = engine.answer(t, ids, greedy, extra={"min_new_tokens": 10})
+            plain = engine.answer(t, ids, greedy, fast=False, extra={"min_new_tokens": 10})
+            assert fast["path"] == "fast" and fast["output_ids"] == plain["output_ids"], target
+        assert counters["stats"]["unique_graphs"] == graphs  # no recompile
+    finally:
+        engine.release()
+        torch._dynamo.reset()
