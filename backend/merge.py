@@ -34,6 +34,7 @@ before the folder is complete) or ``fail@saving`` (raise there); read once per p
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -290,8 +291,12 @@ def dequantize_model(model, dtype) -> int:
         if not isinstance(module, Linear4bit):
             continue
         weight = module.weight
+        # Dequantized in fp32 (absmax x code exactly), then rounded once to ``dtype``: the 4-bit
+        # layer computing in fp32 sees these fp32 values, not ones rounded to its load dtype.
+        state = copy.copy(weight.quant_state)
+        state.dtype = torch.float32
         with torch.no_grad():
-            dense = dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+            dense = dequantize_4bit(weight.data, state).to(dtype)
         with torch.device("meta"):
             linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         linear.weight = torch.nn.Parameter(dense, requires_grad=False)
@@ -318,6 +323,22 @@ def dequantize_model(model, dtype) -> int:
     return n
 
 
+def compute_4bit_in(model, dtype) -> None:
+    """Make a 4-bit model compute in ``dtype`` without touching its quantized weights: its
+    ``Linear4bit`` layers compute in ``dtype`` (they dequantize to the dtype they were quantized
+    from, then cast) and its unquantized parameters are cast (buffers such as rotary frequencies
+    keep their dtype). The model as trained, only computed more precisely."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.compute_dtype = dtype
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(param, Params4bit) or not param.is_floating_point():
+                continue
+            param.data = param.data.to(dtype)
+
+
 def load_for_merge(src, trained: P.ModelSettings, dtype: str, into: str, device: str,
                    report: Callable[..., None], cancelled: Callable[[], bool]):
     """The base to merge into, in ``dtype`` on ``device``: (model, tokenizer, how it was loaded)."""
@@ -325,13 +346,13 @@ def load_for_merge(src, trained: P.ModelSettings, dtype: str, into: str, device:
 
     quantized = trained.precision == "4bit"
     if into == "dequantized" and quantized:
-        # The 4-bit weights are those of training whatever the compute dtype (the checkpoint's
-        # tensors are quantized as loaded); the unquantized modules (embeddings, norms) come in the
-        # merge dtype, as a bf16 training run computed them in bf16.
+        # Loaded exactly as in training (the compute dtype decides which tensors bitsandbytes
+        # quantizes: the checkpoint's, cast to it), so the 4-bit weights and the unquantized
+        # modules are those the adapter was trained against; then dequantized to the merge dtype.
         settings = P.ModelSettings(source=trained.source, revision=trained.revision,
                                    trust_remote_code=trained.trust_remote_code, precision="4bit",
                                    quant_type=trained.quant_type, double_quant=trained.double_quant,
-                                   compute_dtype=dtype, attn_implementation="sdpa", device=device)
+                                   compute_dtype=trained.compute_dtype, attn_implementation="sdpa", device=device)
         how = f"{models.describe_precision(settings)} as trained, dequantized to {dtype}"
     else:
         settings = P.ModelSettings(source=trained.source, revision=trained.revision,
@@ -812,12 +833,12 @@ def _verify(out: str, adapter: str, home: Path, ctx, dtype: str, merge_dtype: st
     # 2. The model as trained: the base as trained (4-bit) + the adapter, computing in ``dtype``.
     report("verifying", 1, steps, "", "loading the base as trained + adapter")
     as_trained = P.ModelSettings(**{**P.to_dict(trained), "device": device, "attn_implementation": "sdpa"})
-    if as_trained.precision == "4bit":
-        as_trained.compute_dtype = dtype
-    elif as_trained.precision != "8bit":
+    if as_trained.precision not in ("4bit", "8bit"):
         as_trained.precision = dtype
     t = time.perf_counter()
     loaded = models.load_base_model(as_trained, cancelled=cancelled)
+    if as_trained.precision == "4bit":
+        compute_4bit_in(loaded.model, _dtype(dtype))
     model = adapters.attach_adapter(loaded.model, adapter, name="verify")
     trained_load = time.perf_counter() - t
     trained_rows = _logits(model, tokenizer, prompts, device)

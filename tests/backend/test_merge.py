@@ -323,6 +323,8 @@ def test_bench_smoke(tiny_folder, tmp_path):
     assert result["mode"] == "smoke" and result["merge_device"] == "cpu"
     assert result["merge_s"] > 0 and result["save_s"] > 0 and result["versions"]["peft"]
     rows = {r["model"]: r for r in result["verify"]["rows"]}
-    # bf16 merge: the merged model stays within a few noise floors of the model as trained.
-    assert rows["merged"]["max_abs_logit_diff"] < 10 * result["verify"]["noise_floor"] + 1e-3
+    # A bf16 merge into the dequantized base: off the model as trained by less than bf16's own
+    # noise (the base in bf16 vs fp32); the original weights are further away (the 4-bit rounding).
+    assert 0 < rows["merged"]["max_abs_logit_diff"] < 2 * result["verify"]["noise_floor"]
+    assert rows["merged"]["max_abs_logit_diff"] < rows["full-precision base + adapter"]["max_abs_logit_diff"]
     assert result["model_card_names_base"] and not result["config_names_base_path"]
