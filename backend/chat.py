@@ -1295,11 +1295,13 @@ class ChatRoom:
         return P.Reply("", "ok", {"path": str(path), "rows": len(rows)})
 
 
+#: Jobs that use the held base model as loaded: chat lets go of it before they run.
+RELEASE_BEFORE = ("train.start", "model.load")
+
+
 def register(server) -> ChatRoom:
     """Add the chat and evaluation requests to ``server``; chat's adapters and decode copy are
     let go before a training run or another base model uses the held base."""
-    import asyncio
-
     room = ChatRoom(server)
     server.chat = room
     server.handlers.update({
@@ -1311,24 +1313,18 @@ def register(server) -> ChatRoom:
         "eval.run": room.eval_run,
         "eval.export": room.eval_export,
     })
-    # Training and model.load use HOLDINGS["base"] as they find it: without chat's LoRA layers.
-    load_factory = server.job_factories.get("model.load")
-    if load_factory is not None:
-        def model_load(params, _factory=load_factory):
-            fn = _factory(params)
+    # Training and model.load use HOLDINGS["base"] as they find it: their jobs first take chat's
+    # LoRA layers out of it and drop the decode copy (its memory is the training run's now).
+    start_job = server._start_job
 
-            def run(ctx):
+    def _start_job(method: str, params: Any, fn=None):
+        if method in RELEASE_BEFORE:
+            inner = fn or server.job_factories[method](params)
+
+            def fn(ctx, _inner=inner):
                 ENGINE.release()
-                return fn(ctx)
-            return run
+                return _inner(ctx)
+        return start_job(method, params, fn)
 
-        server.job_factories["model.load"] = model_load
-    train_start = server.handlers.get("train.start")
-    if train_start is not None:
-        async def start_training(client, params, _handler=train_start):
-            if server.jobs is not None and server.jobs.current is None:
-                await asyncio.to_thread(ENGINE.release)
-            return await _handler(client, params)
-
-        server.handlers["train.start"] = start_training
+    server._start_job = _start_job
     return room

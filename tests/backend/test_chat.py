@@ -290,6 +290,14 @@ def test_chat_through_the_backend(tiny_folder, tmp_path_factory):
             out = await conn.call(P.ChatExport(path="talk.md", format="markdown"))
             assert out["answers"] == 2 and Path(out["path"]) == home / "exports" / "talk.md"
             assert "Name a metal." in Path(out["path"]).read_text(encoding="utf-8")
+            # Loading a base model (as training does) first takes chat's adapter out of the base.
+            job = await conn.call(P.LoadModel(source=str(tiny_folder), precision="fp32", device="cpu"))
+            for _ in range(600):
+                if any(e.kind == "job.finished" and e.payload["job_id"] == job["job_id"] for e in events):
+                    break
+                await asyncio.sleep(0.05)
+            listed = await conn.call(P.ChatTargets())
+            assert listed["base_loaded"] and not listed["targets"][1]["loaded"]
             cleared = await conn.call(P.ChatClear())
             assert cleared["conversation"] != sent["conversation"]
             await conn.close()
