@@ -336,17 +336,17 @@ def stream_generate(model, tokenizer, input_ids: list[int], settings: P.ChatSett
     done = False
     while not done:
         try:
-            chunk = streamer.text_queue.get(timeout=0.1)
+            chunk = streamer.text_queue.get(timeout=DELTA_INTERVAL_S)
         except queue.Empty:
             if future.done() and streamer.text_queue.empty():
                 break
-            continue
+            chunk = ""  # no new text: still send what the interval held back
         if chunk is streamer.stop_signal:
             done = True
         elif chunk:  # the streamer yields empty chunks: nothing to show
             raw += chunk
         now = time.perf_counter()
-        if on_delta is not None and (done or now - last_emit >= DELTA_INTERVAL_S):
+        if on_delta is not None and len(raw) > len(sent) and (done or now - last_emit >= DELTA_INTERVAL_S):
             cleaned = clean_text(raw)
             delta = cleaned[len(sent):]
             if delta:
@@ -395,6 +395,24 @@ def _device_of(model):
 
 
 # The decode copy ------------------------------------------------------------------------------------------
+
+
+def forget_compiled() -> None:
+    """Drop what ``torch.compile`` keeps for the decode copy: its compiled code and the CUDA
+    graphs with their memory pools, which are recorded per thread (the generation thread) and
+    would otherwise keep the copy's memory after the copy itself is gone."""
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return
+    if threading.current_thread().name.startswith("qlw-generate"):
+        dynamo.reset()
+        return
+    try:
+        _gen_pool().submit(dynamo.reset).result(timeout=120)
+    except Exception:  # freeing must not fail because of the compiler's caches
+        log.exception("resetting torch.compile's caches failed")
 
 
 class FastPathUnavailable(Exception):
@@ -551,6 +569,9 @@ class DecodeCopy:
         self.state = ""  # what the weights hold now: "base" or "tuned:<adapter>"
         self.cache = None
         self.materialise(None, "base")
+        # However the copy goes (chat's release, gpu.free dropping every holding), its compiled
+        # graphs go with it.
+        weakref.finalize(self, forget_compiled)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.linear_params.values())
@@ -727,6 +748,7 @@ class ChatEngine:
                 dropped.append("base")
         if HOLDINGS.drop(HOLD_DECODE):
             dropped.append(HOLD_DECODE)
+            _collect()
         if merged and HOLDINGS.drop(HOLD_MERGED):
             dropped.append(HOLD_MERGED)
         self.fast_reason, self.fast_for, self.adapter_fast = None, None, {}
@@ -977,6 +999,18 @@ class ChatEngine:
         if base is None or self.fast_for is None or self.fast_for() is not base:
             return "unknown"
         return "on" if not self.fast_reason else f"off: {self.fast_reason}"
+
+
+def _collect() -> None:
+    """Collect the dropped copy (its model and compiled call form a cycle) and give its CUDA
+    memory back to the driver."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _carries_lora(model) -> bool:
