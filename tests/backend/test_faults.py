@@ -176,6 +176,23 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_last_one_and_says_so(smal
     assert sorted(run.losses()) == [1, 2, 3, 4]  # the rows logged before the failure stay
 
 
+def test_disk_full_while_saving_the_final_adapter_keeps_the_checkpoint(small_disk):
+    """The last checkpoint (~670 KiB) fits, the final adapter after it (~360 KiB) does not."""
+    config = small_config(max_steps=2, save_steps=0)
+    config["data"]["split_mode"] = "none"
+    run, result = train_here(small_disk, config)
+    assert isinstance(result, JobError), result
+    folder = train.run_dir(small_disk, run.session)
+    assert str(result).startswith(f"disk full while saving adapter at {folder / 'adapter'}"), str(result)
+    assert "checkpoint-2, is intact" in str(result)
+    assert not (folder / "adapter").exists()  # no half-written adapter
+    assert train.check_resume(str(folder / "checkpoints" / "checkpoint-2"), config)
+    assert run.of("train.finished")[0]["status"] == "failed"
+    from backend.holdings import HOLDINGS
+
+    assert HOLDINGS.get("trainer") is None  # the run's cleanup still ran
+
+
 @pytest.mark.skipif("merge.start" not in P.REQUESTS, reason="backend/merge.py (merge.start) has not landed yet")
 def test_disk_full_while_merging_leaves_no_half_written_model(small_disk, checkpoint):
     """For the merge helper's code: a merged model that does not fit the disk ends the merge.start
