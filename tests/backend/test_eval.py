@@ -122,3 +122,52 @@ def test_bench_chat_smoke_runs_and_writes_its_figures(tiny_folder, tmp_path):
         row = record["rows"][key]
         assert row["path"] == "fast" and row["tokens"] == [4] and row["max_logit_diff"] < 1e-4 and row["argmax_equal"]
     assert record["versions"]["transformers"] and record["device"].startswith("CPU")
+
+
+def test_eval_job_scores_the_runs_validation_split(tiny_folder, tmp_path, clean_engine):
+    """eval.run's job on a session's adapter: the base's settings and the validation rows come
+    from the run's config.toml; the rows are eval.row events that fit the protocol, and the
+    perplexity is exp of the mean loss over the loss-masked tokens of those rows."""
+    from backend import data as D, train_config as TC
+    from tests.backend.test_chat import Ctx
+
+    home = tmp_path / "home"
+    run = home / "runs" / "s1"
+    cfg = TC.defaults()
+    cfg["name"] = "s1"
+    cfg["model"].update(source=str(tiny_folder), precision="fp32", device="cpu")
+    cfg["data"]["max_length"] = 128
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(TC.dumps_toml(cfg), encoding="utf-8")
+    models.load_job(P.LoadModel(source=str(tiny_folder), precision="fp32", device="cpu"))(chat.QuietContext())
+    adapter = chat.make_random_adapter(HOLDINGS.get("base"), run / "adapter", r=4, lora_alpha=8)
+    models.release_base_model()
+    ctx = Ctx()
+    params = P.EvalRun(targets=[f"tuned:{adapter}", "base"], prompts=["Name a metal."], runs=2, max_new_tokens=3)
+    result = evaluate.eval_job(params, home)(ctx)
+    rows = [p for k, p in ctx.events if k == "eval.row"]
+    assert [r["target"] for r in rows] == [f"tuned:{adapter.resolve()}", "base"] == [r["target"] for r in result["rows"]]
+    for row in rows:
+        P.build(P.EvalRow, row, "eval.row")
+        assert row["runs"] == 2 and row["gen_mean_s"] > 0 and "validation rows of run s1" in row["note"]
+    # Independently: the validation rows as training tokenizes them, the loss on their masked tokens.
+    base, tokenizer = HOLDINGS.get("base"), HOLDINGS.get("tokenizer")
+    from backend.train import data_settings
+
+    prepared = D.load_prepared(data_settings(cfg["data"], home)[0], home)
+    total, count = 0.0, 0
+    for row in prepared.validation:
+        ids, mask = D.tokenize_like_trl({k: v for k, v in row.items() if v is not None}, tokenizer, prepared.report["loss"])
+        ids, mask = ids[:128], mask[:128]
+        labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
+        n = sum(mask[1:])
+        if not n:
+            continue
+        with torch.no_grad(), clean_engine.peft().disable_adapter():
+            loss = clean_engine.peft()(input_ids=torch.tensor([ids]), labels=labels).loss
+        total += float(loss) * n
+        count += n
+    assert rows[1]["ppl_tokens"] == count
+    assert rows[1]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert rows[0]["perplexity"] != rows[1]["perplexity"]
+    assert "| tuned (s1) |" in result["markdown"]
