@@ -290,6 +290,14 @@ def test_chat_through_the_backend(tiny_folder, tmp_path_factory):
             out = await conn.call(P.ChatExport(path="talk.md", format="markdown"))
             assert out["answers"] == 2 and Path(out["path"]) == home / "exports" / "talk.md"
             assert "Name a metal." in Path(out["path"]).read_text(encoding="utf-8")
+            job = await conn.call(P.EvalRun(targets=[tuned, "base"], prompts=["Hi"], runs=1, max_new_tokens=2))
+            for _ in range(600):
+                if any(e.kind == "job.finished" and e.payload["job_id"] == job["job_id"] for e in events):
+                    break
+                await asyncio.sleep(0.05)
+            assert [e.payload["target"] for e in events if e.kind == "eval.row"] == [tuned, "base"]
+            out = await conn.call(P.EvalExport(path=str(home / "eval.csv"), format="csv"))
+            assert (home / "eval.csv").read_text(encoding="utf-8").count("\n") == 3 and out["rows"] == 2
             # Loading a base model (as training does) first takes chat's adapter out of the base.
             job = await conn.call(P.LoadModel(source=str(tiny_folder), precision="fp32", device="cpu"))
             for _ in range(600):
