@@ -710,7 +710,7 @@ class TrainingSettings:
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 4
     auto_find_batch_size: bool = False
-    packing: bool = False
+    packing: bool = True
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_8bit"
     weight_decay: float = 0.0

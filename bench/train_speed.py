@@ -83,10 +83,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "C": {"kind": "qlw", "label": "qlw all speed options", "options": {"packing": True, "use_liger_kernel": True}},
     "L": {"kind": "qlw", "label": "qlw low memory", "options": {"activation_offloading": True}, "halve": True,
           "datasets": ("fixed",), "once": True},
+    # Not run by default (--variants A,B,C,L,S,L1): the lowest-memory setting, one row per micro-step.
+    "L1": {"kind": "qlw", "label": "qlw lowest memory", "options": {"activation_offloading": True}, "quarter": True,
+           "datasets": ("fixed",), "once": True},
     "S": {"kind": "served", "label": "qlw defaults, served", "options": {}, "datasets": ("mix",), "once": True},
 }
 #: Rough seconds per variant process on an H100 (imports, loads and steps), until pass 1 measures them.
-GPU_ESTIMATE = {"A": 65, "B": 50, "C": 50, "L": 35, "S": 50}
+GPU_ESTIMATE = {"A": 65, "B": 50, "C": 50, "L": 35, "L1": 40, "S": 50}
 
 
 def dataset_specs(smoke: bool) -> dict[str, dict[str, Any]]:
@@ -157,9 +160,10 @@ def qlw_training_defaults() -> dict[str, Any]:
 def plan(variant: str, ds: dict[str, Any]) -> dict[str, Any]:
     """The effective settings of ``variant`` on dataset ``ds``: the same work per optimizer step."""
     v = VARIANTS[variant]
+    padded = "sdpa, causal (no padding)" if ds.get("length") else "sdpa, padding mask"
     if v["kind"] == "plain":
         return {"packing": False, "use_liger_kernel": False, "activation_offloading": False,
-                "gradient_checkpointing": True, "batch": ds["batch"], "ga": ds["ga"], "attention": "sdpa"}
+                "gradient_checkpointing": True, "batch": ds["batch"], "ga": ds["ga"], "attention": padded}
     t = {**qlw_training_defaults(), **v.get("options", {})}
     batch, ga = ds["batch"], ds["ga"]
     if t["packing"]:
@@ -168,10 +172,13 @@ def plan(variant: str, ds: dict[str, Any]) -> dict[str, Any]:
         batch, ga = max(1, round(per_step / ds["max_length"])), 1
     if v.get("halve") and batch > 1:
         batch, ga = batch // 2, ga * 2
+    if v.get("quarter") and batch > 1:
+        batch, ga = max(1, batch // 4), ga * (batch // max(1, batch // 4))
     return {"packing": bool(t["packing"]), "use_liger_kernel": bool(t["use_liger_kernel"]),
             "activation_offloading": bool(t["activation_offloading"]),
             "gradient_checkpointing": bool(t["gradient_checkpointing"]), "batch": batch, "ga": ga,
-            "attention": "sdpa"}
+            "attention": padded if not t["packing"] else ("sdpa, causal (equal rows stacked: train.stack_equal_rows)"
+                                                          if ds.get("length") else "sdpa, block-diagonal mask (packed)")}
 
 
 def liger_installed() -> bool:
@@ -397,10 +404,6 @@ def run_plain(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workd
     return out
 
 
-class _Ctx:
-    """Events of an in-process qlw run (train.LocalRun without printing)."""
-
-
 def run_qlw(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Variants B, C, L: ``backend.train.run_training``, as ``train.start`` and ``qlw train`` run it."""
     import torch
@@ -554,7 +557,8 @@ def run_one(spec: dict[str, Any], ds: dict[str, Any], workdir: Path) -> dict[str
                    peak_alloc_gib=round(timer.peak_alloc / GIB, 3) if timer.peak_alloc else None,
                    peak_reserved_gib=round(timer.peak_reserved / GIB, 3) if timer.peak_reserved else None)
         if kind == "qlw":
-            row.update(event_tokens_per_s=out["event_tokens_per_s"], event_s_per_step=out["event_s_per_step"])
+            row.update(event_tokens_per_s=out["event_tokens_per_s"], event_s_per_step=out["event_s_per_step"],
+                       notes=out["logs"])
             if out["result"].get("status") != "done":
                 raise RuntimeError(f"the qlw run ended {out['result'].get('status')}")
     row["losses"] = [round(losses[k], 5) for k in sorted(losses)]

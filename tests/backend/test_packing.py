@@ -115,3 +115,34 @@ def test_a_packed_batch_is_its_rows_one_by_one(tiny_folder, attention):
     assert found["packed_tokens"] == found["rows_tokens"] > 0
     assert found["packed_loss"] == pytest.approx(found["rows_loss"], abs=1e-5), found
     assert found["control_diff"] > 1e-3, "the control should show rows attending across boundaries"
+
+
+def test_equal_length_rows_go_to_the_model_stacked_with_the_same_loss(tiny_folder):
+    """A packed batch whose rows all have one length (rows that fill max_length) is handed to the
+    model as a plain batch of those rows: sdpa's causal kernel instead of a dense block mask.
+    The logits, the loss and trl's count of useful tokens stay the same."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_folder), dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(5, 3000, (12,), generator=g).tolist() for _ in range(3)]
+    flat = collate([{"input_ids": r} for r in rows])
+    stacked = train.stack_equal_rows(flat)
+    assert stacked["input_ids"].shape == (3, 12) and int(stacked["attention_mask"].sum()) == flat["input_ids"].shape[1]
+    assert not set(train._VARLEN_KEYS) & set(stacked)
+    with torch.no_grad():
+        a = model(**{k: v for k, v in flat.items()}, use_cache=False)
+        b = model(**stacked, use_cache=False)
+    assert float((a.logits.view(3, 12, -1) - b.logits).abs().max()) < 2e-5
+    assert float(a.loss) == pytest.approx(float(b.loss), abs=1e-6)
+    # Two rows of 6 in one pack are rows of equal length too; rows of different lengths stay packed.
+    half = collate([{"input_ids": rows[0][:6] + rows[1][:6], "seq_lengths": [6, 6]}])
+    assert train.stack_equal_rows(half)["input_ids"].shape == (2, 6)
+    mixed = collate([{"input_ids": rows[0]}, {"input_ids": rows[1][:7]}])
+    assert train.stack_equal_rows(mixed) is mixed
+    padded = {"input_ids": flat["input_ids"], "attention_mask": torch.ones_like(flat["input_ids"])}
+    assert train.stack_equal_rows(padded) is padded

@@ -6,7 +6,10 @@ formatter, the held-model load, the callbacks) and through a plain script that c
 peft, transformers and trl directly, building its rows from the JSONL in trl's documented
 conversational shape (``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``) with
 none of qlw's code. Every logged training loss, gradient norm and validation loss must agree
-within 1e-5: a second formatter, a different mask or any setting qlw changed would show.
+within 1e-5: a second formatter, a different mask or any setting qlw changed would show. Both
+runs pack rows (qlw's default, ``packing=True`` in the plain script: trl's best-fit-decreasing
+packing, padding-free); tests/backend/test_packing.py shows that packing computes what the rows
+compute one by one.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def qlw_config(tiny_folder: Path) -> dict:
     config["training"].update(max_steps=STEPS, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                               learning_rate=1e-3, lr_scheduler_type="linear", warmup_ratio=0.1,
                               optim="adamw_torch", weight_decay=0.01, max_grad_norm=0.3, logging_steps=1,
-                              eval_steps=4, save_steps=0, seed=SEED, gradient_checkpointing=True)
+                              eval_steps=4, save_steps=0, seed=SEED, gradient_checkpointing=True, packing=True)
     return config
 
 
@@ -89,7 +92,7 @@ def run_plain_trl(tiny_folder: Path, out: Path) -> dict[int, dict]:
         warmup_steps=0.1,  # transformers 5: below 1 it is the warmup ratio
         optim="adamw_torch", weight_decay=0.01, max_grad_norm=0.3, logging_steps=1, eval_strategy="steps",
         eval_steps=4, save_strategy="no", seed=SEED, bf16=False, use_cpu=True, max_length=128,
-        assistant_only_loss=True, gradient_checkpointing=True, report_to="none")
+        assistant_only_loss=True, gradient_checkpointing=True, packing=True, report_to="none")
     rows: dict[int, dict] = {}
 
     class Keep(TrainerCallback):
