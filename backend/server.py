@@ -309,6 +309,10 @@ class BackendServer:
         interrupted = self.store.mark_interrupted()
         for sid in interrupted:
             log.warning("session %s was running when the last backend died: marked interrupted", sid)
+            try:
+                self._report_interrupted(sid)
+            except Exception:  # telling is best effort: the session is marked either way
+                log.exception("could not record the interruption of session %s", sid)
         loop = asyncio.get_running_loop()
         self.jobs = JobRunner(loop, self.publish, self._set_session_status)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
@@ -362,6 +366,33 @@ class BackendServer:
         self._release_lock()
         self._stopped.set()
 
+    def _report_interrupted(self, session: str) -> None:
+        """Close the job a dead backend left open in ``session`` with what happened, so a client
+        that replays the session is told (an error, a failed job.finished, the session status)
+        instead of showing it running forever; for training, where to resume from."""
+        started = self.store.last_event(session, "job.started")
+        ended = self.store.last_event(session, "job.finished")
+        if started is not None and (ended is None or ended.seq < started.seq):
+            job_id, kind = started.payload.get("job_id", ""), started.payload.get("kind", "job")
+            hint = "start it again"
+            if kind == "train.start":
+                from backend import train
+
+                try:
+                    newest = train.list_checkpoints(self.home, session)
+                except Exception:
+                    newest = []
+                hint = (f"resume from its last checkpoint, {newest[0]['path']} (step {newest[0]['step']})"
+                        if newest else "no checkpoint was saved: start the run again")
+            error = {"message": f"the backend stopped while this {kind} job ran (killed or crashed); "
+                                "the events up to then are kept",
+                     "where": f"backend pid {getattr(self, '_previous_pid', '') or '?'}", "hint": hint, "detail": ""}
+            self.publish(session, "error", {"job_id": job_id, **error})
+            self.publish(session, "job.finished", {
+                "job_id": job_id, "kind": kind, "status": "failed", "result": {}, "error": error,
+                "elapsed_s": round(max(0.0, time.time() - started.time), 3)})
+        self.publish(session, "session.status", {"session": session, "status": "interrupted"})
+
     def _take_lock(self) -> None:
         path = self.home / "backend.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -373,6 +404,7 @@ class BackendServer:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise AlreadyRunning(f"a qlw backend (pid {pid or '?'}) already serves {self.home}") from None
+        self._previous_pid = os.pread(fd, 32, 0).decode(errors="replace").strip()  # for _report_interrupted
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd

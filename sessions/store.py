@@ -239,6 +239,14 @@ class Store:
             self._last_seq[session] = seq
         return seq
 
+    def last_event(self, session: str, kind: str) -> StoredEvent | None:
+        """The newest event of ``kind`` in ``session``, if any."""
+        row = self._db.execute(
+            "SELECT seq, time, kind, payload FROM events WHERE session_id=? AND kind=? ORDER BY seq DESC LIMIT 1",
+            (session, kind),
+        ).fetchone()
+        return StoredEvent(session, row[0], row[1], row[2], json.loads(row[3])) if row else None
+
     def last_seq(self, session: str) -> int:
         return self._last_seq.get(session, 0)
 

@@ -105,7 +105,14 @@ def test_kill_9_mid_training_then_a_fresh_backend_resumes_the_same_curve(tiny_fo
             ckpts = (await conn.call(P.ListCheckpoints(session=session)))["checkpoints"]
             newest = ckpts[0]
             assert newest["step"] >= 8 and newest["step"] % 4 == 0  # a partial save (if any) is not listed
-            await conn.call(P.Attach())
+            # Whoever opens the session is told what happened, and where to resume from.
+            await conn.call(P.Attach(session=session, since=seen_seq))
+            told = [e.payload for e in events if e.session == session and e.kind == "job.finished"]
+            assert told and told[-1]["status"] == "failed", told
+            assert "the backend stopped while this train.start job ran" in told[-1]["error"]["message"]
+            assert newest["path"] in told[-1]["error"]["hint"]
+            assert any(e.kind == "session.status" and e.payload["status"] == "interrupted"
+                       for e in events if e.session == session)
             job = await conn.call(P.StartTraining(config=config, resume_from=newest["path"]))
             assert job["session"] != session
             step = newest["step"]
