@@ -52,8 +52,13 @@ DELTA_INTERVAL_S = 0.05
 FAST_ENV = "QLW_CHAT_FAST"
 #: Room kept free beside the decode copy (KV cache, compile workspaces, CUDA graph pools).
 FAST_MARGIN_BYTES = 2 * 1024**3
-#: The static KV cache is sized in steps of this many tokens, so most answers reuse one compiled graph.
+#: The static KV cache is sized in steps of this many tokens, at least ``CACHE_MIN`` (where the
+#: model's positions allow). Each step costs every decoded token: sdpa with a mask repeats the
+#: key/value heads over the whole cache (a 7B's 1,024 slots: ~1 GB of memory traffic per token,
+#: ~7% of its weights). A conversation that outgrows the cache gets a larger one and one more
+#: compile (dynamo then marks the length dynamic, so later sizes only re-record CUDA graphs).
 CACHE_BUCKET = 1024
+CACHE_MIN = 1024
 GIB = 1024**3
 #: transformers ``CompileConfig`` fields for the decode copy (None: transformers' default,
 #: inductor with CUDA graphs, on GPUs only). Set (e.g. ``{"backend": "aot_eager", "mode": None}``)
@@ -634,6 +639,8 @@ class DecodeCopy:
         except ImportError:  # pragma: no cover
             return None
         size = -(-need // CACHE_BUCKET) * CACHE_BUCKET
+        positions = getattr(self.model.config, "max_position_embeddings", None) or CACHE_MIN
+        size = max(size, min(CACHE_MIN, positions))
         if self.cache is None or self.cache_len < size:
             try:
                 self.cache = StaticCache(config=self.model.config, max_cache_len=size)
