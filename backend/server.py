@@ -298,7 +298,7 @@ class BackendServer:
 
     async def start(self) -> None:
         """Take the data home's lock, open the store, listen. Raises :class:`AlreadyRunning`."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new home is private (an existing one kept)
         self._take_lock()
         ensure_private_dir(self.socket.parent)
         if self.socket.exists() or self.socket.is_symlink():

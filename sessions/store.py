@@ -116,6 +116,12 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            # Born 0600: SQLite gives the -wal and -shm files the database file's mode, and they
+            # hold the newest events (chat text, configs) until a checkpoint.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError:
+            pass  # unwritable: the connect below says why
+        try:
             self._db = _connect(self.path)
             # WAL: readers never block the writer; NORMAL: a commit survives a process crash
             # (only an OS crash or power loss can drop the last commits).
@@ -133,10 +139,11 @@ class Store:
                 f"{self.path} was written by a newer qlw (schema {row[0]} > {SCHEMA_VERSION}); "
                 "upgrade qlw or set QLW_HOME to another folder"
             )
-        try:
-            os.chmod(self.path, 0o600)
-        except OSError:
-            pass
+        for f in (self.path, self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")):
+            try:
+                os.chmod(f, 0o600)  # a store created by an older qlw
+            except OSError:
+                pass
         self._lock = threading.Lock()
         self._last_seq: dict[str, int] = dict(self._db.execute("SELECT id, last_seq FROM sessions"))
 

@@ -17,6 +17,7 @@ import shutil
 import socket
 import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -183,6 +184,29 @@ def test_only_the_owner_can_open_the_socket(served):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "another user could reach the backend's socket"
+
+
+def test_the_store_and_a_new_data_home_are_private(served, tmp_path):
+    home = served[0]
+    for name in ("sessions.db", "sessions.db-wal", "sessions.db-shm"):
+        if (home / name).exists():
+            assert stat.S_IMODE(os.stat(home / name).st_mode) == 0o600, name  # the WAL holds the newest events
+    from backend.server import BackendServer
+
+    fresh = Path(tempfile.mkdtemp(prefix="qlw-n-", dir="/tmp")) / "home"
+
+    async def start_and_stop():
+        server = BackendServer(fresh)
+        await server.start()
+        await server.shutdown(graceful=True)
+
+    try:
+        asyncio.run(asyncio.wait_for(start_and_stop(), 30))
+        assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+        modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in fresh.iterdir() if p.name.startswith("sessions.db")}
+        assert modes and set(modes.values()) == {0o600}, modes
+    finally:
+        shutil.rmtree(fresh.parent, ignore_errors=True)
 
 
 def test_the_backend_opens_no_network_port(served):
