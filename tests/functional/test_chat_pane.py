@@ -395,8 +395,11 @@ def test_evaluation_table_and_export(qlw_home, tmp_path):
             assert fake.of("eval.run") == [{"targets": ["base", TUNED], "prompts": [], "runs": 3,
                                             "max_new_tokens": 64, "text_path": ""}]
             row = [str(c) for c in ev.table.get_row_at(0)]
-            assert row == ["base", "1.91 MiB", "0.50", "1.25±0.05", "51.2", "3.00 MiB", "12.346"]
+            assert row == ["base", "1.91 MiB", "0.50", "1.25±0.05", "51.2", "3 MiB", "12.35"]
             await until(pilot, lambda: "✔ evaluated 2 target(s)" in str(ev.query_one("#eval-status").render()), "done")
+            ev.table.focus()  # the highlighted row's note
+            await until(pilot, lambda: "on cpu, 3 runs, perplexity over 400 tokens" in
+                        str(ev.query_one("#eval-status").render()), "the row's note")
             await pilot.press("ctrl+s")
             await until(pilot, lambda: isinstance(app.screen, ExportScreen), "the export prompt")
             app.screen.query_one("#export-path", Input).value = str(tmp_path / "eval.md")
@@ -416,6 +419,8 @@ def test_formatting():
     assert answer_stats({"tokens": 5, "ttft_s": None, "tokens_per_s": 2.5, "path": "fast",
                          "finish_reason": "length"}) == "5 tokens · first token — · 2.5 tokens/s · fast path · max_new_tokens reached"
     assert short_target("tuned:/h/runs/ab12/checkpoints/checkpoint-4") == "tuned ab12/checkpoint-4"
+    assert short_target("tuned:/h/runs/20261123-142436-b14576/adapter") == "tuned b14576/adapter"
+    assert short_target("merged:/h/merged/b14576-adapter-merged") == "merged b14576-adapter-merged"
     assert eval_cells({"target": "base", "perplexity": float("nan")})[-1] == "—"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 
@@ -49,17 +50,39 @@ def target_label(t: dict[str, Any]) -> str:
     return label + (" ●" if t.get("loaded") else "")
 
 
+_SESSION = re.compile(r"^\d{8}-\d{6}-(\w+)$")
+
+
+def short_session(session: str) -> str:
+    """A session id as people tell sessions apart: ``20261123-142436-b14576`` -> ``b14576``."""
+    match = _SESSION.match(session)
+    return match.group(1) if match else session[:8]
+
+
 def short_target(target: str) -> str:
-    """A target id short enough for a column's title: ``tuned:/…/runs/ab12/adapter`` -> ``tuned ab12/adapter``."""
+    """A target id short enough for a column's title: ``tuned:/…/runs/<session>/adapter`` ->
+    ``tuned b14576/adapter``, ``…/checkpoints/checkpoint-4`` -> ``tuned b14576/checkpoint-4``."""
     if ":" not in target:
         return target
     kind, _, path = target.partition(":")
-    tail = "/".join(p for p in path.rstrip("/").split("/")[-3:] if p)
-    tail = tail.replace("runs/", "").replace("checkpoints/", "")
-    return f"{kind} {tail}"
+    parts = [p for p in path.rstrip("/").split("/") if p]
+    if "runs" in parts and parts.index("runs") + 1 < len(parts):
+        session = parts[parts.index("runs") + 1]
+        return f"{kind} {short_session(session)}/{parts[-1]}"
+    return f"{kind} {parts[-1] if parts else path}"
 
 
-EVAL_COLUMNS = ("Target", "Size", "Load s", "Gen s (mean±std)", "Tokens/s", "Peak mem", "Perplexity")
+def short_size(n: Any) -> str:
+    """Bytes in three significant digits (a narrow table column)."""
+    text = size(n)
+    if text == "—" or text.endswith(" B"):
+        return text
+    value, unit = text.split()
+    v = float(value)
+    return f"{v:.3g} {unit}" if v < 100 else f"{v:.0f} {unit}"
+
+
+EVAL_COLUMNS = ("Target", "Size", "Load s", "Gen s ±sd", "Tok/s", "Peak", "PPL")
 
 
 def eval_cells(row: dict[str, Any]) -> tuple[str, ...]:
@@ -70,6 +93,6 @@ def eval_cells(row: dict[str, Any]) -> tuple[str, ...]:
 
     mean, std = _num(row.get("gen_mean_s")), _num(row.get("gen_std_s"))
     gen = f"{mean:.2f}±{std:.2f}" if mean is not None and std is not None else f(mean, ".2f")
-    return (str(row.get("label") or short_target(str(row.get("target", "")))), size(row.get("size_bytes")),
-            f(row.get("load_s"), ".2f"), gen, f(row.get("tokens_per_s"), ".1f"), size(row.get("peak_bytes")),
-            f(row.get("perplexity"), ".3f"))
+    return (short_target(str(row.get("target", ""))), short_size(row.get("size_bytes")),
+            f(row.get("load_s"), ".2f"), gen, f(row.get("tokens_per_s"), ".1f"), short_size(row.get("peak_bytes")),
+            f(row.get("perplexity"), ".2f"))

@@ -46,6 +46,23 @@ class EvalView(Vertical):
     def on_mount(self) -> None:
         self.table.add_columns(*EVAL_COLUMNS)
 
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.show_note()
+
+    def on_descendant_focus(self, event) -> None:
+        self.show_note()
+
+    def show_note(self) -> None:
+        """The highlighted row's label and note (what its size, load and perplexity mean), while
+        the table has the focus."""
+        table = self.table
+        if not table.has_focus or not self.rows or not 0 <= table.cursor_row < len(self.rows):
+            return
+        row = list(self.rows.values())[table.cursor_row]
+        note = f" · {row['note']}" if row.get("note") else ""
+        self.status(f"{row.get('label') or row.get('target')} on {row.get('device', '?')}, "
+                    f"{row.get('runs', '?')} runs, perplexity over {row.get('ppl_tokens', '?')} tokens{note}")
+
     @property
     def table(self) -> DataTable:
         return self.query_one("#eval-table", DataTable)

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tui.widgets.chat.chat_format import size
+from tui.widgets.chat.chat_format import short_session, size
 
 STEPS = ("Adapter", "Precision", "Output", "Verify", "Upload")
 
@@ -19,7 +19,7 @@ def _num(x: Any) -> float | None:
 
 def adapter_name(a: dict[str, Any]) -> str:
     """``ab12cd34 adapter`` or ``ab12cd34 checkpoint-4``."""
-    session = str(a.get("session") or "?")[:8]
+    session = short_session(str(a.get("session") or "?"))
     return f"{session} {a.get('kind') == 'checkpoint' and Path(str(a.get('path', ''))).name or 'adapter'}"
 
 
