@@ -457,11 +457,16 @@ class _SaveWatcher:
             self.poll()
 
     def poll(self) -> None:
-        files = [p for p in self.folder.glob("*.safetensors")]
-        done = sum(p.stat().st_size for p in files if p.exists())
-        newest = max(files, key=lambda p: p.stat().st_mtime, default=None)
-        self.report("saving", min(done, self.total), self.total, "bytes",
-                    f"{len(files)} file(s), {newest.name if newest else ''}")
+        sizes = {}
+        for p in self.folder.glob("*.safetensors"):
+            try:
+                st = p.stat()
+            except OSError:  # renamed or removed while we looked
+                continue
+            sizes[p.name] = (st.st_size, st.st_mtime)
+        done = sum(size for size, _ in sizes.values())
+        newest = max(sizes, key=lambda name: sizes[name][1], default="")
+        self.report("saving", min(done, self.total), self.total, "bytes", f"{len(sizes)} file(s), {newest}")
 
     def __enter__(self):
         self._thread.start()
@@ -991,6 +996,10 @@ def register(server) -> None:
             if await asyncio.to_thread(hub.token_source) is None:
                 return P.Reply("", "refused", {"token_source": None},
                                reason=f"no Hugging Face token: {hub.LOGIN_HINT}")
+        folder = Path(params.folder).expanduser()
+        if params.folder.strip() and not folder.is_absolute():  # a merged folder's name, as merge.start takes it
+            folder = merged_home(home) / folder
+        params = P.HubPush(**{**P.to_dict(params), "folder": str(folder)})
         try:
             await asyncio.to_thread(hub.upload_list, params.folder, params.adapter_only)
         except JobError as exc:
@@ -1013,7 +1022,9 @@ def register(server) -> None:
 def add_cli_arguments(parser) -> None:
     """The options of ``python -m backend merge`` (and so of ``qlw merge``)."""
     parser.add_argument("adapter", help="the adapter folder (a session's adapter/ or a checkpoint-N)")
-    parser.add_argument("out", help="where to save the merged model (absolute, or relative to the data home's merged/)")
+    parser.add_argument("out", nargs="?", default="",
+                        help="where to save the merged model (absolute, or relative to the data home's merged/); "
+                             "not needed with --adapter-only")
     parser.add_argument("--dtype", default="bf16", choices=P.MERGE_DTYPES, help="precision of the merged weights")
     parser.add_argument("--into", default=None, choices=P.MERGE_INTO,
                         help="dequantized: the 4-bit base as trained, dequantized (default for a QLoRA adapter); "
@@ -1073,6 +1084,9 @@ def cli(args) -> int:
 
     into = args.into
     p = None
+    if args.adapter_only and not args.push:
+        print("qlw merge: --adapter-only uploads the adapter: give --push REPO_ID", file=sys.stderr)
+        return 2
     if not args.adapter_only:
         try:
             p = plan(args.adapter, args.out, home, args.dtype, into or "dequantized", args.max_shard_size)
@@ -1117,16 +1131,16 @@ def cli(args) -> int:
               "max_shard_size": args.max_shard_size, "verify": args.verify, "overwrite": args.yes,
               "prompts": args.prompt}
     run.emit("job.started", {"job_id": run.job_id, "kind": "merge.start", "params": params})
-    status, code, error = "done", 0, None
+    status, code, error, result = "done", 0, None, {}
+    t0 = time.monotonic()
     try:
         with printer:
-            result = {}
             if not args.adapter_only:
                 result = run_merge(params, home, run, fault=take_fault(),
                                    record_artifact=lambda kind, path: store.add_artifact(info.id, kind, path))
             if args.push and (args.dry_run or not hub.offline()):
                 folder = args.adapter if args.adapter_only else result["out"]
-                hub.push(folder, args.push, run, private=args.private, adapter_only=args.adapter_only,
+                result["push"] = hub.push(folder, args.push, run, private=args.private, adapter_only=args.adapter_only,
                          dry_run=args.dry_run)
     except JobCancelled:
         status, code = "cancelled", 130
@@ -1138,8 +1152,8 @@ def cli(args) -> int:
         code = fail(exc, 1)
     if error:
         run.emit("error", {"job_id": run.job_id, **error})
-    run.emit("job.finished", {"job_id": run.job_id, "kind": "merge.start", "status": status, "result": {},
-                              "error": error})
+    run.emit("job.finished", {"job_id": run.job_id, "kind": "merge.start", "status": status,
+                              "elapsed_s": round(time.monotonic() - t0, 3), "result": result, "error": error})
     store.set_status(info.id, {"done": "finished", "cancelled": "cancelled", "failed": "failed"}[status])
     store.close()
     return code

@@ -154,25 +154,98 @@ def test_status_names_the_token_source_never_the_token(stub, monkeypatch):
     assert hub.status()["token_source"] is None  # HF_HOME is the tests' own: no stored login
 
 
-def test_qlw_merge_push_end_to_end_and_the_token_is_nowhere(setup, stub):  # noqa: F811
-    """`qlw merge ADAPTER OUT --push` in a subprocess, HF_ENDPOINT set before huggingface_hub is
-    imported there; then every file under the data home is searched for the token."""
+def test_qlw_merge_adapter_only_push_and_the_token_is_nowhere(setup, stub):  # noqa: F811
+    """`qlw merge ADAPTER OUT --adapter-only --push` in a subprocess (HF_ENDPOINT set before
+    huggingface_hub is imported there; no model is loaded); then every file under the data home
+    is searched for the token, and what the command recorded reads back as the protocol says."""
     home, base, adapter = setup
     env = dict(os.environ, PYTHONPATH=str(ROOT), QLW_HOME=str(home), HF_ENDPOINT=stub.url, HF_TOKEN=TOKEN,
                HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", QLW_LOG_LEVEL="DEBUG")
     log = home / "logs" / "qlw-merge-push.log"
     log.parent.mkdir(exist_ok=True)
     with log.open("w") as fh:
-        proc = subprocess.run([sys.executable, "-m", "backend", "merge", str(adapter), "tiny-pushed", "--dtype", "fp32",
-                               "--into", "original", "--push", "tester/tiny-pushed", "--home", str(home)],
-                              env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "backend", "merge", str(adapter), "--adapter-only",
+                               "--push", "tester/tiny-adapter", "--public", "--home", str(home)],
+                              env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=120)
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
-    out = home / "merged" / "tiny-pushed"
-    assert stub.repos["tester/tiny-pushed"]["private"] is True
-    local = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert stub.files["tester/tiny-pushed"] == local
-    assert "uploaded" in text and "tester/tiny-pushed (private)" in text
+    assert stub.repos["tester/tiny-adapter"]["private"] is False
+    files = stub.files["tester/tiny-adapter"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == base.name
+    assert "uploaded" in text and "tester/tiny-adapter (public)" in text
     leaks = [str(p) for p in home.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert leaks == []
     assert TOKEN not in text
+    from sessions.store import Store
+
+    store = Store(home / "sessions.db")
+    try:
+        session = store.latest_session().id
+        events = store.read_events(session)
+    finally:
+        store.close()
+    for e in events:  # what `qlw merge` recorded reads back as the protocol says
+        P.event_payload(P.Event(e.kind, e.payload, e.time, e.session, e.seq))
+    assert [e.kind for e in events if e.kind in ("hub.pushed", "job.finished")] == ["hub.pushed", "job.finished"]
+
+
+def test_merge_start_and_push_through_a_real_backend(setup, stub):  # noqa: F811
+    """merge.start (a job: progress, merge.saved, merge.verified decoded by the client's
+    protocol), the confirm refusal for an existing folder, hub.status, hub.push to the stand-in."""
+    import asyncio
+    import time
+
+    from tests.conftest import start_backend, stop_backend
+    from tui.client import Connection
+
+    home, base, adapter = setup
+    env_before = dict(os.environ)
+    os.environ.update(HF_HUB_DISABLE_XET="1")  # the backend process inherits the stub's settings
+    try:
+        proc = start_backend(home)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    try:
+        async def body():
+            events: list = []
+            conn = await Connection.open(P.socket_path(home), "merge-test", events.append)
+            await conn.call(P.Attach())
+
+            async def finished(job_id):
+                deadline = time.monotonic() + 240
+                while not any(e.kind == "job.finished" and e.payload["job_id"] == job_id for e in events):
+                    assert time.monotonic() < deadline, "the job did not finish"
+                    await asyncio.sleep(0.05)
+                return next(e.payload for e in events if e.kind == "job.finished" and e.payload["job_id"] == job_id)
+
+            job = await conn.call(P.StartMerge(adapter=str(adapter), out="tiny-served", dtype="bf16",
+                                               prompts=["Hello there, how"]))
+            end = await finished(job["job_id"])
+            assert end["status"] == "done", end["error"]
+            for e in events:  # every event decodes with the client's protocol
+                P.event_payload(e)
+            stages = [e.payload["stage"] for e in events if e.kind == "job.progress"]
+            assert {"loading base", "attaching adapter", "merging", "saving", "model card", "verifying"} <= set(stages)
+            verified = next(e.payload for e in events if e.kind == "merge.verified")
+            assert verified["prompts"] == 1 and len(verified["rows"]) == 3 and verified["noise_floor"] > 0
+            again = await conn.request(P.StartMerge(adapter=str(adapter), out="tiny-served"))
+            assert again.status == "refused" and again.code == P.CONFIRM
+            status = await conn.call(P.HubStatus())
+            assert status["token_source"] == "HF_TOKEN" and status["user"] == "tester"
+            job = await conn.call(P.HubPush(folder="tiny-served", repo_id="tester/tiny-served"))
+            end = await finished(job["job_id"])
+            assert end["status"] == "done", end["error"]
+            local = {p.name: p.read_bytes() for p in (home / "merged" / "tiny-served").iterdir()}
+            assert stub.files["tester/tiny-served"] == local
+            assert sorted(f["path"] for f in end["result"]["files"]) == sorted(local)
+            assert stub.repos["tester/tiny-served"]["private"] is True
+            await conn.close()
+
+        asyncio.run(asyncio.wait_for(body(), 300))
+    finally:
+        stop_backend(proc)
+    leaks = [str(p) for p in home.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert leaks == []
