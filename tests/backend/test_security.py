@@ -106,6 +106,9 @@ def served(tiny_folder):  # noqa: F811
         probes["checkpoints_up"] = await conn.request(P.ListCheckpoints(session="../../.."))
         probes["attach_up"] = await conn.request(P.Attach(session="../x"))
         probes["status"] = await conn.request(P.Status())
+        if "chat.export" in P.REQUESTS:  # a relative export path is under <home>/exports
+            probes["chat_export_up"] = await conn.request(P.REQUESTS["chat.export"](
+                path=f"../../chat-escape-{home.name}.md"))
         for e in events:
             received.append(P.encode(e))
         for r in probes.values():
@@ -155,6 +158,21 @@ def test_merge_overwrite_never_replaces_a_folder_that_is_not_a_model(served):
     reply = probes["merge_victim"]
     assert (victim / "notes.txt").is_file(), f"merge.start replaced {victim} and the user's file in it ({reply})"
     assert reply.status == "refused"
+
+
+@pytest.mark.skipif("chat.export" not in P.REQUESTS, reason="backend/chat.py has not landed")
+@pytest.mark.xfail(strict=True, reason="for backend/chat.py: chat.export (and eval.export, the same _export_path) "
+                   "take a relative path under <home>/exports/ but let '../' leave it, and write over any existing "
+                   "file without a confirm (exports/../sessions.db would replace the store). Keep relative paths "
+                   "inside exports/ (see server._config_path) and ask before overwriting.")
+def test_chat_export_cannot_leave_the_exports_folder(served):
+    home, _pid, _token, _received, probes, _ = served
+    escaped = home.parent / f"chat-escape-{home.name}.md"  # <home>/exports/../../
+    try:
+        assert not escaped.exists(), f"chat.export wrote {escaped}, outside {home / 'exports'}"
+        assert probes["chat_export_up"].status == "refused"
+    finally:
+        escaped.unlink(missing_ok=True)
 
 
 def test_only_the_owner_can_open_the_socket(served):
