@@ -135,8 +135,11 @@ class Target:
         if self.kind == "base":
             return "base"
         p = Path(self.path)
-        tail = f"{p.parent.name}/{p.name}" if p.name.startswith("checkpoint-") else p.parent.name or p.name
-        return f"{self.kind} ({tail})"
+        if self.kind == "merged":
+            return f"merged ({p.name})"
+        # A session's adapter is named by its run folder, a checkpoint by run and step.
+        tail = f"{p.parent.parent.name}/{p.name}" if p.name.startswith("checkpoint-") else p.parent.name or p.name
+        return f"tuned ({tail})"
 
 
 def parse_target(target: str) -> Target:
