@@ -113,6 +113,12 @@ def test_kill_9_mid_training_then_a_fresh_backend_resumes_the_same_curve(tiny_fo
             assert newest["path"] in told[-1]["error"]["hint"]
             assert any(e.kind == "session.status" and e.payload["status"] == "interrupted"
                        for e in events if e.session == session)
+            # A damaged copy of it is refused before anything starts, the file named.
+            broken = Path(newest["path"]).parent.parent / "broken" / Path(newest["path"]).name
+            shutil.copytree(newest["path"], broken)
+            _truncate(broken / "optimizer.pt")
+            refused = await conn.request(P.StartTraining(config=config, resume_from=str(broken)))
+            assert refused.status == "refused" and "optimizer.pt is truncated or damaged" in refused.reason, refused
             job = await conn.call(P.StartTraining(config=config, resume_from=newest["path"]))
             assert job["session"] != session
             step = newest["step"]
