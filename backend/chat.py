@@ -419,6 +419,8 @@ def forget_compiled() -> None:
         return
     try:
         _gen_pool().submit(dynamo.reset).result(timeout=120)
+    except RuntimeError as exc:  # the interpreter is shutting down: nothing left to free for
+        log.debug("torch.compile caches not reset: %s", exc)
     except Exception:  # freeing must not fail because of the compiler's caches
         log.exception("resetting torch.compile's caches failed")
 
@@ -579,7 +581,7 @@ class DecodeCopy:
         self.materialise(None, "base")
         # However the copy goes (chat's release, gpu.free dropping every holding), its compiled
         # graphs go with it.
-        weakref.finalize(self, forget_compiled)
+        weakref.finalize(self, forget_compiled).atexit = False  # at exit the process frees it all
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.linear_params.values())
