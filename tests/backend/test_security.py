@@ -227,6 +227,28 @@ def test_the_store_and_a_new_data_home_are_private(served, tmp_path):
         shutil.rmtree(fresh.parent, ignore_errors=True)
 
 
+def test_a_socket_folder_prepared_by_someone_else_is_refused(tmp_path):
+    """The socket's folder may be a short one under /tmp (long data home paths): another user could
+    create it first, or plant a symlink there; the backend refuses both rather than listen in it."""
+    from backend.server import ensure_private_dir
+
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    with pytest.raises(RuntimeError, match="not a folder"):
+        ensure_private_dir(link)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a folder owned by another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(RuntimeError, match="belongs to uid 65534"):
+        ensure_private_dir(theirs)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    ensure_private_dir(mine)
+    assert stat.S_IMODE(os.stat(mine).st_mode) == 0o700  # tightened
+
+
 def test_the_backend_opens_no_network_port(served):
     psutil = pytest.importorskip("psutil")
     pid = served[1]
