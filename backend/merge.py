@@ -267,7 +267,8 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
         "into_default": "dequantized" if quantized else "original",
         "dtype": dtype, "into": into, "max_shard_size": max_shard_size,
         "device": chosen,
-        "memory": {"need_bytes": need, "free_bytes": free, "verdict": verdict},
+        "memory": {"need_bytes": need, "free_bytes": free, "verdict": verdict,
+                   "reclaimed_bytes": int(est.get("reclaimed_bytes") or 0) if chosen == est["device"] else 0},
         "disk": {"need_bytes": disk_need, "free_bytes": disk_free},
         "out": str(target),
         "out_exists": out_exists,
@@ -633,8 +634,11 @@ def _run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] |
     removed = clean_stale(out)
     if removed:
         ctx.emit("log", {"level": "info", "message": f"removed leftovers of an interrupted merge: {', '.join(removed)}"})
-    # The held base model may be what stands between this merge and the memory it needs.
-    models.release_base_model()
+    # The held base model (Chat's, the last run's) is let go only when the merge, or the fp32
+    # verification after it, needs its memory.
+    peak = max(p["memory"]["need_bytes"], int(p["base"]["parameters"]) * 4 if params.get("verify", True) else 0)
+    if peak > p["memory"]["free_bytes"] - p["memory"].get("reclaimed_bytes", 0) and models.release_base_model():
+        ctx.emit("log", {"level": "info", "message": "released the held base model to make room for the merge"})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
@@ -705,7 +709,10 @@ def _run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] |
     result = {"out": str(out), "files": files, "size_bytes": size, "merge_s": saved["merge_s"],
               "save_s": saved["save_s"], "verify": None, "dtype": dtype, "into": into, "device": p["device"]}
     if params.get("verify", True):
-        result["verify"] = verify(str(out), adapter, home, ctx, dtype=params.get("verify_dtype") or "fp32", merge_dtype=dtype,
+        # fp32 when the base fits in fp32 where the merge ran (one model at a time), else the merge dtype.
+        fp32_fits = int(p["base"]["parameters"]) * 4 * 1.2 < p["memory"]["free_bytes"]
+        verify_dtype = params.get("verify_dtype") or ("fp32" if fp32_fits else dtype)
+        result["verify"] = verify(str(out), adapter, home, ctx, dtype=verify_dtype, merge_dtype=dtype,
                                   prompts=list(params.get("prompts") or []), device=p["device"])
     return result
 
@@ -815,7 +822,6 @@ def _verify(out: str, adapter: str, home: Path, ctx, dtype: str, merge_dtype: st
             merge_dtype = "fp32"
     if not device:
         device = models.resolve_device("auto")
-    models.release_base_model()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     steps = 4
     rows = []
@@ -855,20 +861,22 @@ def _verify(out: str, adapter: str, home: Path, ctx, dtype: str, merge_dtype: st
     # floor: its logits in the merge dtype against fp32.
     report("verifying", 2, steps, "", "loading the full-precision base + adapter")
     full = P.ModelSettings(source=trained.source, revision=trained.revision,
-                           trust_remote_code=trained.trust_remote_code, precision="fp32", device=device)
+                           trust_remote_code=trained.trust_remote_code, precision=dtype, device=device)
     t = time.perf_counter()
     loaded = models.load_base_model(full, cancelled=cancelled)
     model = adapters.attach_adapter(loaded.model, adapter, name="verify")
     full_load = time.perf_counter() - t
     report("verifying", 3, steps, "", "noise floor")
-    with model.disable_adapter():
-        base32 = _logits(model, tokenizer, prompts, device)
-    if dtype != "fp32":
-        model.to(_dtype(dtype))
     full_rows = _logits(model, tokenizer, prompts, device)
-    if merge_dtype == "fp32":
+    if dtype != "fp32":
+        noise = float("nan")  # no fp32 copy to compare with (verification in fp32 did not fit)
+        ctx.emit("log", {"level": "warning", "message": f"verified in {dtype}: no noise floor (it needs the base "
+                                                        "in fp32)"})
+    elif merge_dtype == "fp32":
         noise = 0.0
     else:
+        with model.disable_adapter():
+            base32 = _logits(model, tokenizer, prompts, device)
         model.to(_dtype(merge_dtype))
         with model.disable_adapter():
             noise = _max_diff(_logits(model, tokenizer, prompts, device), base32)
