@@ -328,3 +328,31 @@ def test_bench_smoke(tiny_folder, tmp_path):
     assert 0 < rows["merged"]["max_abs_logit_diff"] < 2 * result["verify"]["noise_floor"]
     assert rows["merged"]["max_abs_logit_diff"] < rows["full-precision base + adapter"]["max_abs_logit_diff"]
     assert result["model_card_names_base"] and not result["config_names_base_path"]
+
+
+def test_cancel_and_full_disk_leave_nothing(setup, monkeypatch):
+    from backend.jobs import JobCancelled
+
+    home, base, adapter = setup
+    merged = home / "merged"
+
+    class CancelWhileSaving(Ctx):
+        @property
+        def cancelled(self):
+            return any(p.get("stage") == "saving" for _k, p in self.events)
+
+        def check_cancelled(self):
+            if self.cancelled:
+                raise JobCancelled()
+
+    params = {"adapter": str(adapter), "out": "tiny-cancelled", "dtype": "fp32", "into": "original", "verify": False}
+    with pytest.raises(JobCancelled):
+        merge.run_merge(params, home, CancelWhileSaving())
+    assert not (merged / "tiny-cancelled").exists()
+    assert [e.name for e in merged.iterdir() if e.name.startswith(".tiny-cancelled")] == []
+    monkeypatch.setattr(merge, "_disk_free", lambda path: 1000)
+    assert any("disk space" in w for w in merge.plan(str(adapter), "tiny-full", home, "fp32", device="cpu")["warnings"])
+    with pytest.raises(JobError, match="not enough disk space") as full:
+        merge.run_merge({**params, "out": "tiny-full"}, home, Ctx())
+    assert "free disk space" in full.value.hint
+    assert not (merged / "tiny-full").exists()
