@@ -282,7 +282,13 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
 def dequantize_model(model, dtype) -> int:
     """Replace every bitsandbytes ``Linear4bit`` of ``model`` by an ``nn.Linear`` holding its
     dequantized weight in ``dtype`` (one layer at a time), drop the model's quantization config,
-    and cast the rest of the model to ``dtype``. Returns how many layers were replaced."""
+    and cast the rest of the model to ``dtype``. Returns how many layers were replaced.
+
+    transformers (5.17 and 5.23 alike) has ``model.dequantize(dtype)`` for bitsandbytes models
+    (``integrations.bitsandbytes.dequantize_and_replace``), but it dequantizes every weight twice,
+    in the dtype the layer was quantized from (bf16 for a bf16-compute run), then casts: an fp32
+    merge would carry bf16 rounding that the 4-bit layer computing in fp32 never sees. Here each
+    weight is dequantized once, in fp32, and rounded once to ``dtype``."""
     import torch
     from bitsandbytes.functional import dequantize_4bit
     from bitsandbytes.nn import Linear4bit
