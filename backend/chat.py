@@ -1274,9 +1274,25 @@ class ChatRoom:
         self.conversation = _new_id("c")
         return P.Reply("", "ok", {"conversation": self.conversation})
 
-    def _export_path(self, text: str) -> Path:
+    def _export_target(self, text: str, overwrite: bool) -> Path | P.Reply:
+        """Where an export goes (a relative path: under ``<home>/exports``, never out of it), or
+        the refusal: a path that leaves exports/, a folder, an existing file without ``overwrite``."""
+        text = (text or "").strip()
+        if not text or "\0" in text:
+            return P.Reply("", "refused", reason="no file name given: name the file to write")
         path = Path(text).expanduser()
-        return path if path.is_absolute() else self.server.home / "exports" / path
+        if not path.is_absolute():
+            base = (self.server.home / "exports").resolve()
+            path = (base / path).resolve()
+            if not path.is_relative_to(base) or path == base:
+                return P.Reply("", "refused", {"path": str(path)},
+                               reason=f"{text} leads outside {base}: give a file name under exports/, or an absolute path")
+        if path.is_dir():
+            return P.Reply("", "refused", {"path": str(path)}, reason=f"{path} is a folder: name a file")
+        if path.exists() and not overwrite:
+            return P.Reply("", "refused", {"path": str(path)}, code=P.CONFIRM,
+                           reason=f"{path} exists: confirm to overwrite it")
+        return path
 
     def _events(self, kinds: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
         """Events of these kinds from the current session, then the recent others (oldest first)."""
@@ -1295,7 +1311,9 @@ class ChatRoom:
             return P.Reply("", "error", reason=f"format must be one of {', '.join(P.CHAT_EXPORT_FORMATS)}",
                            code=P.BAD_MESSAGE)
         conversation = params.conversation or self.conversation
-        path = self._export_path(params.path)
+        path = self._export_target(params.path, params.overwrite)
+        if isinstance(path, P.Reply):
+            return path
 
         def write() -> int:
             answers = transcript(self._events(("chat.started", "chat.answer")), conversation)
@@ -1330,7 +1348,9 @@ class ChatRoom:
         rows = self.last_eval or [p for k, p in await asyncio.to_thread(self._events, ("eval.row",))]
         if not rows:
             return P.Reply("", "refused", reason="no evaluation to export yet: run one first")
-        path = self._export_path(params.path)
+        path = self._export_target(params.path, params.overwrite)
+        if isinstance(path, P.Reply):
+            return path
         text = evaluate.markdown_table(rows) if params.format == "markdown" else evaluate.csv_text(rows)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1080,11 +1080,14 @@ class ChatClear:
 @request("chat.export")
 class ChatExport:
     """Write a conversation's transcript (``conversation`` empty: the current one) as Markdown or
-    JSONL (``CHAT_EXPORT_FORMATS``): ``{"path", "answers": n}``."""
+    JSONL (``CHAT_EXPORT_FORMATS``): ``{"path", "answers": n}``. A relative ``path`` is under
+    ``<home>/exports`` (and may not leave it); an existing file is refused with code ``confirm``
+    unless ``overwrite``."""
 
     path: str
     format: str = "markdown"
     conversation: str = ""
+    overwrite: bool = False
 
 
 @request("eval.run")
@@ -1103,10 +1106,12 @@ class EvalRun:
 
 @request("eval.export")
 class EvalExport:
-    """Write the last evaluation's rows as Markdown or CSV (``EVAL_EXPORT_FORMATS``): ``{"path"}``."""
+    """Write the last evaluation's rows as Markdown or CSV (``EVAL_EXPORT_FORMATS``): ``{"path"}``.
+    The path rules of ``chat.export`` apply (under ``<home>/exports``; ``overwrite`` to replace)."""
 
     path: str
     format: str = "markdown"
+    overwrite: bool = False
 
 
 @event("chat.started")

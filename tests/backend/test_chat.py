@@ -347,3 +347,28 @@ def test_one_compile_serves_base_tuned_and_every_prompt(loaded, monkeypatch):
     finally:
         engine.release()
         torch._dynamo.reset()
+
+
+def test_exports_stay_under_exports_and_ask_before_overwriting(tmp_path):
+    import asyncio
+
+    from sessions.store import Store
+
+    server = _Server("", tmp_path)
+    server.store, server.current_session = Store(tmp_path / "sessions.db"), None
+    room = chat.ChatRoom(server)
+    run = lambda params: asyncio.run(room.export(None, params))  # noqa: E731
+    for bad in ("../../escape.md", "../sessions.db", "a/../../b.md", ""):
+        reply = run(P.ChatExport(path=bad))
+        assert reply.status == "refused", bad
+    assert not (tmp_path.parent / "escape.md").exists() and not (tmp_path / "sessions.db-journal").exists()
+    ok = run(P.ChatExport(path="talks/one.md"))
+    assert ok.status == "ok" and Path(ok.result["path"]) == tmp_path / "exports" / "talks" / "one.md"
+    again = run(P.ChatExport(path="talks/one.md", format="jsonl"))
+    assert again.status == "refused" and again.code == P.CONFIRM and "confirm" in again.reason
+    assert run(P.ChatExport(path="talks/one.md", format="jsonl", overwrite=True)).status == "ok"
+    assert run(P.ChatExport(path="talks")).status == "refused"  # a folder
+    room.last_eval = [{"target": "base", "label": "base"}]
+    assert asyncio.run(room.eval_export(None, P.EvalExport(path="../x.csv", format="csv"))).status == "refused"
+    assert asyncio.run(room.eval_export(None, P.EvalExport(path="t.csv", format="csv"))).status == "ok"
+    server.store.close()
