@@ -1,7 +1,8 @@
 """Training speed and memory (issue 8): qlw against the plain Hugging Face recipe, side by side.
 
-    python bench/train_speed.py --model /tmp/qlw-7b --budget 540     # GPU: one call, ~8-9 minutes
-    python bench/train_speed.py --smoke                               # CPU: the tiny model, ~40 s
+    python bench/train_speed.py --model /tmp/qlw-7b --budget 540 --out $OUT/train_speed.json
+                                        # GPU: one call, ~7-8 minutes (the 7B is built first when DIR has none)
+    python bench/train_speed.py --smoke --in-process --passes 1       # CPU: the tiny model, ~40 s
 
 One command runs every variant on two generated datasets, each variant in its own process (a
 model reused across runs keeps gradient checkpointing on; Liger patches model classes for the
@@ -46,7 +47,8 @@ variant actually took per optimizer step. Useful tokens are the non-padding ones
 are taken at ``on_step_end`` after a CUDA synchronise). Memory: torch's peak allocated and
 reserved bytes, and the most NVML reported for the process (the paged optimizer's states are
 managed memory that torch's counters miss). The epoch column is the dataset's useful tokens at
-the measured rate.
+the measured rate. Every process runs with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
+(what the backend sets), unless the caller sets it.
 """
 
 from __future__ import annotations
