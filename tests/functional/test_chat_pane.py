@@ -26,6 +26,7 @@ from tests.conftest import start_backend, stop_backend
 from tui.app import QlwApp
 from tui.client import CONNECTED, RequestFailed
 from tui.messages import BackendEvent, ConnectionChanged
+from tui.modals.confirm_screen import ConfirmScreen
 from tui.modals.export_screen import ExportScreen
 from tui.widgets.chat.answer_view import AnswerView
 from tui.widgets.chat.backend_call import params_of
@@ -67,6 +68,7 @@ class FakeChat:
         self.conversation = "c1"
         self.hold = hold  # send no answer (a long generation, to be stopped)
         self.refuse: dict[str, str] = {}
+        self.existing: set[str] = set()  # files an export must not replace unasked
 
     def of(self, method: str) -> list[dict[str, Any]]:
         return [params_of(p) for p in self.sent if p.METHOD == method]
@@ -96,6 +98,9 @@ class FakeChat:
         if method == "chat.clear":
             self.conversation = f"c{next(self.ids)}"
             return {"conversation": self.conversation}
+        if method in ("chat.export", "eval.export") and p["path"] in self.existing and not p["overwrite"]:
+            raise RequestFailed(P.Reply("r", "refused", {"path": p["path"]}, code="confirm",
+                                        reason=f"{p['path']} exists: confirm to overwrite it"))
         if method == "chat.export":
             return {"path": p["path"], "answers": 3}
         if method == "job.cancel":
@@ -325,11 +330,16 @@ def test_refusal_is_shown_plainly_and_export(qlw_home, tmp_path):
             app.screen.query_one("#export-format", Select).value = "jsonl"
             await pilot.pause()
             assert app.screen.query_one("#export-path", Input).value == str(tmp_path / "talk.jsonl")
+            fake.existing.add(str(tmp_path / "talk.jsonl"))
             await pilot.press("enter")
-            await until(pilot, lambda: fake.of("chat.export"), "the export")
+            # The file exists: the backend refuses with code confirm, the pane asks, y replaces it.
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirm")
+            await pilot.press("y")
+            await until(pilot, lambda: len(fake.of("chat.export")) == 2, "the export")
             assert fake.of("chat.export") == [{"path": str(tmp_path / "talk.jsonl"), "format": "jsonl",
-                                               "conversation": ""}]
-            await until(pilot, lambda: pane.status_text.startswith("✔ wrote"), "the export's line")
+                                               "conversation": "", "overwrite": overwrite}
+                                              for overwrite in (False, True)]
+            await until(pilot, lambda: pane.status_text.startswith("✔ wrote 3 answer(s)"), "the export's line")
         await app.backend.stop()
 
     asyncio.run(body())
@@ -407,7 +417,7 @@ def test_evaluation_table_and_export(qlw_home, tmp_path):
             await pilot.pause()
             await pilot.press("enter")
             await until(pilot, lambda: fake.of("eval.export"), "the export")
-            assert fake.of("eval.export") == [{"path": str(tmp_path / "eval.csv"), "format": "csv"}]
+            assert fake.of("eval.export") == [{"path": str(tmp_path / "eval.csv"), "format": "csv", "overwrite": False}]
             await pilot.press("f6")
             assert pane.view == "chat-view"
         await app.backend.stop()
@@ -563,6 +573,38 @@ def test_real_backend_compare_mode_shows_both_answers(backend_with_tiny):
             await pilot.pause()
             assert left.region.y == right.region.y and left.region.right <= right.region.x
             await until(pilot, lambda: not pane.gen_job, "the job's end", timeout=20)
+            texts = [left.text, right.text]
+            # The transcript, by a relative name: under the data home's exports/.
+            pane.query_one("#chat-input", Input).focus()
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: isinstance(app.screen, ExportScreen), "the export prompt")
+            app.screen.query_one("#export-path", Input).value = "talk.md"
+            await pilot.press("enter")
+            await until(pilot, lambda: pane.status_text.startswith("✔ wrote"), f"the export ({pane.status_text})")
+            assert "Hello, who are you?" in (backend_with_tiny / "exports" / "talk.md").read_text()
         await app.backend.stop()
+
+        # Another terminal attaching later redraws the conversation from the session's events
+        # (its Chat tab mounts after the app's replay: the pane reads them again).
+        again = make_app(backend_with_tiny)
+        seen: list = []
+
+        def hook(message):
+            if isinstance(message, BackendEvent) and message.event.kind.startswith("chat."):
+                seen.append((message.event.kind, message.event.seq))
+
+        async with again.run_test(size=SIZE, message_hook=hook) as pilot:
+            await until(pilot, lambda: again.connection.state == "connected", "connected again", timeout=20)
+            again.screen.action_show_tab("chat")
+            pane = again.screen.query_one(ChatPane)
+            try:
+                await until(pilot, lambda: pane.turns and len(pane.turns[0].views) == 2
+                            and all(v.answer is not None for v in pane.turns[0].views), "the redrawn turn")
+            except AssertionError:
+                raise AssertionError(f"chat events the app got: {seen}; turns: {pane.turns}") from None
+            assert pane.turns[0].prompt == "Hello, who are you?"
+            assert [v.text for v in pane.turns[0].views] == texts
+            assert [v.target for v in pane.turns[0].views] == [target, "base"]
+        await again.backend.stop()
 
     asyncio.run(asyncio.wait_for(body(), 240))

@@ -27,8 +27,10 @@ class ExportScreen(ModalScreen[tuple[str, str] | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="export-dialog", classes="dialog"):
             yield Static(self.title_text, id="export-title", markup=False)
-            yield Input(self.path, placeholder="file path (~ and relative paths are this terminal's)",
-                        id="export-path", tooltip="Where to write the file; enter writes it.")
+            yield Input(self.path, placeholder="file name (under the data home's exports/) or an absolute path",
+                        id="export-path",
+                        tooltip="Where to write the file: a relative name goes under the data home's exports/; "
+                                "enter writes it (asks before replacing a file).")
             yield Select([(f, f) for f in self.formats], value=self.formats[0], allow_blank=False,
                          id="export-format", tooltip="The file's format.")
             yield Static("", id="export-error", markup=False)

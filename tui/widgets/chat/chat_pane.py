@@ -22,10 +22,11 @@ from textual.widgets import Button, Collapsible, ContentSwitcher, Input, Select,
 from backend import protocol as P
 from tui.client import CONNECTED, RequestFailed
 from tui.messages import ConnectionChanged
+from tui.modals.confirm_screen import ConfirmScreen
 from tui.modals.export_screen import ExportScreen
 from tui.widgets.backend_requests import BackendRequests
 from tui.widgets.chat.answer_view import AnswerView
-from tui.widgets.chat.backend_call import by_method
+from tui.widgets.chat.backend_call import by_method, replay_session
 from tui.widgets.chat.chat_format import short_target, target_label
 from tui.widgets.chat.chat_settings_form import ChatSettingsForm
 from tui.widgets.chat.chat_turn import ChatTurn
@@ -34,6 +35,8 @@ from tui.widgets.lora.lora_pane import expand_path
 
 NO_COMPARE = ""
 CHAT_VIEW, EVAL_VIEW = "chat-view", "eval-view"
+#: The stored events a pane mounted after the app's replay reads again.
+REDRAW_KINDS = frozenset({"chat.started", "chat.answer", "eval.row", "job.started", "job.finished"})
 #: Jobs after which the list of targets may have changed (a new adapter, a model loaded/freed).
 TARGET_JOBS = {"chat.load", "train.start", "merge.start", "model.load", "gpu.free", "backend.restart"}
 
@@ -124,6 +127,16 @@ class ChatPane(BackendRequests, Vertical):
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
         self.app.connection_changed.subscribe(self, self.on_connection)  # type: ignore[attr-defined]
         self.on_connection(self.app.connection)  # type: ignore[attr-defined]
+        if getattr(self.app.backend, "last_seq", None):  # type: ignore[attr-defined]
+            self.redraw()  # events came before this pane listened: read them again
+
+    @work(name="redraw the conversation", group="chat.redraw", exclusive=True, exit_on_error=False)
+    async def redraw(self) -> None:
+        """The session's chat, evaluation and job events again (see ``replay_session``); handling
+        one twice changes nothing (answers are keyed by id)."""
+        for ev in await replay_session(self.app, REDRAW_KINDS):
+            if ev.kind not in ("job.started", "job.finished") or ev.payload.get("kind") in ("chat.send", "eval.run"):
+                self.on_backend(ev)
 
     # Parts ----------------------------------------------------------------------------------------
 
@@ -492,10 +505,22 @@ class ChatPane(BackendRequests, Vertical):
                                           {"markdown": ".md", "jsonl": ".jsonl"}), chosen)
 
     @work(name="export the conversation", group="chat.export", exclusive=True, exit_on_error=False)
-    async def export(self, path: str, fmt: str) -> None:
-        result = await self.call(by_method("chat.export", path=expand_path(path), format=fmt,
-                                           conversation=self.conversation))
-        self.status(f"✔ wrote {result.get('answers', 0)} answer(s) to {result.get('path') or path}", "ok")
+    async def export(self, path: str, fmt: str, overwrite: bool = False) -> None:
+        params = by_method("chat.export", path=path, format=fmt, conversation=self.conversation, overwrite=overwrite)
+        result = await self._write_file(params, lambda yes: self.export(path, fmt, True) if yes else None)
+        if result is not None:
+            self.status(f"✔ wrote {result.get('answers', 0)} answer(s) to {result.get('path') or path}", "ok")
+
+    async def _write_file(self, params: Any, again) -> dict[str, Any] | None:
+        """Send an export; an existing file is refused with code ``confirm``: ask, and ``again(yes)``."""
+        try:
+            return await self.call(params)
+        except RequestFailed as exc:
+            if exc.reply.code != "confirm" or getattr(params, "overwrite", True):
+                raise
+            self.app.push_screen(ConfirmScreen("Replace the file?", exc.reply.reason, yes="Replace", no="Keep it"),
+                                 again)
+            return None
 
     def action_run_eval(self) -> None:
         params, error = self.eval_view.options()
@@ -532,6 +557,8 @@ class ChatPane(BackendRequests, Vertical):
                                           {"markdown": ".md", "csv": ".csv"}), chosen)
 
     @work(name="export the evaluation table", group="eval.export", exclusive=True, exit_on_error=False)
-    async def export_eval(self, path: str, fmt: str) -> None:
-        result = await self.call(by_method("eval.export", path=expand_path(path), format=fmt))
-        self.eval_view.status(f"✔ wrote {result.get('path') or path}")
+    async def export_eval(self, path: str, fmt: str, overwrite: bool = False) -> None:
+        params = by_method("eval.export", path=path, format=fmt, overwrite=overwrite)
+        result = await self._write_file(params, lambda yes: self.export_eval(path, fmt, True) if yes else None)
+        if result is not None:
+            self.eval_view.status(f"✔ wrote {result.get('path') or path}")

@@ -39,5 +39,10 @@ class VerifyStep(Vertical):
             self.table.add_row(*verify_cells(row))
         self.query_one("#merge-verify-line", Static).update(f"{p.get('out', '')}\n{verify_summary(p)}")
 
+    def clear(self) -> None:
+        self.verified = None
+        self.table.clear()
+        self.status(self.EMPTY)
+
     def status(self, text: str) -> None:
         self.query_one("#merge-verify-line", Static).update(text)
