@@ -161,10 +161,6 @@ def test_merge_overwrite_never_replaces_a_folder_that_is_not_a_model(served):
 
 
 @pytest.mark.skipif("chat.export" not in P.REQUESTS, reason="backend/chat.py has not landed")
-@pytest.mark.xfail(strict=True, reason="for backend/chat.py: chat.export (and eval.export, the same _export_path) "
-                   "take a relative path under <home>/exports/ but let '../' leave it, and write over any existing "
-                   "file without a confirm (exports/../sessions.db would replace the store). Keep relative paths "
-                   "inside exports/ (see server._config_path) and ask before overwriting.")
 def test_chat_export_cannot_leave_the_exports_folder(served):
     home, _pid, _token, _received, probes, _ = served
     escaped = home.parent / f"chat-escape-{home.name}.md"  # <home>/exports/../../
