@@ -582,6 +582,16 @@ def test_real_backend_compare_mode_shows_both_answers(backend_with_tiny):
             await pilot.press("enter")
             await until(pilot, lambda: pane.status_text.startswith("✔ wrote"), f"the export ({pane.status_text})")
             assert "Hello, who are you?" in (backend_with_tiny / "exports" / "talk.md").read_text()
+            # The evaluation of the base: one row with its figures.
+            await pilot.press("f6")
+            ev = pane.eval_view
+            ev.query_one("#eval-runs", Input).value = "1"
+            ev.query_one("#eval-max-new-tokens", Input).value = "4"
+            await pilot.press("f5")
+            await until(pilot, lambda: not pane.eval_job and ev.rows and "✔ evaluated" in
+                        str(ev.query_one("#eval-status").render()), "the evaluation", timeout=60)
+            cells = [str(c) for c in ev.table.get_row_at(0)]
+            assert cells[0] == "base" and all(c != "—" for c in cells[1:5]), cells
         await app.backend.stop()
 
         # Another terminal attaching later redraws the conversation from the session's events

@@ -219,6 +219,9 @@ def test_the_wizard_by_keyboard_from_adapter_to_upload_dry_run(qlw_home):
                 "adapter": ADAPTERS[0]["path"], "out": "ab12cd34-adapter-merged", "dtype": "fp32",
                 "into": "dequantized", "max_shard_size": "500MB", "verify": True, "overwrite": None, "prompts": []}
             assert "✔ saved 3 files, 2.67 MiB in /data/qlw/merged/ab12cd34-adapter-merged" in text_of(pane, "#merge-saved")
+            assert text_of(pane, "#merge-stage") == "✔ merged in 2.5 s: /data/qlw/merged/ab12cd34-adapter-merged"
+            bar = pane.output_step.query_one("#merge-progress")
+            assert bar.display and bar.total == 2_802_200 and bar.progress == bar.total
             # Step 4: the verification table with the noise floor beside it.
             assert rows(pane.verify_step.table) == [
                 ["merged", "7.80e-03", "41.234", "2.67 MiB", "0.21"],

@@ -7,6 +7,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Input, Label, ProgressBar, Static
 
+from tui.widgets.chat.chat_format import size
+
 
 class OutputStep(Vertical):
     """Where the merged model goes, how it is cut into files, and the merge's progress."""
@@ -51,9 +53,12 @@ class OutputStep(Vertical):
             bar.update(total=total, progress=done)
         else:
             bar.update(total=None)
-        amount = f" {done:,.0f}/{total:,.0f} {unit}".rstrip() if total else ""
+        if total and unit == "bytes":
+            amount = f" {size(done)} of {size(total)}"
+        else:
+            amount = f" {done:,.0f}/{total:,.0f} {unit}".rstrip() if total else ""
         self.query_one("#merge-stage", Static).update(
-            f"▶ {stage}{amount}{' · ' + message if message else ''}")
+            f"▶ {stage}{amount}{' · ' + message if message else ''} · ctrl+g stops")
 
     def finished(self, text: str) -> None:
         self.query_one("#merge-stage", Static).update(text)
