@@ -103,14 +103,17 @@ def test_kill_9_mid_training_then_a_fresh_backend_resumes_the_same_curve(tiny_fo
             listed = (await conn.call(P.ListSessions()))["sessions"]
             assert next(s for s in listed if s["id"] == session)["status"] == "interrupted"
             ckpts = (await conn.call(P.ListCheckpoints(session=session)))["checkpoints"]
-            newest = ckpts[0]
+            # The newest checkpoint the killed run logged rows after (it is the newest one unless the
+            # trainer saved another in the instant before the kill, ahead of the rows we saw).
+            newest = next(c for c in ckpts if c["step"] < max(before))
+            assert newest in ckpts[:2]
             assert newest["step"] >= 8 and newest["step"] % 4 == 0  # a partial save (if any) is not listed
             # Whoever opens the session is told what happened, and where to resume from.
             await conn.call(P.Attach(session=session, since=seen_seq))
             told = [e.payload for e in events if e.session == session and e.kind == "job.finished"]
             assert told and told[-1]["status"] == "failed", told
             assert "the backend stopped while this train.start job ran" in told[-1]["error"]["message"]
-            assert newest["path"] in told[-1]["error"]["hint"]
+            assert ckpts[0]["path"] in told[-1]["error"]["hint"]
             assert any(e.kind == "session.status" and e.payload["status"] == "interrupted"
                        for e in events if e.session == session)
             # A damaged copy of it is refused before anything starts, the file named.
