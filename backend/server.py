@@ -421,17 +421,42 @@ class BackendServer:
         now = time.time()
         seq = None
         if session is not None and kind not in P.EPHEMERAL and self.store is not None:
-            seq = self.store.append_event(session, kind, payload, now)
+            try:
+                seq = self.store.append_event(session, kind, payload, now)
+            except Exception as exc:  # disk full, I/O error: still tell who is listening
+                self._store_failed(exc)
         ev = P.Event(kind=kind, payload=payload, time=now, session=session, seq=seq)
         line = encode(ev)
         for c in list(self.clients):
             c.offer_event(ev, line)
         return ev
 
+    def _store_failed(self, exc: Exception) -> None:
+        """An event could not be recorded: say so to the log and to every client (at most every
+        30 s); the events still go out live, unsaved."""
+        now = time.monotonic()
+        if now - getattr(self, "_store_failed_at", -1e9) < 30:
+            return
+        self._store_failed_at = now
+        path = self.store.path if self.store else self.home / "sessions.db"
+        full = "full" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC
+        log.error("cannot record events in %s: %s", path, exc)
+        payload = {"message": f"cannot record events in {path}: {exc}", "where": str(path),
+                   "hint": ("free space on that disk" if full else "check the disk and the file") +
+                           ": until then events are shown live but not saved, and a terminal that attaches "
+                           "later will not see them", "detail": f"{type(exc).__name__}: {exc}", "job_id": ""}
+        line = encode(P.Event(kind="error", payload=payload, time=time.time(), session=None, seq=None))
+        for c in list(self.clients):
+            if c.attached:
+                c.offer(line)
+
     def _set_session_status(self, session: str, status: str) -> None:
         if self.store is None:
             return
-        self.store.set_status(session, status)
+        try:
+            self.store.set_status(session, status)
+        except Exception as exc:  # disk full: the job still ends and says so
+            self._store_failed(exc)
         self.publish(session, "session.status", {"session": session, "status": status})
 
     def ensure_session(self, name: str = "") -> str:

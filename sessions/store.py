@@ -241,7 +241,9 @@ class Store:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (disk full) may have rolled back already: keep its error, not ours.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
             self._last_seq[session] = seq
         return seq

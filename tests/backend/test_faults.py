@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -207,6 +208,49 @@ def test_disk_full_while_saving_the_final_adapter_keeps_the_checkpoint(small_dis
     from backend.holdings import HOLDINGS
 
     assert HOLDINGS.get("trainer") is None  # the run's cleanup still ran
+
+
+def test_a_full_disk_under_the_store_is_told_and_the_events_still_go_out(tmp_path):
+    """The data home on a 400 KiB tmpfs: a job's events fill it. The backend keeps serving, says
+    once that it cannot record events (and why), still sends every event live, ends the job, and
+    leaves a sound store."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI may not be)")
+    from tui.client import Connection
+
+    home = Path(tempfile.mkdtemp(prefix="qlw-f-", dir="/tmp"))
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(home)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        proc = start_backend(home)
+        try:
+            async def body():
+                events: list = []
+                conn = await Connection.open(P.socket_path(home), "t", events.append)
+                await conn.call(P.Attach())
+                job = await conn.call(P.DiagTicker(count=20000, rate=0))
+                await _wait(lambda: any(e.kind == "job.finished" for e in events), 60, "the job's end")
+                assert (await conn.call(P.Ping("still")))["payload"] == "still"
+                ticks = [e.payload["n"] for e in events if e.kind == "diag.tick"]
+                assert ticks == list(range(1, 20001))  # every one, live, saved or not
+                told = [e.payload for e in events if e.kind == "error"]
+                assert len(told) == 1 and "cannot record events in" in told[0]["message"], told
+                assert "disk is full" in told[0]["message"] and told[0]["hint"].startswith("free space")
+                end = next(e.payload for e in events if e.kind == "job.finished")
+                assert end["job_id"] == job["job_id"] and end["status"] == "done"
+                await conn.close()
+
+            asyncio.run(asyncio.wait_for(body(), 120))
+            assert proc.poll() is None
+        finally:
+            stop_backend(proc)
+        store = Store(home / "sessions.db")
+        assert store.integrity_check() == "ok"
+        store.close()
+    finally:
+        subprocess.run(["umount", str(home)], check=False)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.skipif("merge.start" not in P.REQUESTS, reason="backend/merge.py (merge.start) has not landed yet")
