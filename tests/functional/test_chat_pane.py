@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import Collapsible, Input, Markdown, Select
+from textual.widgets import Collapsible, Input, Select
 
 from backend import protocol as P, tiny
 from tests.conftest import start_backend, stop_backend
@@ -30,7 +30,7 @@ from tui.modals.confirm_screen import ConfirmScreen
 from tui.modals.export_screen import ExportScreen
 from tui.widgets.chat.answer_view import AnswerView
 from tui.widgets.chat.backend_call import params_of
-from tui.widgets.chat.chat_format import answer_stats, eval_cells, short_target
+from tui.widgets.chat.chat_format import answer_stats, eval_cells, short_target, target_label
 from tui.widgets.chat.chat_pane import ChatPane
 from tui.widgets.chat.eval_view import EvalView
 
@@ -40,8 +40,8 @@ ADAPTER = "/data/qlw/runs/s1/adapter"
 TUNED = f"tuned:{ADAPTER}"
 TARGETS = {
     "targets": [
-        {"id": "base", "label": "base · tiny-llama", "kind": "base", "path": "", "session": None, "step": None,
-         "base_source": "", "loaded": True},
+        {"id": "base", "label": "base (/data/qlw/models/tiny-llama)", "kind": "base", "path": "", "session": None,
+         "step": None, "base_source": "/data/qlw/models/tiny-llama", "loaded": True},
         {"id": TUNED, "label": "tuned · s1 adapter (step 30)", "kind": "tuned", "path": ADAPTER,
          "session": "s1", "step": 30, "base_source": "", "loaded": False},
     ],
@@ -431,6 +431,8 @@ def test_formatting():
     assert short_target("tuned:/h/runs/ab12/checkpoints/checkpoint-4") == "tuned ab12/checkpoint-4"
     assert short_target("tuned:/h/runs/20261123-142436-b14576/adapter") == "tuned b14576/adapter"
     assert short_target("merged:/h/merged/b14576-adapter-merged") == "merged b14576-adapter-merged"
+    assert [target_label(t) for t in TARGETS["targets"]] == ["base · tiny-llama ●", "tuned s1/adapter · step 30"]
+    assert target_label({"id": "base", "kind": "base", "base_source": "/h/models/tiny-llama/"}) == "base · tiny-llama"
     assert eval_cells({"target": "base", "perplexity": float("nan")})[-1] == "—"
 
 

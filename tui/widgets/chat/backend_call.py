@@ -32,10 +32,6 @@ def by_method(method: str, **params: Any) -> Any:
     return cls(**{k: v for k, v in params.items() if k in known})
 
 
-def method_of(params: Any) -> str:
-    return getattr(params, "METHOD", "")
-
-
 def params_of(params: Any) -> dict[str, Any]:
     """The parameters as plain data (for tests and logs)."""
     return P.to_dict(params)

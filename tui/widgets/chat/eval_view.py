@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Input, Label, SelectionList, Static
 
-from tui.widgets.chat.chat_format import EVAL_COLUMNS, eval_cells
+from tui.widgets.chat.chat_format import EVAL_COLUMNS, eval_cells, target_label
 
 
 class EvalView(Vertical):
@@ -72,7 +72,7 @@ class EvalView(Vertical):
         sl = self.query_one("#eval-targets", SelectionList)
         keep = set(sl.selected) or {"base"}
         sl.clear_options()
-        sl.add_options([(str(t.get("label") or t["id"]), t["id"], t["id"] in keep) for t in targets])
+        sl.add_options([(target_label(t), t["id"], t["id"] in keep) for t in targets])
 
     @property
     def selected(self) -> list[str]:
