@@ -374,18 +374,26 @@ class BackendServer:
         ended = self.store.last_event(session, "job.finished")
         if started is not None and (ended is None or ended.seq < started.seq):
             job_id, kind = started.payload.get("job_id", ""), started.payload.get("kind", "job")
-            hint = "start it again"
+            hint, removed = "start it again", ""
             if kind == "train.start":
+                import shutil
+
                 from backend import train
 
                 try:
+                    # A save the kill cut off: no trainer_state.json, never listed; take it away.
+                    partial = train.partial_checkpoints(train.run_dir(self.home, session) / "checkpoints")
+                    for folder in partial:
+                        shutil.rmtree(folder, ignore_errors=True)
+                        log.warning("removed %s: a checkpoint the stopped backend had not finished saving", folder)
+                    removed = "; its half-written " + ", ".join(f.name for f in partial) + " was removed" if partial else ""
                     newest = train.list_checkpoints(self.home, session)
                 except Exception:
                     newest = []
                 hint = (f"resume from its last checkpoint, {newest[0]['path']} (step {newest[0]['step']})"
                         if newest else "no checkpoint was saved: start the run again")
             error = {"message": f"the backend stopped while this {kind} job ran (killed or crashed); "
-                                "the events up to then are kept",
+                                f"the events up to then are kept{removed}",
                      "where": f"backend pid {getattr(self, '_previous_pid', '') or '?'}", "hint": hint, "detail": ""}
             self.publish(session, "error", {"job_id": job_id, **error})
             self.publish(session, "job.finished", {

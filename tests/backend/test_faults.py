@@ -150,6 +150,37 @@ def test_kill_9_mid_training_then_a_fresh_backend_resumes_the_same_curve(tiny_fo
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_checkpoint_the_kill_cut_off_is_removed_and_the_last_whole_one_named(checkpoint, tmp_path):
+    """What a kill -9 in the middle of a save leaves (checkpoint-N without trainer_state.json): the
+    next backend removes it and names the last complete checkpoint to resume from."""
+    from backend.server import BackendServer
+
+    home = tmp_path / "h"
+    store = Store(home / "sessions.db")
+    session = store.create_session("killed").id
+    store.append_event(session, "job.started", {"job_id": "j1", "kind": "train.start", "params": {}})
+    store.set_status(session, "running")
+    store.close()
+    ckpts = train.run_dir(home, session) / "checkpoints"
+    shutil.copytree(checkpoint[0], ckpts / "checkpoint-2")
+    cut = shutil.copytree(checkpoint[0], ckpts / "checkpoint-4")
+    (cut / "trainer_state.json").unlink()  # written last by the trainer: never reached
+
+    async def start_and_stop():
+        server = BackendServer(home)
+        await server.start()
+        await server.shutdown(graceful=True)
+
+    asyncio.run(asyncio.wait_for(start_and_stop(), 30))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2"]
+    store = Store(home / "sessions.db")
+    told = store.last_event(session, "job.finished").payload
+    assert told["status"] == "failed" and "half-written checkpoint-4 was removed" in told["error"]["message"]
+    assert str(ckpts / "checkpoint-2") in told["error"]["hint"]
+    assert store.get_session(session).status == "interrupted"
+    store.close()
+
+
 # Disk full while a checkpoint is written ------------------------------------------------------------------------
 
 
