@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     # A job thread in pure Python holds the GIL for up to the switch interval each time the loop
     # asks for it; 1 ms instead of 5 keeps replies prompt. An idle loop asks nothing, so a job
     # alone runs as before.
-    sys.setswitchinterval(0.001)
+    sys.setswitchinterval(float(os.environ.get("QLW_SWITCH_INTERVAL", "0.001")))
 
     try:
         restart = asyncio.run(run_server(home))
