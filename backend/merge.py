@@ -26,7 +26,8 @@ Safety: everything is written into a temporary folder beside the target (same fi
 renamed into place only when complete, so a failed, cancelled or killed merge leaves no
 half-written model under the target's name; leftovers of a killed merge are removed by the next
 one. An existing target is replaced only with ``overwrite`` (old renamed away, new renamed in,
-old deleted). Free disk space is checked first.
+old deleted), and only when it is empty or a model folder (:func:`replace_refusal`): a folder of
+anything else is refused, never deleted. Free disk space is checked first.
 
 A test seam: ``QLW_MERGE_FAULT=kill@saving`` (SIGKILL this process once the weights are written,
 before the folder is complete) or ``fail@saving`` (raise there); read once per process.
@@ -124,6 +125,58 @@ def resolve_out(out: str, home: Path) -> Path:
         raise JobError(f"{path} exists and is a file, not a folder", where=f"out = {text}",
                        hint="choose another name")
     return path
+
+
+#: Weight files that, beside a config.json, make a folder a model folder a merge may replace.
+MODEL_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "model*.bin")
+
+
+def _is_qlw_card(readme: Path) -> bool:
+    """A README.md model card qlw wrote (its front matter tags it ``qlw`` and ``merged``)."""
+    try:
+        head = readme.read_text(encoding="utf-8", errors="replace")[:2000]
+    except OSError:
+        return False
+    front = head.split("---", 2)[1] if head.startswith("---") and head.count("---") >= 2 else ""
+    return "- qlw" in front and "- merged" in front
+
+
+def replace_refusal(out: Path) -> str | None:
+    """Why an existing ``out`` may not be replaced by a merge (None: it may be, or it does not
+    exist). Only an empty folder or a model folder (config.json and weights, or a folder with
+    qlw's model card) is replaced; anything else (a folder of the user's notes, the home, ~) is
+    someone's files that a mistyped output folder must never delete."""
+    out = Path(out)
+    if out.is_symlink():
+        return f"{out} is a link, not a folder qlw wrote"
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"{out} is a file, not a model folder"
+    try:
+        entries = sorted(out.iterdir(), key=lambda e: e.name)
+    except OSError as exc:
+        return f"{out} cannot be read ({exc.strerror or exc})"
+    if not entries:
+        return None
+    names = {e.name for e in entries if e.is_file()}
+    weights = any(e.is_file() and any(e.match(g) for g in MODEL_WEIGHTS) for e in entries)
+    if "config.json" in names and weights:
+        return None
+    if "README.md" in names and _is_qlw_card(out / "README.md"):
+        return None
+    shown = [e.name + ("/" if e.is_dir() else "") for e in entries[:5]]
+    more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+    return (f"{out} is not a model folder (no config.json with weights, no qlw model card): it holds "
+            f"{', '.join(shown)}{more}, which replacing it would delete")
+
+
+def check_replaceable(out: Path, text: str | None = None) -> None:
+    """JobError when ``out`` exists and is not a folder a merge may replace."""
+    why = replace_refusal(out)
+    if why:
+        raise JobError(why, where=f"out = {text or out}",
+                       hint="pick another output folder (a new or empty one): qlw replaces only a model folder")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -257,7 +310,10 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
         warnings.append(f"not enough disk space at {target.parent}: about {disk_need / GIB:.1f} GiB needed, "
                         f"{disk_free / GIB:.1f} GiB free")
     out_exists = target.exists()
-    if out_exists:
+    out_blocked = replace_refusal(target) if out_exists else None
+    if out_blocked:
+        warnings.append(f"{target} exists and cannot be replaced: {out_blocked}; pick another output folder")
+    elif out_exists:
         warnings.append(f"{target} exists: merging replaces it (confirm to overwrite)")
     return {
         "adapter": info,
@@ -272,6 +328,7 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
         "disk": {"need_bytes": disk_need, "free_bytes": disk_free},
         "out": str(target),
         "out_exists": out_exists,
+        "out_blocked": out_blocked,
         "warnings": warnings,
     }
 
@@ -623,6 +680,7 @@ def _run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] |
     cancelled = lambda: ctx.cancelled  # noqa: E731
     p = plan(adapter, params["out"], home, dtype, into, max_shard, device=params.get("device") or "auto")
     out = Path(p["out"])
+    check_replaceable(out, params["out"])
     if p["out_exists"] and not overwrite:
         raise JobError(f"{out} exists", where=f"out = {out}", hint="confirm to overwrite it, or choose another folder")
     if p["disk"]["need_bytes"] > p["disk"]["free_bytes"]:
@@ -637,6 +695,9 @@ def _run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] |
         if "exists" not in w:
             ctx.emit("log", {"level": "warning", "message": w})
     info, trained, src = _base_info(adapter, home)
+    if src.folder and out.exists() and os.path.realpath(src.folder) == os.path.realpath(out):
+        raise JobError(f"{out} is the base model's own folder", where=f"out = {params['out']}",
+                       hint="pick another output folder: the merge must not replace the base it loads")
     removed = clean_stale(out)
     if removed:
         ctx.emit("log", {"level": "info", "message": f"removed leftovers of an interrupted merge: {', '.join(removed)}"})
@@ -735,9 +796,10 @@ def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the complete folder into place; an existing target (only with ``overwrite``) is
     renamed away first and deleted after."""
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
         if not overwrite:
             raise JobError(f"{out} exists", where=f"out = {out}", hint="confirm to overwrite it")
+        check_replaceable(out)  # again: the folder may have changed while the merge ran
         old = out.parent / f".{out.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
     try:
@@ -979,6 +1041,7 @@ def register(server) -> None:
             check_params(params.dtype, params.into, params.max_shard_size)
             out = resolve_out(params.out, home)
             await asyncio.to_thread(adapters.inspect_adapter, params.adapter)
+            check_replaceable(out, params.out)
         except JobError as exc:
             return _refusal(exc)
         if out.exists() and not params.overwrite:
@@ -1110,6 +1173,10 @@ def cli(args) -> int:
         except JobError as exc:
             return fail(exc, 2)
         _print_plan(p)
+        if p.get("out_blocked"):
+            print(f"qlw merge: not replacing {p['out']}: {p['out_blocked']}; pick another output folder",
+                  file=sys.stderr)
+            return 2
         if p["out_exists"] and not args.yes:
             print(f"qlw merge: {p['out']} exists: pass --yes to replace it (only once the new one is complete)",
                   file=sys.stderr)

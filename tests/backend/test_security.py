@@ -149,9 +149,6 @@ def test_merge_and_hub_keep_the_token_out_of_the_model_card_and_replies(served):
 
 
 @pytest.mark.skipif("merge.start" not in P.REQUESTS, reason="backend/merge.py has not landed")
-@pytest.mark.xfail(strict=True, reason="for backend/merge.py: merge.start with overwrite replaces ANY existing "
-                   "folder (renamed away, then deleted), even one that holds no model; a mistyped out= (the data "
-                   "home, ~, /) loses it. Refuse to replace a folder that is not a merged model (or empty).")
 def test_merge_overwrite_never_replaces_a_folder_that_is_not_a_model(served):
     home, _pid, _token, _received, probes, _ = served
     victim = Path(home.parent / f"{home.name}-victim")
