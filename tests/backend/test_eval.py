@@ -124,6 +124,38 @@ def test_bench_chat_smoke_runs_and_writes_its_figures(tiny_folder, tmp_path):
     assert record["versions"]["transformers"] and record["device"].startswith("CPU")
 
 
+def test_bench_chat_keeps_to_its_budget(tiny_folder, tmp_path):
+    """Out of budget: every phase is skipped, said so in the table and the JSON (written anyway).
+    And the timed runs stop before one that would pass the deadline, keeping at least one."""
+    import importlib
+
+    out = tmp_path / "chat.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "chat.py"), "--smoke", "--model", str(tiny_folder),
+                           "--tokens", "4", "--runs", "1", "--budget", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped: budget") == 4 and "INCOMPLETE" in proc.stdout
+    record = json.loads(out.read_text())
+    assert record["rows"] == {} and not record["complete"] and record["budget_s"] == 0
+    assert [record["phases"][k]["status"] for k in ("qlw/base", "qlw/tuned", "bare/base", "bare/tuned")] == ["skipped"] * 4
+    bench = importlib.import_module("bench.chat")
+    clock = iter(range(100))
+    calls = []
+
+    def one():
+        calls.append(1)
+        return 10.0, 0.1, 4, None
+
+    real = bench.time.perf_counter
+    bench.time.perf_counter = lambda: float(next(clock))
+    try:
+        times, _, counts, _, cut = bench._timed(one, 3, deadline=5.0)  # 1 run, then 1 + 10 > 5: stop
+    finally:
+        bench.time.perf_counter = real
+    assert times == [10.0] and counts == [4] and cut == 2 and len(calls) == 1
+    assert bench._timed(one, 2, deadline=None)[4] == 0
+
+
 def test_eval_job_scores_the_runs_validation_split(tiny_folder, tmp_path, clean_engine):
     """eval.run's job on a session's adapter: the base's settings and the validation rows come
     from the run's config.toml; the rows are eval.row events that fit the protocol, and the

@@ -228,6 +228,37 @@ def test_plan_paths_and_refusals(setup, verified):
         merge.plan(str(home / "nowhere"), "x", home)
 
 
+def test_only_an_empty_or_model_folder_may_be_replaced(tmp_path):
+    assert merge.replace_refusal(tmp_path / "new") is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert merge.replace_refusal(empty) is None
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model-00001-of-00002.safetensors").write_bytes(b"")
+    (model / "notes.txt").write_text("kept with the model")
+    assert merge.replace_refusal(model) is None
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "README.md").write_text(merge.model_card(name="card", base="b", base_is_hub=True, info={}, run={},
+                                                     losses=(None, None), dtype="bf16", into="original", how=""))
+    assert merge.replace_refusal(card) is None
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")  # a config alone is not a model
+    why = merge.replace_refusal(mine)
+    assert "not a model folder" in why and "config.json, notes.txt, sub/" in why
+    with pytest.raises(JobError, match="notes.txt") as exc:
+        merge.check_replaceable(mine, "mine")
+    assert "another output folder" in exc.value.hint
+    (tmp_path / "link").symlink_to(model)
+    assert "link" in merge.replace_refusal(tmp_path / "link")
+    (tmp_path / "file").write_text("x")
+    assert "file" in merge.replace_refusal(tmp_path / "file")
+
+
 def test_existing_target_is_replaced_only_when_asked_and_atomically(setup):
     home, base, adapter = setup
     params = {"adapter": str(adapter), "out": "tiny-twice", "dtype": "bf16", "into": "original", "verify": False}
