@@ -46,8 +46,9 @@ class QlwApp(BackendRequests, App[None]):
     def __init__(self, home: Path | None = None, start_backend: bool = True) -> None:
         super().__init__()
         self.backend = BackendClient(home, self._on_client_event, self._on_client_state,
-                                     client="qlw-tui", start_backend=start_backend)
-        #: Every backend event, in order; widgets subscribe in on_mount.
+                                     client="qlw-tui", start_backend=start_backend, listening=False)
+        #: Every backend event, in order (the session's replay included); widgets subscribe in
+        #: on_mount, and the client attaches only once the first screen's widgets are mounted.
         self.backend_events: Signal[P.Event] = Signal(self, "backend-events")
         #: Every change of the connection's state.
         self.connection_changed: Signal[ConnectionChanged] = Signal(self, "connection-changed")
@@ -60,6 +61,9 @@ class QlwApp(BackendRequests, App[None]):
 
     def on_mount(self) -> None:
         self._start_client()
+        # The first screen mounts after the app (its panes subscribe in their on_mount); its
+        # queue runs this once they all have, so the client's replay reaches every pane.
+        self.screen.call_later(self.backend.listen)
 
     # The channel ---------------------------------------------------------------------------
 

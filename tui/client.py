@@ -223,12 +223,17 @@ class BackendClient:
 
     ``on_event`` sees every event exactly once, in order; ``on_state(state, detail)`` sees
     connecting / connected / reconnecting / gone.
+
+    With ``listening=False`` the client connects (starting a backend if needed) but attaches,
+    which is when the backend starts sending events and replays the session's history, only
+    once :meth:`listen` is called: the app calls it when its screen's widgets have subscribed,
+    so none of them misses the replay.
     """
 
     RECONNECT_FOR_S = 10.0
 
     def __init__(self, home: Path | None, on_event: EventHandler, on_state: Callable[[str, str], Any],
-                 client: str = "qlw-tui", start_backend: bool = True):
+                 client: str = "qlw-tui", start_backend: bool = True, listening: bool = True):
         self.home = Path(home) if home is not None else P.data_home()
         self._on_event = on_event
         self._on_state = on_state
@@ -240,6 +245,9 @@ class BackendClient:
         self.state = CONNECTING
         self._stop = False
         self._wake = asyncio.Event()
+        self._listening = asyncio.Event()
+        if listening:
+            self._listening.set()
 
     def _deliver(self, ev: P.Event) -> None:
         if ev.session is not None and ev.seq is not None:
@@ -260,6 +268,23 @@ class BackendClient:
         if self.conn is None:
             raise BackendUnavailable("not connected to the backend")
         return await self.conn.request(params, timeout)
+
+    def listen(self) -> None:
+        """Whoever handles ``on_event`` is ready: attach (now, or as soon as connected)."""
+        self._listening.set()
+
+    async def _wait_listening(self, conn: Connection) -> None:
+        """Until :meth:`listen` (raises :class:`BackendUnavailable` if ``conn`` closes first)."""
+        if self._listening.is_set():
+            return
+        waits = [asyncio.ensure_future(self._listening.wait()), asyncio.ensure_future(conn.closed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not self._listening.is_set() or conn.closed.is_set():
+            raise BackendUnavailable("connection closed before attaching")
 
     async def _attach(self, conn: Connection) -> None:
         since = self.last_seq.get(self.session, 0) if self.session else 0
@@ -291,6 +316,7 @@ class BackendClient:
                 continue
             self.conn = conn
             try:
+                await self._wait_listening(conn)
                 await self._attach(conn)
                 self._set_state(CONNECTED, f"backend pid {conn.welcome.pid}")
                 await conn.closed.wait()

@@ -597,7 +597,7 @@ def test_real_backend_compare_mode_shows_both_answers(backend_with_tiny):
         await app.backend.stop()
 
         # Another terminal attaching later redraws the conversation from the session's events
-        # (its Chat tab mounts after the app's replay: the pane reads them again).
+        # (the app's replay: its client attaches once the panes have subscribed).
         again = make_app(backend_with_tiny)
         seen: list = []
 

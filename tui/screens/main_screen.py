@@ -1,4 +1,5 @@
-"""MainScreen: the shell; one tab per capability, the job line and the footer."""
+"""MainScreen: the shell; one tab per capability, the job line, the footer, and a notification
+for each backend error that no job owns (no pane shows it)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Input, TabbedContent, TabPane, Tabs, TextArea
 
+from backend import protocol as P
 from tui.client import CONNECTED
 from tui.widgets.chat.chat_pane import ChatPane
 from tui.widgets.data.data_pane import DataPane
@@ -16,6 +18,7 @@ from tui.widgets.merge.merge_pane import MergePane
 from tui.widgets.model.model_pane import ModelPane
 from tui.widgets.sessions.sessions_pane import SessionsPane
 from tui.widgets.shell.app_header import AppHeader
+from tui.widgets.shell.error_notice import TITLE, error_notice
 from tui.widgets.shell.job_indicator import JobIndicator
 from tui.widgets.train.train_pane import TrainPane
 
@@ -59,6 +62,15 @@ class MainScreen(Screen):
                     yield pane(id=f"{tab}-pane")
         yield JobIndicator(id="job-indicator")
         yield Footer()
+
+    def on_mount(self) -> None:
+        self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
+
+    def on_backend(self, ev: P.Event) -> None:
+        """An error no job owns (no pane shows it): a notification, with what to do."""
+        text = error_notice(ev)
+        if text:
+            self.notify(text, title=TITLE, severity="error", markup=False, timeout=15)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "free_vram":

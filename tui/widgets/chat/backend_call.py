@@ -36,26 +36,3 @@ def params_of(params: Any) -> dict[str, Any]:
     """The parameters as plain data (for tests and logs)."""
     return P.to_dict(params)
 
-
-async def replay_session(app: Any, kinds: frozenset[str] | set[str]) -> list[Any]:
-    """The current session's stored events of ``kinds``, read again on a connection of its own.
-
-    The app's client replays a session once, when it attaches; a pane that subscribed to
-    ``app.backend_events`` after that replay was published (the panes of a terminal starting
-    while the backend has a history mount at their own pace) would miss it. This reads them again
-    without touching the app's client (its de-duplication by sequence number stays right)."""
-    from tui.client import Connection
-
-    client = app.backend
-    session = client.session
-    if not session:
-        return []
-    events: list[Any] = []
-    conn = await Connection.open(P.socket_path(client.home), "qlw-tui-redraw", events.append)
-    try:
-        await conn.call(P.Attach(session=session, since=0), timeout=60)
-    finally:
-        await conn.close()
-    last = client.last_seq.get(session, 0)
-    return [ev for ev in events if ev.session == session and ev.seq is not None and ev.seq <= last
-            and ev.kind in kinds]

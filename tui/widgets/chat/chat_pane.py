@@ -26,7 +26,7 @@ from tui.modals.confirm_screen import ConfirmScreen
 from tui.modals.export_screen import ExportScreen
 from tui.widgets.backend_requests import BackendRequests
 from tui.widgets.chat.answer_view import AnswerView
-from tui.widgets.chat.backend_call import by_method, replay_session
+from tui.widgets.chat.backend_call import by_method
 from tui.widgets.chat.chat_format import short_target, target_label
 from tui.widgets.chat.chat_settings_form import ChatSettingsForm
 from tui.widgets.chat.chat_turn import ChatTurn
@@ -35,8 +35,6 @@ from tui.widgets.lora.lora_pane import expand_path
 
 NO_COMPARE = ""
 CHAT_VIEW, EVAL_VIEW = "chat-view", "eval-view"
-#: The stored events a pane mounted after the app's replay reads again.
-REDRAW_KINDS = frozenset({"chat.started", "chat.answer", "eval.row", "job.started", "job.finished"})
 #: Jobs after which the list of targets may have changed (a new adapter, a model loaded/freed).
 TARGET_JOBS = {"chat.load", "train.start", "merge.start", "model.load", "gpu.free", "backend.restart"}
 
@@ -127,16 +125,6 @@ class ChatPane(BackendRequests, Vertical):
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
         self.app.connection_changed.subscribe(self, self.on_connection)  # type: ignore[attr-defined]
         self.on_connection(self.app.connection)  # type: ignore[attr-defined]
-        if getattr(self.app.backend, "last_seq", None):  # type: ignore[attr-defined]
-            self.redraw()  # events came before this pane listened: read them again
-
-    @work(name="redraw the conversation", group="chat.redraw", exclusive=True, exit_on_error=False)
-    async def redraw(self) -> None:
-        """The session's chat, evaluation and job events again (see ``replay_session``); handling
-        one twice changes nothing (answers are keyed by id)."""
-        for ev in await replay_session(self.app, REDRAW_KINDS):
-            if ev.kind not in ("job.started", "job.finished") or ev.payload.get("kind") in ("chat.send", "eval.run"):
-                self.on_backend(ev)
 
     # Parts ----------------------------------------------------------------------------------------
 

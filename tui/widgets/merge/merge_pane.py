@@ -32,7 +32,7 @@ from tui.client import CONNECTED, RequestFailed
 from tui.messages import ConnectionChanged
 from tui.modals.confirm_screen import ConfirmScreen
 from tui.widgets.backend_requests import BackendRequests
-from tui.widgets.chat.backend_call import by_method, replay_session
+from tui.widgets.chat.backend_call import by_method
 from tui.widgets.chat.chat_format import size
 from tui.widgets.chat.chat_pane import failure_text
 from tui.widgets.lora.lora_pane import expand_path
@@ -122,14 +122,6 @@ class MergePane(BackendRequests, Vertical):
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
         self.app.connection_changed.subscribe(self, self.on_connection)  # type: ignore[attr-defined]
         self.on_connection(self.app.connection)  # type: ignore[attr-defined]
-        if getattr(self.app.backend, "last_seq", None):  # type: ignore[attr-defined]
-            self.redraw()  # events came before this pane listened: read them again
-
-    @work(name="read the merge's results again", group="merge.redraw", exclusive=True, exit_on_error=False)
-    async def redraw(self) -> None:
-        """The session's merge.saved / merge.verified / hub.pushed events again."""
-        for ev in await replay_session(self.app, frozenset({"merge.saved", "merge.verified", "hub.pushed"})):
-            self.on_backend(ev)
 
     # Parts ----------------------------------------------------------------------------------------
 

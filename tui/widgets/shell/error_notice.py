@@ -1,0 +1,33 @@
+"""error_notice: the notification for a backend ``error`` event that no job owns.
+
+A job's errors are shown by the pane that follows the job (Train, Chat, Merge, ...). An error
+with no ``job_id`` (the backend cannot record events because the disk is full, ...) belongs to
+no pane, so the shell shows it as a notification: what failed, where, what to do next.
+"""
+
+from __future__ import annotations
+
+import time
+
+from backend import protocol as P
+
+TITLE = "Backend error"
+#: A recorded error older than this (the replay of a session) is not notified again.
+NOTIFY_RECENT_S = 60.0
+
+
+def error_notice(ev: P.Event, now: float | None = None) -> str | None:
+    """The notification's text for ``ev``, or None: not an ``error``, a job's own error, or an
+    old one replayed from the session's history."""
+    if ev.kind != "error" or ev.payload.get("job_id"):
+        return None
+    now = time.time() if now is None else now
+    if ev.seq is not None and now - ev.time > NOTIFY_RECENT_S:
+        return None
+    p = ev.payload
+    parts = [f"✖ {p.get('message') or 'the backend reported an error; see its log'}"]
+    if p.get("where"):
+        parts.append(f"where: {p['where']}")
+    if p.get("hint"):
+        parts.append(f"what to do: {p['hint']}")
+    return "\n".join(parts)
