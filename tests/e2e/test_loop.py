@@ -1,9 +1,11 @@
 """End to end: the whole fine-tuning loop in the real `qlw`, driven in tmux with keys only.
 
 On the embedded default (the tiny model and the shipped sample data), as a newcomer would: load
-the model, browse the data, set the run, train 20 steps watching the loss table fill, and (in
-the second test) close the terminal in the middle of training and attach a fresh `qlw` that
-shows every row. Asserts on what the screen shows.
+the model, browse the data, set the run, train 20 steps watching the loss table fill, chat with
+the base and then base and tuned side by side, export the transcript, free the memory, merge the
+adapter and verify the merged folder, and list what an upload would send; and (in the second
+test) close the terminal in the middle of training and attach a fresh `qlw` that shows every
+row. Asserts on what the screen shows (and that the files it says it wrote exist).
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ def browse_sample_data(tmux: Tmux, name: str) -> None:
     tmux.keys(name, "3")
     tmux.wait_for(name, "No dataset open")
     tmux.keys(name, "Enter")  # the Open button has the focus; an empty path is the shipped sample
-    screen = tmux.wait_for(name, "585 rows", timeout=60)
-    assert "instruction" in screen and "boron" in screen
+    tmux.wait_for(name, "585 rows", timeout=60)
+    screen = tmux.wait_for(name, "boron", timeout=30)  # the first page of rows
+    assert "instruction" in screen
 
 
 def set_run(tmux: Tmux, name: str, toml_path, steps: int) -> None:
@@ -78,6 +81,82 @@ def set_run(tmux: Tmux, name: str, toml_path, steps: int) -> None:
     assert "trainable params: 65,536" in screen and "fits" in screen
 
 
+def chat_with_base_then_compare(tmux: Tmux, name: str) -> None:
+    tmux.keys(name, "6")
+    tmux.wait_for(name, "Load")
+    time.sleep(0.5)
+    tmux.keys(name, "F5")  # the base target: the model loaded in the Model tab
+    tmux.wait_for(name, "loaded base", timeout=60)
+    tmux.keys(name, "m")
+    time.sleep(0.3)
+    tmux.keys(name, "What is the capital of Norway?", "Enter")
+    tmux.wait_match(name, r"\d+ tokens · first token [\d.]+ s", timeout=120)
+    tmux.keys(name, "Escape", "F3")  # compare: the newest adapter beside the base
+    tmux.wait_for(name, "compare: base | tuned")
+    tmux.keys(name, "m")
+    time.sleep(0.3)
+    tmux.keys(name, "Name the capital city of Norway.", "Enter")
+
+    deadline = time.monotonic() + 120
+    while True:  # both columns answered: two sets of figures below the compare header
+        screen = tmux.screen(name)
+        tail = screen[screen.rfind("▏ tuned"):] if "▏ tuned" in screen else ""
+        if tail.count("tokens/s") >= 2 or tail.count("path") >= 2:
+            break
+        assert time.monotonic() < deadline, f"the compare answers never both arrived:\n{screen}"
+        time.sleep(0.2)
+    assert "▏ base" in screen
+
+
+def export_transcript(tmux: Tmux, name: str, home) -> None:
+    tmux.keys(name, "Escape")  # out of the message box
+    time.sleep(0.3)
+    tmux.keys(name, "C-s")
+    tmux.wait_for(name, "Export the conversation")
+    tmux.keys(name, "Enter")
+    deadline = time.monotonic() + 30
+    while not list((home / "exports").glob("*.md")):
+        assert time.monotonic() < deadline, tmux.screen(name)
+        time.sleep(0.2)
+    text = next((home / "exports").glob("*.md")).read_text()
+    assert "What is the capital of Norway?" in text and "Name the capital city of Norway." in text
+
+
+def free_memory(tmux: Tmux, name: str) -> None:
+    tmux.keys(name, "C-f")
+    screen = tmux.wait_for(name, "memory freed", timeout=60)
+    assert "base" in screen  # the dropped model is named
+    deadline = time.monotonic() + 20
+    while "memory freed" in tmux.screen(name):  # close the result (esc), once it has the focus
+        assert time.monotonic() < deadline, tmux.screen(name)
+        time.sleep(0.5)
+        tmux.keys(name, "Escape")
+
+
+def merge_and_verify(tmux: Tmux, name: str, home) -> None:
+    for _ in range(3):  # the tab key may land while the previous dialog is still closing
+        tmux.keys(name, "7")
+        try:
+            tmux.wait_for(name, "Final loss", timeout=10)
+            break
+        except AssertionError:
+            continue
+    tmux.wait_for(name, "Final loss", timeout=1)
+    time.sleep(0.5)
+    tmux.keys(name, "Enter")  # the newest adapter
+    tmux.wait_for(name, "fits", timeout=60)  # the plan: memory and disk
+    tmux.keys(name, "C-n")
+    tmux.wait_for(name, "Merge ▶")
+    tmux.keys(name, "F5")
+    screen = tmux.wait_for(name, "within the noise floor", timeout=240)
+    assert "merged" in screen and "trained (4-bit base + adapter)" in screen
+    assert [p for p in (home / "merged").iterdir() if (p / "config.json").exists()]
+    tmux.keys(name, "C-n")  # the upload step: offline, a dry run lists the files
+    tmux.wait_for(name, "local export only")
+    tmux.keys(name, "F5")
+    tmux.wait_for(name, "model.safetensors", timeout=60)
+
+
 def test_the_loop_in_a_real_terminal_at_80x24(tmux, qlw_home, tmp_path):
     open_qlw(tmux, "t", qlw_home, (80, 24))
     load_tiny_model(tmux, "t")
@@ -91,6 +170,10 @@ def test_the_loop_in_a_real_terminal_at_80x24(tmux, qlw_home, tmp_path):
     rows = [int(s) for s in re.findall(r"^\s+(\d+)\s+\d+\.\d{4}", screen, re.M)]
     assert rows == list(range(rows[0], 21, 5)) and len(rows) >= 2, screen
     assert "Validation Loss" in screen and "adapter:" in screen
+    chat_with_base_then_compare(tmux, "t")
+    export_transcript(tmux, "t", qlw_home)
+    free_memory(tmux, "t")
+    merge_and_verify(tmux, "t", qlw_home)
 
 
 def test_a_terminal_closed_mid_training_and_a_new_one_attached_at_200x50(tmux, qlw_home, tmp_path):
@@ -103,6 +186,9 @@ def test_a_terminal_closed_mid_training_and_a_new_one_attached_at_200x50(tmux, q
     tmux.kill("first")  # the SSH connection drops
 
     open_qlw(tmux, "second", qlw_home, (200, 50))
+    size = tmux.tmux("display", "-p", "-t", "second", "#{window_width}x#{window_height}").strip()
+    header = tmux.screen("second").splitlines()[0]
+    assert size == "200x50" and len(header.rstrip()) > 150, (size, header)
     tmux.keys("second", "5")
     tmux.wait_for("second", "finished at step 60/60", timeout=300)
     screen, _ = tmux.wait_match("second", r"^\s+60\s+\d+\.\d{4}", timeout=10, flags=re.M)

@@ -33,7 +33,9 @@ class Tmux:
         return out.stdout
 
     def open(self, name: str, cmd: str, size: tuple[int, int]) -> None:
-        self.tmux("new-session", "-d", "-s", name, "-x", str(size[0]), "-y", str(size[1]), cmd)
+        # A detached session's window can reach its -x/-y size only just after the command starts
+        # (tmux 3.3): a program that reads its size at once may keep 80x24. Start it a moment later.
+        self.tmux("new-session", "-d", "-s", name, "-x", str(size[0]), "-y", str(size[1]), f"sleep 0.5; {cmd}")
 
     def screen(self, name: str) -> str:
         return self.tmux("capture-pane", "-p", "-t", name)

@@ -44,6 +44,8 @@ class MainScreen(Screen):
                     tooltip=f"Show the {title} tab: {what}.")
             for n, (tab, title, _, what) in enumerate(TABS, 1)
         ),
+        Binding("escape", "leave_field", "Leave field", id="focus.leave-field", show=False,
+                tooltip="Leave the text field being typed in, so that the number keys switch tabs again."),
         Binding("ctrl+t", "prepare_tiny", "Tiny model", id="job.prepare-tiny",
                 tooltip="Build the embedded tiny model in the data home (a backend job), "
                         "to try every step in seconds."),
@@ -77,6 +79,11 @@ class MainScreen(Screen):
             # Only a connected backend can free anything; hidden (footer, palette) until then.
             return self.app.connection.state == CONNECTED  # type: ignore[attr-defined]
         return super().check_action(action, parameters)
+
+    def action_leave_field(self) -> None:
+        """From a text field to the tab bar (a pane's own esc, e.g. stopping an answer, comes first)."""
+        if isinstance(self.focused, (Input, TextArea)):
+            self.query_one(TabbedContent).query_one(Tabs).focus()
 
     def action_show_tab(self, tab: str) -> None:
         """Show ``tab`` and put the focus in it (or on the tab bar if nothing there takes it).

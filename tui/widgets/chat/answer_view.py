@@ -87,7 +87,14 @@ class AnswerView(Vertical):
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
-        await self.body.update(text or "*(no text)*")
+        if not self.is_attached:
+            return  # cleared away meanwhile
+        bodies = self.query(".answer-body").results(Markdown)
+        body = next(bodies, None)
+        if body is None:  # the answer came (e.g. in a replay) before the view's children mounted
+            self.call_after_refresh(self._finish, text)
+            return
+        await body.update(text or "*(no text)*")
 
     def on_failed(self, message: str) -> None:
         """The job ended without this answer (cancelled before it began, or failed)."""

@@ -62,6 +62,10 @@ class ChatPane(BackendRequests, Vertical):
                 tooltip="Evaluate the ticked targets (eval.run): load time, speed, memory, perplexity."),
         Binding("escape", "stop", "Stop", id="chat.stop",
                 tooltip="Stop the answer being written (job.cancel); what was written stays."),
+        Binding("escape", "leave_message", "Leave message", id="chat.leave-message", show=False,
+                tooltip="Leave the message box, so that the number keys switch tabs again."),
+        Binding("m", "focus_message", "Message", id="chat.message",
+                tooltip="Put the cursor in the message box (esc leaves it)."),
         Binding("f2", "toggle_settings", "Settings", id="chat.settings",
                 tooltip="Show or hide the generation settings (max_new_tokens, temperature, top_p, ...)."),
         Binding("f3", "toggle_compare", "Compare", id="chat.compare",
@@ -95,6 +99,8 @@ class ChatPane(BackendRequests, Vertical):
         self.gen_job = ""
         self.load_job = ""
         self.eval_job = ""
+        #: job.finished payloads by job id (the newest few), for jobs that end before their reply.
+        self._finished: dict[str, dict[str, Any]] = {}
         #: The newest chat.send job seen (job.started), to put its two answers in one turn.
         self._seen_chat_job = ""
         #: Events for answers not known yet, held while our chat.send waits for its reply.
@@ -230,6 +236,10 @@ class ChatPane(BackendRequests, Vertical):
                     self.gen_job = self._seen_chat_job
                     self.refresh_bindings()
         elif kind == "job.finished":
+            # A job that fails at once can end before the reply that started it comes back.
+            self._finished[str(p.get("job_id", ""))] = p
+            while len(self._finished) > 32:
+                self._finished.pop(next(iter(self._finished)))
             self._on_job_finished(p)
 
     def _on_chat(self, ev: P.Event) -> None:
@@ -403,6 +413,10 @@ class ChatPane(BackendRequests, Vertical):
             return True if self.connected and (action == "export" or self.target) else None
         if action == "stop":
             return bool(self.gen_job) and not in_eval  # in the footer while an answer is written
+        if action == "leave_message":
+            return not self.gen_job and self.app.focused is self.query_one("#chat-input")
+        if action == "focus_message":
+            return not in_eval
         if action in ("toggle_compare", "clear"):
             return not in_eval
         return True
@@ -431,6 +445,8 @@ class ChatPane(BackendRequests, Vertical):
             self.status(f"✖ not loaded: {exc.reply.reason or exc.reply.code}", "error")
             return
         self.load_job = str(result.get("job_id") or "")
+        if self.load_job in self._finished:
+            self._on_job_finished(self._finished[self.load_job])
 
     def action_stop(self) -> None:
         if self.gen_job:
@@ -440,6 +456,12 @@ class ChatPane(BackendRequests, Vertical):
     async def stop(self) -> None:
         await self.call(P.CancelJob(job_id=self.gen_job))
         self.status("■ stopping …", "busy")
+
+    def action_focus_message(self) -> None:
+        self.query_one("#chat-input", Input).focus()
+
+    def action_leave_message(self) -> None:
+        self.query_one("#chat-load", Button).focus()
 
     def action_toggle_settings(self) -> None:
         box = self.query_one(Collapsible)
@@ -532,6 +554,8 @@ class ChatPane(BackendRequests, Vertical):
             self.eval_view.status(f"✖ not started: {exc.reply.reason or exc.reply.code}")
             return
         self.eval_job = str(result.get("job_id") or "")
+        if self.eval_job in self._finished:
+            self._on_job_finished(self._finished[self.eval_job])
         self.eval_view.clear_rows()
         self.eval_view.status(f"▶ evaluating {len(params['targets'])} target(s) …")
         self.refresh_bindings()
