@@ -19,6 +19,7 @@ from textual.widgets import DataTable, TabbedContent
 
 from backend import protocol as P
 from tests.conftest import ROOT, start_backend, stop_backend
+from tests.functional.helpers import make_app, until, without_backend
 from tui.app import QlwApp
 from tui.client import Connection
 from tui.screens.main_screen import TABS, MainScreen
@@ -30,21 +31,6 @@ SIZE = (100, 30)
 
 
 # Helpers ------------------------------------------------------------------------------------
-
-
-def make_app(home: Path, start_backend: bool = True) -> QlwApp:
-    app = QlwApp(home=home, start_backend=start_backend)
-    app.animation_level = "none"  # pilot.press waits for the tab underline's animation
-    return app
-
-
-async def until(pilot, condition, what: str, timeout: float = 10.0) -> None:
-    """Let the app run until ``condition()`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.02)
 
 
 def header(app: QlwApp) -> str:
@@ -145,7 +131,7 @@ def test_sessions_tab_and_job_line_follow_the_backend(backend):
         await other.conn.call(P.NewSession(name="gamma"))
         pid = (await other.conn.call(P.Status()))["pid"]
 
-        app = make_app(home)
+        app = make_app(home, start_backend=True)
         async with app.run_test(size=SIZE, message_hook=hook) as pilot:
             await until(pilot, lambda: app.connection.state == "connected", "connected")
             assert header(app) == f"● connected · backend pid {pid}"
@@ -246,9 +232,7 @@ def test_shell_snapshot(snap_compare, qlw_home):
     """The shell at 100x30 with no backend (no pid, no time on screen)."""
 
     async def settle(pilot):
-        app = pilot.app
-        await until(pilot, lambda: app.connection.state == "gone", "gone")
-        app.clear_notifications()  # the notice names the temporary socket path
+        await without_backend(pilot)
         await pilot.pause()
 
     assert snap_compare(QlwApp(home=qlw_home, start_backend=False), terminal_size=SIZE,

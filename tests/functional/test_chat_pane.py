@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
-import pytest
 from textual.widgets import Collapsible, Input, Select
 
 from backend import protocol as P, tiny
-from tests.conftest import start_backend, stop_backend
+from tests.functional.helpers import make_app, skip_unless_backend_has, train_tiny_adapter, until, without_backend
 from tui.app import QlwApp
 from tui.client import CONNECTED, RequestFailed
 from tui.messages import BackendEvent, ConnectionChanged
@@ -143,25 +140,10 @@ class FakeChat:
         self.post("job.finished", {"job_id": job, "kind": "chat.send", "status": "cancelled", "elapsed_s": 0.3})
 
 
-def make_app(home: Path) -> QlwApp:
-    app = QlwApp(home=home, start_backend=False)
-    app.animation_level = "none"
-    return app
-
-
-async def until(pilot, condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.02)
-
-
 async def open_chat(pilot, fake: FakeChat | None = None) -> ChatPane:
     """The Chat tab, its input focused (as the number key leaves it); with ``fake``, connected to it."""
     app = pilot.app
-    await until(pilot, lambda: app.connection.state == "gone", "no backend")
-    app.clear_notifications()
+    await without_backend(pilot)
     app.screen.action_show_tab("chat")
     pane = app.screen.query_one(ChatPane)
     if fake is not None:
@@ -464,79 +446,6 @@ def test_chat_pane_snapshot(snap_compare, qlw_home):
 
 
 # With a real backend ------------------------------------------------------------------------
-
-def skip_unless_backend_has(home: Path, method: str) -> None:
-    """Skip (saying why) while the running backend does not handle ``method`` yet."""
-    from tui.client import Connection
-
-    async def probe() -> P.Reply:
-        conn = await Connection.open(P.socket_path(home), "probe")
-        try:
-            return await conn.request(P.REQUESTS[method]() if method in P.REQUESTS else P.Ping())
-        finally:
-            await conn.close()
-
-    if method not in P.REQUESTS:
-        pytest.skip(f"the protocol has no {method} yet")
-    reply = asyncio.run(probe())
-    # A method in the protocol but with no handler in the server fails with a KeyError.
-    if reply.code == P.UNKNOWN_METHOD or f"KeyError: '{method}'" in reply.reason:
-        pytest.skip(f"the backend does not handle {method} yet")
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    """The embedded tiny model, built once into pytest's cache (as test_model_pane does)."""
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
-
-
-@pytest.fixture
-def backend_with_tiny(qlw_home, tiny_folder):
-    shutil.copytree(tiny_folder, tiny.tiny_model_path(qlw_home))
-    proc = start_backend(qlw_home)
-    yield qlw_home
-    stop_backend(proc)
-
-
-def tiny_run_config(steps: int = 3) -> dict[str, Any]:
-    """The tiny model in fp32 on the CPU, the shipped sample, a few steps: an adapter in seconds."""
-    from backend import train_config as TC
-
-    cfg = TC.defaults()
-    cfg["name"] = "tiny adapter"
-    cfg["model"].update(precision="fp32", device="cpu")
-    cfg["data"]["max_length"] = 128
-    cfg["lora"].update(r=8, lora_alpha=16)
-    cfg["training"].update(max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                           learning_rate=2e-3, logging_steps=1, gradient_checkpointing=False, optim="adamw_torch")
-    return cfg
-
-
-async def train_tiny_adapter(home: Path, timeout: float = 120.0) -> dict[str, Any]:
-    """Train a tiny adapter through the backend's train.start; the job's result (adapter_path, ...)."""
-    from tui.client import Connection
-
-    events: list[P.Event] = []
-    conn = await Connection.open(P.socket_path(home), "test-train", events.append)
-    try:
-        await conn.call(P.Attach())
-        job = await conn.call(P.StartTraining(config=tiny_run_config()))
-        deadline = time.monotonic() + timeout
-        while True:
-            done = [e for e in events if e.kind == "job.finished" and e.payload.get("job_id") == job["job_id"]]
-            if done:
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no end of the training run: {(home / 'backend-test.log').read_text()[-2000:]}")
-            await asyncio.sleep(0.1)
-        assert done[0].payload["status"] == "done", done[0].payload
-        finished = [e.payload for e in events if e.kind == "train.finished"]
-        return {**done[0].payload.get("result", {}), **(finished[-1] if finished else {})}
-    finally:
-        await conn.close()
-
 
 def test_real_backend_compare_mode_shows_both_answers(backend_with_tiny):
     """A 3-step adapter of the tiny model; the pane compares it with the base: both answers

@@ -18,6 +18,7 @@ from textual import events
 from textual.notifications import Notify
 
 from backend import protocol as P
+from tests.functional.helpers import make_app, until, without_backend
 from tui.app import QlwApp
 from tui.client import Connection
 from tui.messages import BackendEvent, ConnectionChanged
@@ -71,21 +72,6 @@ def _fast_sampling(monkeypatch):
 
 
 # Helpers ------------------------------------------------------------------------------------
-
-
-def make_app(home: Path, start_backend: bool = True) -> QlwApp:
-    app = QlwApp(home=home, start_backend=start_backend)
-    app.animation_level = "none"
-    return app
-
-
-async def until(pilot, condition, what: str, timeout: float = 10.0) -> None:
-    """Let the app run until ``condition()`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.02)
 
 
 async def press_while_busy(pilot, key: str) -> None:
@@ -148,7 +134,7 @@ def test_no_gpu_pane_and_header_show_the_reason_and_the_host(backend):
     ram_total = gib(psutil.virtual_memory().total / 2**20)
 
     async def body():
-        app = make_app(backend)
+        app = make_app(backend, start_backend=True)
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.connection.state == "connected", "connected")
             gp = pane(app)
@@ -265,8 +251,7 @@ def test_gpu_pane_snapshot(snap_compare, qlw_home):
     async def settle(pilot):
         app = pilot.app
         app.animation_level = "none"
-        await until(pilot, lambda: app.connection.state == "gone", "gone")
-        app.clear_notifications()  # the notice names the temporary socket path
+        await without_backend(pilot)
         pane(app).seed(HISTORY, interval=1.0)
         app.post_message(gpu_event(recorded_sample(60)))
         await until(pilot, lambda: len(pane(app).query(GpuCard)) == 2 and gpu_line(app), "two cards")
@@ -286,7 +271,7 @@ def test_free_vram_result_and_confirmation_while_a_job_runs(backend):
     async def body():
         events: list[P.Event] = []
         other = await open_other(backend, events)
-        app = make_app(backend)
+        app = make_app(backend, start_backend=True)
         async with app.run_test(size=(80, 24), message_hook=hook) as pilot:
             await until(pilot, lambda: app.connection.state == "connected", "connected")
 
@@ -337,7 +322,7 @@ def test_restart_from_the_result_reattaches_to_the_same_pid(backend):
             states.append(message.state)
 
     async def body():
-        app = make_app(backend)
+        app = make_app(backend, start_backend=True)
         async with app.run_test(size=SIZE, message_hook=hook) as pilot:
             await until(pilot, lambda: app.connection.state == "connected", "connected")
             pid = app.backend.conn.welcome.pid

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
 from textual.notifications import Notify
 from textual.widgets import Button, Input, Select, SelectionList, TabbedContent
 
 from backend import protocol as P, tiny
-from tests.conftest import start_backend, stop_backend
-from tui.app import QlwApp
+from tests.functional.helpers import make_app, until, without_backend
 from tui.client import CONNECTED
 from tui.messages import BackendEvent, ConnectionChanged
 from tui.modals.confirm_screen import ConfirmScreen
@@ -98,26 +95,10 @@ class FakeBackend:
         return [p for p in self.sent if p.METHOD == method]
 
 
-def make_app(home: Path) -> QlwApp:
-    """The shell (its Model, Data, LoRA and Train tabs), with no backend started."""
-    app = QlwApp(home=home, start_backend=False)
-    app.animation_level = "none"
-    return app
-
-
-async def until(pilot, condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.02)
-
-
 async def open_lora(pilot, fake: FakeBackend | None = None) -> LoraPane:
     """No backend runs; with ``fake``, the pane talks to it as if connected."""
     app = pilot.app
-    await until(pilot, lambda: app.connection.state == "gone", "no backend")
-    app.clear_notifications()
+    await without_backend(pilot)
     app.screen.query_one(TabbedContent).active = "lora"
     pane = app.screen.query_one(LoraPane)
     pane.query_one("#lora-path", Input).focus()  # the pane's keys work from inside it
@@ -462,22 +443,6 @@ def test_lora_pane_snapshot(snap_compare, qlw_home):
 
 
 # With a real backend ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    """The embedded tiny model, built once into pytest's cache (as test_model_pane does)."""
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
-
-
-@pytest.fixture
-def backend_with_tiny(qlw_home, tiny_folder):
-    shutil.copytree(tiny_folder, tiny.tiny_model_path(qlw_home))
-    proc = start_backend(qlw_home)
-    yield qlw_home
-    stop_backend(proc)
 
 
 def test_real_backend_checks_and_trains_the_tiny_model_at_80x24(backend_with_tiny):

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from textual.widgets import Checkbox, Input, Select
 
 from backend import protocol as P, tiny
-from tests.conftest import start_backend, stop_backend
-from tests.functional.test_chat_pane import skip_unless_backend_has, train_tiny_adapter
+from tests.functional.helpers import make_app, skip_unless_backend_has, train_tiny_adapter, until, without_backend
 from tui.app import QlwApp
 from tui.client import CONNECTED, RequestFailed
 from tui.messages import BackendEvent, ConnectionChanged
@@ -130,24 +126,9 @@ class FakeMerge:
                                               "save_s": 0.25, "verify": verified}})
 
 
-def make_app(home: Path) -> QlwApp:
-    app = QlwApp(home=home, start_backend=False)
-    app.animation_level = "none"
-    return app
-
-
-async def until(pilot, condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.02)
-
-
 async def open_merge(pilot, fake: FakeMerge | None = None) -> MergePane:
     app = pilot.app
-    await until(pilot, lambda: app.connection.state == "gone", "no backend")
-    app.clear_notifications()
+    await without_backend(pilot)
     app.screen.action_show_tab("merge")
     pane = app.screen.query_one(MergePane)
     if fake is not None:
@@ -318,21 +299,6 @@ def test_merge_pane_snapshot(snap_compare, qlw_home):
 
 
 # With a real backend ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
-
-
-@pytest.fixture
-def backend_with_tiny(qlw_home, tiny_folder):
-    shutil.copytree(tiny_folder, tiny.tiny_model_path(qlw_home))
-    proc = start_backend(qlw_home)
-    yield qlw_home
-    stop_backend(proc)
 
 
 def test_real_backend_the_wizard_walks_from_adapter_to_verified_folder(backend_with_tiny):

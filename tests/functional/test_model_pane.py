@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import shutil
-import time
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -21,7 +18,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Select, TabbedContent, TabPane
 
 from backend import protocol as P, tiny
-from tests.conftest import ROOT, start_backend, stop_backend
+from tests.conftest import ROOT
+from tests.functional import helpers
 from tui.app import QlwApp
 from tui.widgets.model.estimate_line import EstimateLine
 from tui.widgets.model.model_form import ModelForm, expand_source
@@ -53,29 +51,9 @@ class ModelApp(QlwApp):
         return ModelScreen(id="main")
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    """The embedded tiny model, built once into pytest's cache (reused across runs; without the
-    cache plugin, once per session)."""
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
-
-
-@pytest.fixture
-def backend_with_tiny(qlw_home, tiny_folder):
-    shutil.copytree(tiny_folder, tiny.tiny_model_path(qlw_home))
-    proc = start_backend(qlw_home)
-    yield qlw_home
-    stop_backend(proc)
-
-
 async def until(pilot, condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.02)
+    """The shared wait, with the longer default that a model load needs."""
+    await helpers.until(pilot, condition, what, timeout)
 
 
 def screen_text(app) -> str:

@@ -17,7 +17,8 @@ from textual.notifications import Notify
 from backend import protocol as P
 from sessions.store import Store
 from tests.conftest import start_backend, stop_backend
-from tests.functional.test_train_pane import Run, curve_loss, make_app, rows, until
+from tests.functional.helpers import make_app, until
+from tests.functional.test_train_pane import Run, curve_loss, rows
 from tui.messages import BackendEvent
 from tui.widgets.chat.chat_pane import ChatPane
 from tui.widgets.shell.error_notice import TITLE, error_notice

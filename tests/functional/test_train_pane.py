@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from pathlib import Path
 
 from textual.notifications import Notify
 
 from backend import protocol as P
+from tests.functional.helpers import make_app, until, without_backend
 from tui.app import QlwApp
 from tui.messages import BackendEvent
 from tui.widgets.train.loss_curve import LossCurve
@@ -29,20 +29,6 @@ T0 = 1_700_000_000.0
 
 
 # Helpers ------------------------------------------------------------------------------------
-
-
-def make_app(home: Path) -> QlwApp:
-    app = QlwApp(home=home, start_backend=False)
-    app.animation_level = "none"
-    return app
-
-
-async def until(pilot, condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.02)
 
 
 class Run:
@@ -91,8 +77,7 @@ def text_of(app: QlwApp, selector: str) -> str:
 
 async def show_train_tab(pilot) -> None:
     app = pilot.app
-    await until(pilot, lambda: app.connection.state == "gone", "no backend")
-    app.clear_notifications()  # the notice names the temporary socket path
+    await without_backend(pilot)
     app.screen.action_show_tab("train")  # as its number key does (numbers follow the tab order)
     await pilot.pause()
 

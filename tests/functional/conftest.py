@@ -1,0 +1,30 @@
+"""Fixtures of the functional tests that run a real backend on the embedded tiny model (the
+helpers that go with them are in helpers.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from backend import tiny
+from tests.conftest import start_backend, stop_backend
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
+    """The embedded tiny model, built once into pytest's cache (reused across runs; without the
+    cache plugin, once per session)."""
+    cache = getattr(pytestconfig, "cache", None)
+    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
+    return tiny.ensure_tiny_model(home)
+
+
+@pytest.fixture
+def backend_with_tiny(qlw_home, tiny_folder):
+    """A backend on a data home holding a copy of the tiny model; stopped after the test."""
+    shutil.copytree(tiny_folder, tiny.tiny_model_path(qlw_home))
+    proc = start_backend(qlw_home)
+    yield qlw_home
+    stop_backend(proc)
