@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend import protocol as P
-from backend.jobs import JobError
+from backend.jobs import JobError, print_job_error
 
 #: Used when no prompts are given: short, varied instructions.
 DEFAULT_PROMPTS = [
@@ -385,11 +385,8 @@ def cli(args) -> int:
         rows = evaluate(targets, home, prompts=prompts, runs=args.runs, max_new_tokens=args.max_new_tokens,
                         text_path=str(args.text) if args.text else "", ctx=Printer())
     except JobError as exc:
-        print(f"\nqlw eval: error: {exc}", file=sys.stderr)
-        if exc.where:
-            print(f"  where: {exc.where}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint:  {exc.hint}", file=sys.stderr)
+        print(file=sys.stderr)  # ends the progress line
+        print_job_error("eval", exc)
         return 1
     if sys.stderr.isatty():
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr)

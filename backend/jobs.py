@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 import threading
 import time
 import traceback
@@ -40,6 +41,15 @@ class JobError(Exception):
         super().__init__(message)
         self.where = where
         self.hint = hint
+
+
+def print_job_error(command: str, exc: JobError) -> None:
+    """``exc`` on stderr for a ``qlw <command>`` run: the message, then where and what to do next."""
+    print(f"qlw {command}: error: {exc}", file=sys.stderr)
+    if exc.where:
+        print(f"  where: {exc.where}", file=sys.stderr)
+    if exc.hint:
+        print(f"  hint:  {exc.hint}", file=sys.stderr)
 
 
 @dataclass

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend import protocol as P
-from backend.jobs import JobCancelled, JobError
+from backend.jobs import JobCancelled, JobError, print_job_error
 
 FAULT_ENV = "QLW_MERGE_FAULT"
 MIB = 1024 * 1024
@@ -1152,11 +1152,7 @@ def cli(args) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
 
     def fail(exc: JobError, code: int) -> int:
-        print(f"qlw merge: error: {exc}", file=sys.stderr)
-        if exc.where:
-            print(f"  where: {exc.where}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint:  {exc.hint}", file=sys.stderr)
+        print_job_error("merge", exc)
         return code
 
     into = args.into
@@ -1231,10 +1227,5 @@ def cli(args) -> int:
         status = "failed"
         error = {"message": str(exc), "where": exc.where, "hint": exc.hint}
         code = fail(exc, 1)
-    if error:
-        run.emit("error", {"job_id": run.job_id, **error})
-    run.emit("job.finished", {"job_id": run.job_id, "kind": "merge.start", "status": status,
-                              "elapsed_s": round(time.monotonic() - t0, 3), "result": result, "error": error})
-    store.set_status(info.id, {"done": "finished", "cancelled": "cancelled", "failed": "failed"}[status])
-    store.close()
+    run.finish("merge.start", status, time.monotonic() - t0, result, error)
     return code

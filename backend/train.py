@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 from backend import protocol as P, train_config as TC
 from backend.holdings import HOLDINGS, Holdings
-from backend.jobs import JobCancelled, JobError
+from backend.jobs import JobCancelled, JobError, print_job_error
 
 FAULT_ENV = "QLW_TRAIN_FAULT"
 MIB = 1024 * 1024
@@ -1131,6 +1131,17 @@ class LocalRun:
         self.on_event("job.progress", {"job_id": self.job_id, "stage": stage, "done": done, "total": total,
                                        "unit": unit, "message": message})
 
+    def finish(self, kind: str, status: str, elapsed_s: float, result: dict[str, Any],
+               error: dict[str, Any] | None) -> None:
+        """The end of the run (``status``: done, cancelled or failed): its error and job.finished
+        events, the session's status, and the store closed."""
+        if error:
+            self.emit("error", {"job_id": self.job_id, **error})
+        self.emit("job.finished", {"job_id": self.job_id, "kind": kind, "status": status,
+                                   "elapsed_s": round(elapsed_s, 3), "result": result, "error": error})
+        self.store.set_status(self.session, {"done": "finished", "cancelled": "cancelled", "failed": "failed"}[status])
+        self.store.close()
+
 
 def add_cli_arguments(parser) -> None:
     """The options of ``python -m backend train`` (and so of ``qlw train``)."""
@@ -1234,21 +1245,12 @@ def cli(args) -> int:
     except JobError as exc:
         status, code = "failed", 1
         error = {"message": str(exc), "where": exc.where, "hint": exc.hint}
-        print(f"qlw train: error: {exc}", file=sys.stderr)
-        if exc.where:
-            print(f"  where: {exc.where}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint:  {exc.hint}", file=sys.stderr)
+        print_job_error("train", exc)
     except KeyboardInterrupt:
         status, code = "cancelled", 130
     finally:
         signal.signal(signal.SIGINT, old)
-    if error:
-        run.emit("error", {"job_id": run.job_id, **error})
-    run.emit("job.finished", {"job_id": run.job_id, "kind": "train.start", "status": status,
-                              "elapsed_s": round(time.monotonic() - t0, 3), "result": result, "error": error})
-    store.set_status(info.id, {"done": "finished", "cancelled": "cancelled", "failed": "failed"}[status])
-    store.close()
+    run.finish("train.start", status, time.monotonic() - t0, result, error)
     return code
 
 
