@@ -9,9 +9,10 @@ this folder's conftest.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -102,3 +103,15 @@ async def train_tiny_adapter(home: Path, timeout: float = 120.0) -> dict[str, An
         return {**done[0].payload.get("result", {}), **(finished[-1] if finished else {})}
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def tab_after_tiny_training(home: Path, tab: str, size: tuple[int, int]) -> AsyncIterator[tuple[Any, str]]:
+    """Train a tiny adapter through the backend on ``home``, then run the app connected to it
+    with ``tab`` shown: (the pilot, the adapter's path)."""
+    trained = await train_tiny_adapter(home)
+    app = make_app(home)
+    async with app.run_test(size=size) as pilot:
+        await until(pilot, lambda: app.connection.state == "connected", "connected", timeout=20)
+        app.screen.action_show_tab(tab)
+        yield pilot, trained.get("adapter_path", "")

@@ -19,7 +19,7 @@ from typing import Any
 from textual.widgets import Collapsible, Input, Select
 
 from backend import protocol as P, tiny
-from tests.functional.helpers import make_app, skip_unless_backend_has, train_tiny_adapter, until, without_backend
+from tests.functional.helpers import make_app, skip_unless_backend_has, tab_after_tiny_training, until, without_backend
 from tui.app import QlwApp
 from tui.client import CONNECTED, RequestFailed
 from tui.messages import BackendEvent, ConnectionChanged
@@ -453,12 +453,8 @@ def test_real_backend_compare_mode_shows_both_answers(backend_with_tiny):
     skip_unless_backend_has(backend_with_tiny, "chat.targets")
 
     async def body():
-        trained = await train_tiny_adapter(backend_with_tiny)
-        adapter = trained.get("adapter_path", "")
-        app = make_app(backend_with_tiny)
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.connection.state == "connected", "connected", timeout=20)
-            app.screen.action_show_tab("chat")
+        async with tab_after_tiny_training(backend_with_tiny, "chat", SIZE) as (pilot, adapter):
+            app = pilot.app
             pane = app.screen.query_one(ChatPane)
             tuned = lambda: [t["id"] for t in pane.targets if t.get("kind") == "tuned"]  # noqa: E731
             await until(pilot, lambda: tuned(), "the adapter among the targets", timeout=20)

@@ -17,7 +17,7 @@ from typing import Any
 from textual.widgets import Checkbox, Input, Select
 
 from backend import protocol as P, tiny
-from tests.functional.helpers import make_app, skip_unless_backend_has, train_tiny_adapter, until, without_backend
+from tests.functional.helpers import make_app, skip_unless_backend_has, tab_after_tiny_training, until, without_backend
 from tui.app import QlwApp
 from tui.client import CONNECTED, RequestFailed
 from tui.messages import BackendEvent, ConnectionChanged
@@ -307,12 +307,8 @@ def test_real_backend_the_wizard_walks_from_adapter_to_verified_folder(backend_w
     skip_unless_backend_has(backend_with_tiny, "merge.adapters")
 
     async def body():
-        trained = await train_tiny_adapter(backend_with_tiny)
-        adapter = trained.get("adapter_path", "")
-        app = make_app(backend_with_tiny)
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.connection.state == "connected", "connected", timeout=20)
-            app.screen.action_show_tab("merge")
+        async with tab_after_tiny_training(backend_with_tiny, "merge", SIZE) as (pilot, adapter):
+            app = pilot.app
             pane = app.screen.query_one(MergePane)
             await until(pilot, lambda: pane.adapter_step.adapters, "the adapters", timeout=20)
             paths = [a["path"] for a in pane.adapter_step.adapters]
