@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 from textual.widgets import Input, Select
@@ -19,6 +18,7 @@ from backend import protocol as P
 from backend import tiny
 from tests.backend.test_data import install_tiny
 from tests.conftest import start_backend, stop_backend
+from tests.functional import helpers
 from tui.app import QlwApp
 from tui.widgets.data.columns_table import ColumnsTable
 from tui.widgets.data.data_pane import DataPane
@@ -34,11 +34,8 @@ SAMPLE_ROWS = [json.loads(line) for line in tiny.sample_dataset_path().read_text
 
 
 async def until(pilot, condition, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.02)
+    """The shared wait, with the longer default that reading a dataset needs."""
+    await helpers.until(pilot, condition, what, timeout)
 
 
 @pytest.fixture
