@@ -506,13 +506,14 @@ class ChatPane(BackendRequests, Vertical):
         self.conversation = str(result.get("conversation") or "")
         self.status("new conversation", "ok")
 
-    def action_export(self) -> None:
-        def chosen(answer: tuple[str, str] | None) -> None:
-            if answer:
-                self.export(*answer)
+    def _ask_export(self, title: str, suffixes: dict[str, str], default: str, then) -> None:
+        """Ask for a path and a format (``suffixes``: format -> file suffix), then ``then(path, format)``."""
+        self.app.push_screen(ExportScreen(title, tuple(suffixes), default, suffixes),
+                             lambda answer: then(*answer) if answer else None)
 
-        self.app.push_screen(ExportScreen("Export the conversation", ("markdown", "jsonl"), "qlw-chat.md",
-                                          {"markdown": ".md", "jsonl": ".jsonl"}), chosen)
+    def action_export(self) -> None:
+        self._ask_export("Export the conversation", {"markdown": ".md", "jsonl": ".jsonl"}, "qlw-chat.md",
+                         self.export)
 
     @work(name="export the conversation", group="chat.export", exclusive=True, exit_on_error=False)
     async def export(self, path: str, fmt: str, overwrite: bool = False) -> None:
@@ -548,25 +549,21 @@ class ChatPane(BackendRequests, Vertical):
     async def run_eval(self, params: dict[str, Any]) -> None:
         if "text_path" in params and params["text_path"]:
             params = {**params, "text_path": expand_path(params["text_path"])}
+        self.eval_view.clear_rows()  # before the request: its rows may come before its reply
         try:
             result = await self.call(by_method("eval.run", prompts=[], **params))
         except RequestFailed as exc:
             self.eval_view.status(f"✖ not started: {exc.reply.reason or exc.reply.code}")
             return
         self.eval_job = str(result.get("job_id") or "")
-        if self.eval_job in self._finished:
-            self._on_job_finished(self._finished[self.eval_job])
-        self.eval_view.clear_rows()
         self.eval_view.status(f"▶ evaluating {len(params['targets'])} target(s) …")
         self.refresh_bindings()
+        if self.eval_job in self._finished:  # it ended before this reply came
+            self._on_job_finished(self._finished[self.eval_job])
 
     def action_export_eval(self) -> None:
-        def chosen(answer: tuple[str, str] | None) -> None:
-            if answer:
-                self.export_eval(*answer)
-
-        self.app.push_screen(ExportScreen("Export the evaluation table", ("markdown", "csv"), "qlw-eval.md",
-                                          {"markdown": ".md", "csv": ".csv"}), chosen)
+        self._ask_export("Export the evaluation table", {"markdown": ".md", "csv": ".csv"}, "qlw-eval.md",
+                         self.export_eval)
 
     @work(name="export the evaluation table", group="eval.export", exclusive=True, exit_on_error=False)
     async def export_eval(self, path: str, fmt: str, overwrite: bool = False) -> None:
