@@ -153,7 +153,8 @@ def test_no_gpu_pane_and_header_show_the_reason_and_the_host(backend):
             assert re.search(rf"CPU \d+% of {psutil.cpu_count()} cores", host), host
             assert re.search(rf"RAM \d+\.\d/{ram_total} GiB \(\d+%\)", host), host
             assert re.search(rf"backend pid {sample['backend']['pid']} · RSS \d+(\.\d)? [MG]iB", host), host
-            assert "sampling every 0.25 s" in text_of(gp.query_one("#gpu-status"))
+            await until(pilot, lambda: "sampling every 0.25 s" in text_of(gp.query_one("#gpu-status")),
+                        "the interval on the status line (after gpu.history's reply)")
 
             # Free VRAM is a palette command; focus in the pane adds its interval keys.
             await pilot.press("1")
