@@ -69,3 +69,6 @@ class LossTable(DataTable):
         """Put the cursor on the newest row (it then follows new rows again)."""
         if self.row_count:
             self.move_cursor(row=self.row_count - 1, animate=False)
+            # The cursor may already be on the last row while the table just got shorter (a
+            # result block above it): moving it then scrolls nothing, so scroll to the end too.
+            self.scroll_end(animate=False)
