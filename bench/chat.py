@@ -27,9 +27,12 @@ each phase, so a run cut off keeps what it measured. ``--budget SECONDS`` (defau
 start of the process, building the model included) skips a phase that would not end in time (its
 estimate: the longest of the phases named in ``ESTIMATE_FROM`` measured before it, else nothing)
 and stops a phase's timed runs early once the next run would pass it (at least one timed run is
-kept); skipped phases say so in the table and the JSON. On an H100 with the 7B (2026-11-23,
-3 runs then): imports and load about 20 s, bare base about 70 s (warm-up about 40 s + 2 x 14 s),
-bare tuned about 85 s (warm-up about 30 s + 2 x 28 s).
+kept); skipped phases say so in the table and the JSON. After the timed phases, a float32
+reference (the same dequantised weights in float32: next-token logits and a greedy answer per
+target) gives each row's distance from what bf16 approximates. On an H100 with the 7B
+(2026-11-23, --runs 3): building the model 23 s, imports and load 20-48 s, qlw base 21-49 s (the
+compile included), qlw tuned 11 s, bare base 56-62 s, bare tuned 91-99 s, reference 2-14 s:
+about 4-5 minutes in all.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,12 +118,13 @@ def bare_runs(model, ids, tokens: int, runs: int, device: str, pad: int | None,
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=streamer, **kwargs)
         _sync(device)
         return (time.perf_counter() - t0, (streamer.first_at or time.perf_counter()) - t0,
-                int(out.shape[1] - x.shape[1]), None)
+                int(out.shape[1] - x.shape[1]), out[0, x.shape[1]:].tolist())
 
-    times, ttfts, counts, _, cut = _timed(one, runs, deadline)
+    times, ttfts, counts, outs, cut = _timed(one, runs, deadline)
     with torch.no_grad():
         logits = model(input_ids=x, use_cache=False).logits[0, -1].float().cpu()
-    return _summary(times, ttfts, counts) | {"logits": logits, "warmup_s": round(warmup_s, 2), "runs_cut": cut}
+    return _summary(times, ttfts, counts) | {"logits": logits, "warmup_s": round(warmup_s, 2), "runs_cut": cut,
+                                            "output_ids": outs[-1]}
 
 
 def qlw_runs(engine, target, ids, tokens: int, runs: int, device: str, deadline: float | None = None) -> dict:
@@ -139,12 +144,13 @@ def qlw_runs(engine, target, ids, tokens: int, runs: int, device: str, deadline:
         _sync(device)
         if result["error"]:
             raise RuntimeError(f"qlw answer failed: {result['error']}")
-        return result["elapsed_s"], result["ttft_s"], result["tokens"], result["path"]
+        return result["elapsed_s"], result["ttft_s"], result["tokens"], (result["path"], result["output_ids"])
 
-    times, ttfts, counts, paths, cut = _timed(one, runs, deadline)
+    times, ttfts, counts, extra, cut = _timed(one, runs, deadline)
     logits = engine.logits(target, ids)
-    return _summary(times, ttfts, counts) | {"logits": logits, "path": "/".join(sorted(set(paths))),
-                                            "warmup_s": round(warmup_s, 2), "runs_cut": cut}
+    return _summary(times, ttfts, counts) | {"logits": logits, "path": "/".join(sorted({p for p, _ in extra})),
+                                            "warmup_s": round(warmup_s, 2), "runs_cut": cut,
+                                            "output_ids": extra[-1][1]}
 
 
 def _summary(times, ttfts, counts) -> dict:
@@ -180,22 +186,85 @@ PHASES = ("qlw/base", "qlw/tuned", "bare/base", "bare/tuned")
 ESTIMATE_FROM = {"qlw/tuned": ("qlw/base",), "bare/base": ("qlw/base",), "bare/tuned": ("qlw/tuned", "bare/base")}
 
 
-def finish_rows(results: dict[str, dict]) -> None:
-    """Logit differences and speedups against the bare rows that exist so far."""
+def reference_logits(base, adapter: Path, ids: list[int], tokens: int = 0, pad: int | None = None) -> dict:
+    """The next-token logits of the prompt computed in float32 from the same dequantised 4-bit
+    weights (base, and base plus the LoRA delta in float32): the values both bf16 paths
+    approximate, so their distances from it say how much of a difference is bf16's own noise.
+    With ``tokens``, also the float32 model's greedy answer (``<target>_ids``): how long each bf16
+    path's greedy answer stays the same as it measures how near the top logits are here."""
+    import gc
+
+    import torch
+    from peft import PeftModel
+
+    from backend import chat
+
+    t = time.perf_counter()
+    out = {}
+    copy = chat.DecodeCopy(base, dtype=torch.float32)
+    x = torch.tensor([ids], device=chat._device_of(base))
+    peft = None
+
+    def greedy(target: str) -> None:
+        if tokens:
+            kwargs = {"pad_token_id": pad} if pad is not None else {}
+            got = copy.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=tokens,
+                                      min_new_tokens=tokens, do_sample=False, **kwargs)
+            out[f"{target}_ids"] = got[0, x.shape[1]:].tolist()
+
+    try:
+        with torch.no_grad():
+            out["base"] = copy.model(input_ids=x, use_cache=False).logits[0, -1].float().cpu()
+            greedy("base")
+            peft = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+            copy.materialise(chat.lora_deltas(peft, "default"), "tuned")
+            out["tuned"] = copy.model(input_ids=x, use_cache=False).logits[0, -1].float().cpu()
+            greedy("tuned")
+    finally:
+        if peft is not None:
+            peft.unload()
+        del copy, peft
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    out["seconds"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def finish_rows(results: dict[str, dict], reference: dict | None = None) -> None:
+    """Logit differences (against the bare row, and against the float32 reference when there is
+    one), greedy agreement and speedups against the bare rows that exist so far."""
     for key, row in results.items():
-        bare = results.get("bare/" + key.split("/")[1])
+        target = key.split("/")[1]
+        if reference and target in reference:
+            ref = reference[target]
+            row["fp32_max_logit_diff"] = float((row["logits"] - ref).abs().max())
+            row["fp32_argmax_equal"] = bool(int(row["logits"].argmax()) == int(ref.argmax()))
+            if row.get("output_ids") is not None and f"{target}_ids" in reference:
+                row["greedy_tokens_equal_to_fp32"] = _common_prefix(row["output_ids"], reference[f"{target}_ids"])
+        bare = results.get("bare/" + target)
         if bare is None:
             row.pop("max_logit_diff", None)
             continue
         row["max_logit_diff"] = float((row["logits"] - bare["logits"]).abs().max())
         row["argmax_equal"] = bool(int(row["logits"].argmax()) == int(bare["logits"].argmax()))
+        if row.get("output_ids") is not None and bare.get("output_ids") is not None:
+            row["greedy_tokens_equal_to_bare"] = _common_prefix(row["output_ids"], bare["output_ids"])
         if key.startswith("qlw/") and bare["tokens_per_s"]:
             row["speedup"] = round(row["tokens_per_s"] / bare["tokens_per_s"], 2)
 
 
 def print_table(results: dict[str, dict], phases: dict[str, dict]) -> None:
     header = (f"{'path':<12} {'target':<6} {'runs':>4} {'tokens/s':>9} {'± std':>6} {'ttft s':>7} "
-              f"{'max|Δlogit|':>11} {'speedup':>7} {'phase s':>7}")
+              f"{'max|Δlogit|':>11} {'vs fp32':>8} {'=bare greedy':>12} {'=fp32 greedy':>12} {'speedup':>7} {'phase s':>7}")
     print()
     print(header)
     print("-" * len(header))
@@ -209,6 +278,11 @@ def print_table(results: dict[str, dict], phases: dict[str, dict]) -> None:
             continue
         path = kind if kind == "bare" else f"qlw {row['path']}"
         diff = f"{row['max_logit_diff']:>11.3g}" if "max_logit_diff" in row else f"{'-':>11}"
+        diff += f" {row['fp32_max_logit_diff']:>8.3g}" if "fp32_max_logit_diff" in row else f" {'-':>8}"
+        for field in ("greedy_tokens_equal_to_bare", "greedy_tokens_equal_to_fp32"):
+            same = row.get(field)
+            same_text = f"{same}/{len(row['output_ids'])}" if same is not None else "-"
+            diff += f" {same_text:>12}"
         speed = f"{row['speedup']:>6.2f}x" if "speedup" in row else (f"{1.0:>6.2f}x" if kind == "bare" else f"{'-':>7}")
         print(f"{path:<12} {target:<6} {len(row['tokens']):>4} {row['tokens_per_s']:>9.1f} {row['tokens_per_s_std']:>6.1f} "
               f"{row['ttft_s']:>7.3f} {diff} {speed} {phase.get('seconds', 0):>7.1f}")
@@ -220,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None,
                     help="the 7B-shaped folder (default /tmp/qlw-7b; built there by bench/train_smoke.py's make_7b "
                          "when missing); with --smoke: a tiny model folder (default: the tests' cached tiny model)")
+    ap.add_argument("--layers", type=int, default=32,
+                    help="decoder layers when the model is built here (default 32 = Mistral-7B; fewer: a quick "
+                         "check of the code path on the GPU, not the benchmark's figure)")
     ap.add_argument("--tokens", type=int, default=None,
                     help="new tokens per run, the warm-up included (default 256; 16 with --smoke)")
     ap.add_argument("--runs", type=int, default=2, help="timed runs per path and target (default 2)")
@@ -251,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / "config.json").is_file():
             from bench.train_smoke import make_7b
 
-            made = make_7b(folder)
+            made = make_7b(folder, layers=args.layers)
         settings = P.ModelSettings(source=str(folder), precision="4bit", quant_type="nf4", double_quant=True,
                                    compute_dtype="bf16", device="auto")
     load = lambda: models.load_job(P.LoadModel(**P.to_dict(settings)))(chat.QuietContext())  # noqa: E731
@@ -280,10 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         "order": list(PHASES),
     }
 
+    reference: dict = {}
+
     def write(complete: bool) -> None:
-        finish_rows(results)
+        finish_rows(results, reference)
         record.update(phases=phases, complete=complete, wall_s=round(time.perf_counter() - t_start, 1),
-                      rows={k: {kk: vv for kk, vv in v.items() if kk != "logits"} for k, v in results.items()})
+                      rows={k: {kk: vv for kk, vv in v.items() if kk not in ("logits", "output_ids")}
+                            for k, v in results.items()})
         if device.startswith("cuda"):
             record["torch_peak_bytes"] = int(torch.cuda.max_memory_allocated())
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = run_phase(key)
         except Exception as exc:  # keep what the other phases measured
+            traceback.print_exc()
             failed = True
             phases[key] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300],
                            "seconds": round(time.perf_counter() - now, 1)}
@@ -356,6 +437,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key}: {row['tokens_per_s']} tokens/s{where}; {len(row['tokens'])} runs, warm-up "
               f"{row['warmup_s']:.1f} s, phase {seconds:.1f} s", flush=True)
         write(False)
+
+    # The float32 reference of the next-token logits (after the timed phases: it holds a float32 copy).
+    now = time.perf_counter()
+    if now + 60 > deadline:
+        phases["reference"] = {"status": "skipped", "reason": f"budget: {max(deadline - now, 0):.0f} s left"}
+    else:
+        try:
+            if HOLDINGS.get("base") is None:
+                load()
+            reference.update(reference_logits(HOLDINGS.get("base"), adapter, ids, tokens, pad))
+            phases["reference"] = {"status": "done", "seconds": reference.pop("seconds")}
+        except Exception as exc:
+            traceback.print_exc()
+            phases["reference"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+    print(f"  float32 reference: {phases['reference']['status']}"
+          + (f" ({phases['reference'].get('reason') or str(phases['reference'].get('seconds')) + ' s'})"), flush=True)
 
     complete = all(phases.get(k, {}).get("status") == "done" for k in PHASES)
     write(complete)

@@ -106,12 +106,13 @@ def cpu(out: Path | None) -> dict:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def make_7b(folder: Path) -> dict:
-    """A Mistral-7B-shaped model with random bf16 weights and the tiny model's tokenizer."""
+def make_7b(folder: Path, layers: int = 32) -> dict:
+    """A Mistral-7B-shaped model with random bf16 weights and the tiny model's tokenizer
+    (``layers`` < 32: the same widths with fewer decoder layers, for a quick check of a code path)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
 
-    cfg = MistralConfig(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    cfg = MistralConfig(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                         rope_theta=1_000_000.0, sliding_window=None, head_dim=128, bos_token_id=1, eos_token_id=2,
                         pad_token_id=0)

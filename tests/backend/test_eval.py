@@ -121,6 +121,11 @@ def test_bench_chat_smoke_runs_and_writes_its_figures(tiny_folder, tmp_path):
     for key in ("qlw/base", "qlw/tuned"):
         row = record["rows"][key]
         assert row["path"] == "fast" and row["tokens"] == [4] and row["max_logit_diff"] < 1e-4 and row["argmax_equal"]
+        # On the CPU the copy computes in float32, so it is the float32 reference itself.
+        assert row["fp32_max_logit_diff"] == 0.0 and row["fp32_argmax_equal"]
+        assert row["greedy_tokens_equal_to_bare"] == 4 and row["greedy_tokens_equal_to_fp32"] == 4
+    assert record["phases"]["reference"]["status"] == "done"
+    assert record["rows"]["bare/tuned"]["fp32_max_logit_diff"] < 1e-4
     assert record["versions"]["transformers"] and record["device"].startswith("CPU")
 
 
