@@ -1380,16 +1380,5 @@ def register(server) -> ChatRoom:
     })
     # Training and model.load use HOLDINGS["base"] as they find it: their jobs first take chat's
     # LoRA layers out of it and drop the decode copy (its memory is the training run's now).
-    start_job = server._start_job
-
-    def _start_job(method: str, params: Any, fn=None):
-        if method in RELEASE_BEFORE:
-            inner = fn or server.job_factories[method](params)
-
-            def fn(ctx, _inner=inner):
-                ENGINE.release()
-                return _inner(ctx)
-        return start_job(method, params, fn)
-
-    server._start_job = _start_job
+    server.before_job(RELEASE_BEFORE, ENGINE.release)
     return room

@@ -210,6 +210,16 @@ class Client:
             pass
 
 
+def _after_hooks(hooks: tuple[Callable[[], None], ...], fn: Callable) -> Callable:
+    """``fn`` with ``hooks`` run first, in the same (job) thread."""
+    def run(ctx):
+        for hook in hooks:
+            hook()
+        return fn(ctx)
+
+    return run
+
+
 class BackendServer:
     """The backend of one data home."""
 
@@ -263,6 +273,8 @@ class BackendServer:
             "tiny.prepare": lambda params: self._prepare_tiny,
             "model.load": models.load_job,
         }
+        # Hooks run in a job's thread before the job of that method starts (see before_job).
+        self.before_job_hooks: dict[str, list[Callable[[], None]]] = {}
         # Data: the dataset browser (backend/data.py). Opening may be a job (the first read
         # builds the Arrow cache); pages, rows and previews are quick requests run in a thread.
         from backend import data as data_room
@@ -558,10 +570,20 @@ class BackendServer:
 
     # Handlers -----------------------------------------------------------------------------------
 
+    def before_job(self, methods: tuple[str, ...] | list[str], hook: Callable[[], None]) -> None:
+        """Run ``hook()`` in the job's thread before a job of any of ``methods`` starts its work
+        (after it was accepted, so a refused request changes nothing): how a room lets go of what
+        it holds when another room's job needs it (chat's decode copy before training)."""
+        for method in methods:
+            self.before_job_hooks.setdefault(method, []).append(hook)
+
     def _start_job(self, method: str, params: Any, fn: Callable | None = None) -> P.Reply:
         if self._stopping:
             return P.Reply("", "refused", reason="the backend is shutting down")
         fn = fn or self.job_factories[method](params)
+        hooks = tuple(self.before_job_hooks.get(method, ()))
+        if hooks:
+            fn = _after_hooks(hooks, fn)
         session = self.ensure_session()
         try:
             info = self.jobs.start(method, fn, session, P.to_dict(params))

@@ -372,3 +372,34 @@ def test_exports_stay_under_exports_and_ask_before_overwriting(tmp_path):
     assert asyncio.run(room.eval_export(None, P.EvalExport(path="../x.csv", format="csv"))).status == "refused"
     assert asyncio.run(room.eval_export(None, P.EvalExport(path="t.csv", format="csv"))).status == "ok"
     server.store.close()
+
+
+def test_server_runs_before_job_hooks_in_the_job_thread_first(tmp_path):
+    """Rooms let go of what they hold through the server's before-job hooks: chat releases its
+    adapters and decode copy before train.start and model.load; a hook runs in the job's thread,
+    before the job's own work, and only for the methods it was registered for."""
+    import asyncio
+    import threading
+
+    from backend.server import BackendServer
+
+    seen = []
+
+    async def go():
+        server = BackendServer(tmp_path / "home")
+        await server.start()
+        try:
+            for method in chat.RELEASE_BEFORE:
+                assert chat.ENGINE.release in server.before_job_hooks[method]
+            server.before_job(["diag.ticker"], lambda: seen.append(("hook", threading.current_thread())))
+            job = lambda ctx: seen.append(("job", threading.current_thread())) or {}  # noqa: E731
+            assert server._start_job("diag.ticker", P.DiagTicker(count=1), job).status == "accepted"
+            assert await server.jobs.wait(10)
+            assert server._start_job("diag.burn", P.DiagBurn(seconds=0), job).status == "accepted"
+            assert await server.jobs.wait(10)
+        finally:
+            await server.shutdown(graceful=True)
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+    assert [what for what, _ in seen] == ["hook", "job", "job"]
+    assert seen[0][1] is seen[1][1] and seen[0][1] is not threading.main_thread()
