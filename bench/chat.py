@@ -230,18 +230,10 @@ def reference_logits(base, adapter: Path, ids: list[int], tokens: int = 0, pad: 
     return out
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def finish_rows(results: dict[str, dict], reference: dict | None = None) -> None:
     """Logit differences (against the bare row, and against the float32 reference when there is
     one), greedy agreement and speedups against the bare rows that exist so far."""
+    from backend.data import common_prefix_length as _common_prefix
     for key, row in results.items():
         target = key.split("/")[1]
         if reference and target in reference:

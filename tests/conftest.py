@@ -32,6 +32,17 @@ def _offline_env():
     shutil.rmtree(cache, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
+    """The embedded tiny model, built once into pytest's cache (reused across runs; without the
+    cache plugin, once per session). Tests that change it work on a copy."""
+    from backend import tiny
+
+    cache = getattr(pytestconfig, "cache", None)
+    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
+    return tiny.ensure_tiny_model(home)
+
+
 @pytest.fixture
 def qlw_home(monkeypatch):
     """A fresh data home under a short path (AF_UNIX paths are limited to 107 bytes)."""

@@ -18,13 +18,6 @@ from backend.holdings import HOLDINGS
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
-
-
 @pytest.fixture(scope="module")
 def loaded(tiny_folder, tmp_path_factory):
     """The tiny model in 4-bit NF4 (fp32 compute) on the CPU, held as the base, and a random

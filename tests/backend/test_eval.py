@@ -10,12 +10,11 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from backend import chat, evaluate, models, protocol as P, tiny
+from backend import chat, evaluate, models, protocol as P
 from backend.holdings import HOLDINGS
 from tests.conftest import ROOT
 
@@ -23,13 +22,6 @@ pytestmark = pytest.mark.slow
 
 TEXT = ("Copper is a soft, malleable and ductile metal with very high thermal and electrical conductivity. "
         "Iron is the most common element on Earth by mass, forming much of its outer and inner core. ") * 12
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
 
 
 @pytest.fixture
@@ -188,7 +180,7 @@ def test_eval_job_scores_the_runs_validation_split(tiny_folder, tmp_path, clean_
         P.build(P.EvalRow, row, "eval.row")
         assert row["runs"] == 2 and row["gen_mean_s"] > 0 and "validation rows of run s1" in row["note"]
     # Independently: the validation rows as training tokenizes them, the loss on their masked tokens.
-    base, tokenizer = HOLDINGS.get("base"), HOLDINGS.get("tokenizer")
+    tokenizer = HOLDINGS.get("tokenizer")
     from backend.train import data_settings
 
     prepared = D.load_prepared(data_settings(cfg["data"], home)[0], home)

@@ -29,7 +29,7 @@ import pytest
 from backend import protocol as P, train
 from backend.jobs import JobError
 from sessions.store import Store
-from tests.backend.test_train import make_home, small_config, tiny_folder, train_here  # noqa: F401 - a fixture
+from tests.backend.test_train import make_home, small_config, train_here
 from tests.conftest import start_backend, stop_backend
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def _rows(events, session):
 # kill -9 mid-run, then resume ----------------------------------------------------------------------------------
 
 
-def test_kill_9_mid_training_then_a_fresh_backend_resumes_the_same_curve(tiny_folder):  # noqa: F811
+def test_kill_9_mid_training_then_a_fresh_backend_resumes_the_same_curve(tiny_folder):
     from tui.client import Connection
 
     home = make_home(tiny_folder)
@@ -185,7 +185,7 @@ def test_a_checkpoint_the_kill_cut_off_is_removed_and_the_last_whole_one_named(c
 
 
 @pytest.fixture
-def small_disk(tiny_folder):  # noqa: F811
+def small_disk(tiny_folder):
     """A data home whose runs/ is a 1,000 KiB tmpfs: one checkpoint of the tiny run (~670 KiB)
     fits, the second does not."""
     if os.geteuid() != 0:
@@ -323,7 +323,7 @@ def test_disk_full_while_merging_leaves_no_half_written_model(small_disk, checkp
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_folder):  # noqa: F811
+def checkpoint(tiny_folder):
     """A real two-step checkpoint of the tiny model (and its run config), in its own home."""
     home = make_home(tiny_folder)
     config = small_config(max_steps=2, save_steps=0)
@@ -395,7 +395,7 @@ def test_a_truncated_or_foreign_adapter_is_refused_before_loading(checkpoint, tm
     adapters.check_against_base(foreign, tiny_llama(hidden=32))  # its own base: accepted
 
 
-def test_a_config_json_with_missing_keys_is_refused_naming_them(tiny_folder, tmp_path):  # noqa: F811
+def test_a_config_json_with_missing_keys_is_refused_naming_them(tiny_folder, tmp_path):
     from backend import models
 
     folder = _copy(tiny_folder, tmp_path / "model")

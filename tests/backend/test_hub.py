@@ -20,7 +20,7 @@ from tests.conftest import ROOT
 from tests.hubstub import HubStub
 
 # The merge fixtures (tiny base, adapter with its run) for the end-to-end `qlw merge --push`.
-from tests.backend.test_merge import setup, tiny_folder  # noqa: F401
+from tests.backend.test_merge import setup  # noqa: F401 - a fixture
 
 TOKEN = "hf_qlwTestTokenDoNotLeak_7f3a9c"
 

@@ -23,7 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from backend import adapters, merge, protocol as P, tiny, train_config as TC  # noqa: E402
+from backend import adapters, merge, protocol as P, train_config as TC  # noqa: E402
 from backend.jobs import JobError  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
@@ -54,13 +54,6 @@ class Ctx:
             if kind == "job.progress" and p["stage"] not in seen:
                 seen.append(p["stage"])
         return seen
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
 
 
 @pytest.fixture(scope="module")

@@ -37,15 +37,6 @@ def has_avx512_bf16() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    """The embedded tiny model, built once into pytest's cache (reused across runs; without the
-    cache plugin, once per session)."""
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
-
-
 @pytest.fixture(autouse=True)
 def _no_held_model():
     yield

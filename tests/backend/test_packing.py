@@ -22,17 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from backend import tiny, train, train_config as TC
+from backend import train, train_config as TC
 from sessions.store import Store
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
 
 
 def _loss(logits, labels):

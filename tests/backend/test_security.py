@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from backend import protocol as P
-from tests.backend.test_train import make_home, small_config, tiny_folder  # noqa: F401 - a fixture
+from tests.backend.test_train import make_home, small_config
 from tests.conftest import start_backend, stop_backend
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ async def _wait(cond, timeout=150.0, what="condition"):
 
 
 @pytest.fixture(scope="module")
-def served(tiny_folder):  # noqa: F811
+def served(tiny_folder):
     """(home, backend pid, token, everything the client received, replies of the path probes)."""
     from tui.client import Connection
 
@@ -285,7 +285,7 @@ def test_session_ids_from_outside_cannot_name_a_folder_outside_runs(tmp_path):
     assert train.run_dir(tmp_path, "20261123-140000-abcdef") == tmp_path / "runs" / "20261123-140000-abcdef"
 
 
-def test_a_models_own_code_never_runs_without_trust_remote_code(tiny_folder, tmp_path):  # noqa: F811
+def test_a_models_own_code_never_runs_without_trust_remote_code(tiny_folder, tmp_path):
     """A model folder whose config.json maps the auto classes to a .py file beside it: with
     trust_remote_code off (the default) the estimate and the load refuse it, and the file's
     code never runs (it would leave a marker)."""

@@ -8,7 +8,6 @@ as its embedded model, so ``model.source = ""`` means it without a build.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -24,13 +23,6 @@ from sessions.store import Store
 from tests.conftest import ROOT, start_backend, stop_backend
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
 
 
 def make_home(tiny_folder: Path) -> Path:

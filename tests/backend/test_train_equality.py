@@ -30,13 +30,6 @@ STEPS = 8
 SEED = 42
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
-
-
 def qlw_config(tiny_folder: Path) -> dict:
     config = TC.defaults()
     config["model"].update(source=str(tiny_folder), precision="fp32", device="cpu")

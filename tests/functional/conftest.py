@@ -4,21 +4,11 @@ helpers that go with them are in helpers.py)."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
 from backend import tiny
 from tests.conftest import start_backend, stop_backend
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(pytestconfig, tmp_path_factory) -> Path:
-    """The embedded tiny model, built once into pytest's cache (reused across runs; without the
-    cache plugin, once per session)."""
-    cache = getattr(pytestconfig, "cache", None)
-    home = cache.mkdir("qlw-tiny") if cache is not None else tmp_path_factory.mktemp("qlw-tiny")
-    return tiny.ensure_tiny_model(home)
 
 
 @pytest.fixture

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from typing import Any
 
 from textual.widgets import Collapsible, Input, Select
 
-from backend import protocol as P, tiny
+from backend import protocol as P
 from tests.functional.helpers import make_app, skip_unless_backend_has, tab_after_tiny_training, until, without_backend
 from tui.app import QlwApp
 from tui.client import CONNECTED, RequestFailed
@@ -362,6 +361,11 @@ def test_a_reattached_pane_redraws_the_conversation(qlw_home):
             assert [t.prompt for t in pane.turns] == ["first question", "compare this"]
             assert markdown_text(pane.turns[0].views[0]) == "first answer"
             assert pane.conversation == "c9" and not pane.gen_job
+            # The lists show the pair the conversation used last, a compare of tuned with base,
+            # once chat.targets offers them (here after the replay).
+            assert pane.targets == []
+            pane.show_targets(TARGETS)
+            assert (pane.target, pane.compare_with) == (TUNED, "base")
             assert pane.history() == [{"role": "user", "content": "first question"},
                                       {"role": "assistant", "content": "first answer"},
                                       {"role": "user", "content": "compare this"},
@@ -522,6 +526,7 @@ def test_real_backend_compare_mode_shows_both_answers(backend_with_tiny):
             assert pane.turns[0].prompt == "Hello, who are you?"
             assert [v.text for v in pane.turns[0].views] == texts
             assert [v.target for v in pane.turns[0].views] == [target, "base"]
+            await until(pilot, lambda: (pane.target, pane.compare_with) == (target, "base"), "the compare chosen again")
         await again.backend.stop()
 
     asyncio.run(asyncio.wait_for(body(), 240))

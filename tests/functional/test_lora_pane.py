@@ -18,7 +18,7 @@ from typing import Any, Callable
 from textual.notifications import Notify
 from textual.widgets import Button, Input, Select, SelectionList, TabbedContent
 
-from backend import protocol as P, tiny
+from backend import protocol as P
 from tests.functional.helpers import make_app, until, without_backend
 from tui.client import CONNECTED
 from tui.messages import BackendEvent, ConnectionChanged

@@ -16,7 +16,7 @@ from typing import Any
 
 from textual.widgets import Checkbox, Input, Select
 
-from backend import protocol as P, tiny
+from backend import protocol as P
 from tests.functional.helpers import make_app, skip_unless_backend_has, tab_after_tiny_training, until, without_backend
 from tui.app import QlwApp
 from tui.client import CONNECTED, RequestFailed

@@ -11,13 +11,12 @@ import asyncio
 import io
 import os
 
-import pytest
 from rich.console import Console
 from textual.notifications import Notify
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Select, TabbedContent, TabPane
 
-from backend import protocol as P, tiny
+from backend import tiny
 from tests.conftest import ROOT
 from tests.functional import helpers
 from tui.app import QlwApp

@@ -108,6 +108,9 @@ class ChatPane(BackendRequests, Vertical):
         self._early: list[P.Event] = []
         #: The last line of the status bar, and whether it reports a refusal or failure.
         self.status_text = self.IDLE
+        #: (target, compare) of the newest answer this pane did not ask for (a replay after
+        #: attaching, or another terminal), to be shown in the two lists once they offer them.
+        self._follow: tuple[str, str] | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-bar"):
@@ -217,7 +220,28 @@ class ChatPane(BackendRequests, Vertical):
                 target.value = "base"
             compare.set_options([("no compare", NO_COMPARE), *options])
             compare.value = keep_compare if keep_compare in ids else NO_COMPARE
+        self._apply_follow()
         self.eval_view.set_targets(self.targets)
+        self.refresh_bindings()
+
+    def _follow_targets(self, target: str, compare: str) -> None:
+        """Show ``target`` and ``compare`` in the lists: what the conversation on screen used
+        last, so that a terminal attached later goes on with the same pair (now, or once
+        ``chat.targets`` offers them)."""
+        self._follow = (target, compare)
+        self._apply_follow()
+
+    def _apply_follow(self) -> None:
+        if self._follow is None:
+            return
+        target, compare = self._follow
+        ids = {str(t["id"]) for t in self.targets}
+        if target not in ids:
+            return  # the list comes later (chat.targets), or the target is gone: keep the choice
+        with self.prevent(Select.Changed):
+            self.query_one("#chat-target", Select).value = target
+            self.query_one("#chat-compare", Select).value = compare if compare in ids and compare != target else NO_COMPARE
+        self._follow = None
         self.refresh_bindings()
 
     def on_backend(self, ev: P.Event) -> None:
@@ -279,9 +303,11 @@ class ChatPane(BackendRequests, Vertical):
         if (last is not None and not last.mine and job and last.job_id == job and len(last.views) == 1
                 and last.views[0].target != target):
             view = last.add_answer(answer_id, target)
+            self._follow_targets(last.views[0].target, target)
         else:
             turn = self._add_turn(str(p.get("prompt") or ""), [(answer_id, target)], job, mine=False)
             view = turn.views[0]
+            self._follow_targets(target, NO_COMPARE)
         self.views[answer_id] = view
         return view
 
