@@ -709,6 +709,9 @@ class ChatEngine:
         self.adapter_fast: dict[str, str] = {}  # adapter path -> "" or why its fast path is off
         self.last_base_settings: P.ModelSettings | None = None
         self.warmed: set[str] = set()
+        #: How a merged folder is loaded: "saved" (in the dtype its config.json names, when it
+        #: fits beside the base) or "base" (with the base's settings, e.g. 4-bit again).
+        self.merged_precision = "saved"
 
     # Holdings ------------------------------------------------------------------------------------------
 
@@ -774,9 +777,10 @@ class ChatEngine:
         report = (lambda stage, done=0, total=0: ctx.progress(stage, done, total)) if ctx is not None else (lambda *a: None)
         t0 = time.perf_counter()
         if target.kind == "merged":
-            self._ensure_merged(target, home, ctx)
-            return {"target": target.id, "load_s": round(time.perf_counter() - t0, 3), "fast_path": "off: merged "
-                    "models decode as loaded", "path": "plain"}
+            held = self._ensure_merged(target, home, ctx)
+            return {"target": target.id, "load_s": round(time.perf_counter() - t0, 3),
+                    "fast_path": f"off: a merged model decodes as loaded ({held['precision']})", "path": "plain",
+                    "precision": held["precision"], "note": held["note"]}
         if target.kind == "tuned":
             from backend import adapters
 
@@ -905,7 +909,7 @@ class ChatEngine:
         from backend import models
 
         held = HOLDINGS.get(HOLD_MERGED)
-        if held is not None and held["path"] == target.path:
+        if held is not None and held["path"] == target.path and held["choice"] == self.merged_precision:
             return held
         HOLDINGS.drop(HOLD_MERGED)
         folder = Path(target.path)
@@ -916,15 +920,46 @@ class ChatEngine:
                                                     if models._LOADED.get("settings") else None)
         fields_ = P.to_dict(base_settings) if base_settings is not None else {}
         settings = P.ModelSettings(**{**fields_, "source": str(folder), "revision": ""})
+        settings, note = self._merged_settings(settings, folder)
         loaded = models.load_base_model(
             settings,
             progress=(lambda st, d, t, u="", m="": ctx.progress(st, d, t, u, m)) if ctx is not None else None,
             cancelled=(lambda: ctx.cancelled) if ctx is not None else None)
         tokenizer = loaded.tokenizer or self.tokenizer()
-        held = {"path": target.path, "model": loaded.model, "tokenizer": tokenizer,
+        held = {"path": target.path, "model": loaded.model, "tokenizer": tokenizer, "choice": self.merged_precision,
+                "precision": models.describe_precision(settings), "note": note,
                 "load_s": loaded.info["load_seconds"], "info": {k: loaded.info[k] for k in ("source", "device", "measured")}}
-        HOLDINGS.put(HOLD_MERGED, held, "model", f"merged model {folder.name}")
+        HOLDINGS.put(HOLD_MERGED, held, "model", f"merged model {folder.name} ({held['precision']})")
         return held
+
+    def _merged_settings(self, settings: P.ModelSettings, folder: Path) -> tuple[P.ModelSettings, str]:
+        """The settings to load a merged folder with, and a note on the choice. A merged folder
+        holds base + adapter in 16 or 32 bits; quantising it to 4 bits again rounds the weights
+        to the 4-bit grid, which undoes much of the adapter's (small) change, so it is loaded as
+        saved unless ``merged_precision`` says "base" or it does not fit beside the base."""
+        from dataclasses import replace
+
+        from backend import models
+
+        saved = saved_precision(folder)
+        if self.merged_precision != "saved" or saved is None or settings.precision == saved:
+            return settings, ""
+        as_saved = replace(settings, precision=saved)
+        est = models.estimate(as_saved)
+        # The merged model comes beside the base (estimate counts the held base as free).
+        room = est["free_bytes"] - est["reclaimed_bytes"]
+        need = est["total_bytes"] + est["context_bytes"]
+        if need > room and HOLDINGS.get(HOLD_DECODE) is not None:
+            HOLDINGS.drop(HOLD_DECODE)  # the decode copy is rebuilt when the base is used again
+            _collect()
+            self.warmed.clear()
+            est = models.estimate(as_saved)
+            room = est["free_bytes"] - est["reclaimed_bytes"]
+        if need <= room:
+            return as_saved, f"loaded in {saved}, as saved"
+        return settings, (f"loaded like the base ({models.describe_precision(settings)}): in {saved} as saved it "
+                          f"needs {need / GIB:.1f} GiB and {max(room, 0) / GIB:.1f} GiB are free beside the base; "
+                          "re-quantising a merged model undoes part of the adapter's change")
 
     # Using targets ---------------------------------------------------------------------------------------
 
@@ -1022,6 +1057,23 @@ def _collect() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+#: config.json's dtype names -> ModelSettings.precision
+_SAVED_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def saved_precision(folder: Path) -> str | None:
+    """The precision a model folder was saved in ("bf16", "fp16", "fp32"), from its config.json;
+    None for a quantised folder or one that does not say."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("quantization_config"):
+        return None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return _SAVED_DTYPES.get(str(dtype).replace("torch.", "")) if dtype else None
 
 
 def _carries_lora(model) -> bool:

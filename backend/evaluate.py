@@ -52,7 +52,9 @@ def token_nll(logits, ids: list[int], mask: list[int] | None = None) -> tuple[fl
 
 def text_sequences(tokenizer, text: str, window: int = TEXT_WINDOW) -> list[tuple[list[int], list[int]]]:
     """A text as consecutive windows of ``window`` tokens (all of them scored)."""
-    ids = list(tokenizer(text=text)["input_ids"])
+    # The whole text at once (it is cut into windows below): verbose=False keeps the tokenizer
+    # from warning that it is longer than the model's context.
+    ids = list(tokenizer(text=text, verbose=False)["input_ids"])
     return [(ids[i:i + window], [1] * len(ids[i:i + window])) for i in range(0, len(ids), window)
             if len(ids[i:i + window]) > 1]
 
@@ -177,8 +179,10 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
             size = weights_bytes(target.path)
             note.append("size: the adapter (beside the base); load: attaching it to the loaded base")
         else:
-            load_s = chat.HOLDINGS.get(chat.HOLD_MERGED)["load_s"]
+            held = chat.HOLDINGS.get(chat.HOLD_MERGED)
+            load_s = held["load_s"]
             size = weights_bytes(target.path)
+            note.append(held["note"] or f"loaded in {held['precision']}")
         tokenizer = engine.tokenizer_for(target)
         template, system = chat.resolve_template(P.ChatSettings(), tokenizer, adapter)
         prompt_ids = [chat.build_prompt(tokenizer, [{"role": "user", "content": p}], template, system)[0] for p in prompts]
@@ -285,7 +289,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     devices = sorted({str(r.get("device")) for r in rows})
     runs = sorted({str(r.get("runs")) for r in rows})
     lines.append("")
-    lines.append(f"Device {', '.join(devices)}; generation time per run of the prompt set ({', '.join(runs)} runs), "
+    lines.append(f"Device {', '.join(devices)}; generation time per run of the prompt set (runs: {', '.join(runs)}), "
                  "greedy; peak memory: torch's peak on a GPU, the process RSS on the CPU.")
     for row in rows:
         if row.get("note"):
@@ -315,6 +319,9 @@ def add_cli_arguments(parser) -> None:
                         help="an adapter or checkpoint folder to evaluate on the base (repeatable)")
     parser.add_argument("--merged", action="append", default=[], metavar="DIR",
                         help="a merged model folder to evaluate (repeatable)")
+    parser.add_argument("--merged-precision", default="saved", choices=("saved", "base"),
+                        help="load merged folders as saved (default; 4-bit again only if they do not fit beside the "
+                             "base) or with the base's settings (re-quantised: as a 4-bit deployment would)")
     parser.add_argument("--no-base", action="store_true", help="leave the base model's own row out")
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                         help="prompts, one per line (default: a built-in set of five)")
@@ -359,6 +366,7 @@ def cli(args) -> int:
         print("qlw eval: --runs and --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
     targets = []
+    chat.ENGINE.merged_precision = args.merged_precision
     if args.base:
         from backend.train import model_settings
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 import math
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 from backend import chat, evaluate, models, protocol as P
 from backend.holdings import HOLDINGS
 from tests.conftest import ROOT
+from tests.backend.test_merge import setup  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +34,31 @@ def clean_engine():
     yield chat.ENGINE
     chat.ENGINE.release()
     chat.ENGINE.last_base_settings = None
+    chat.ENGINE.merged_precision = "saved"
     models.release_base_model()
+
+
+def test_a_merged_folder_is_evaluated_as_saved_not_quantised_again(setup, tmp_path, clean_engine):
+    """A bf16 merge into the dequantised 4-bit base scores as the tuned model does; loaded in
+    4-bit again (the base's settings) it loses much of the adapter's change, which the row says."""
+    from backend import merge
+
+    home, _base, adapter = setup
+    merged = merge.run_merge({"adapter": str(adapter), "out": "eval-merged", "dtype": "bf16", "into": "dequantized",
+                              "max_shard_size": "5GB", "verify": False}, home, chat.QuietContext())["out"]
+    assert chat.saved_precision(Path(merged)) == "bf16"
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    targets = [f"tuned:{adapter}", "base", f"merged:{merged}"]
+    rows = evaluate.evaluate(targets, home, prompts=["Name a metal."], runs=1, max_new_tokens=2, text_path=str(text))
+    tuned, base, as_saved = (r["perplexity"] for r in rows)
+    assert "loaded in bf16, as saved" in rows[2]["note"]
+    assert as_saved == pytest.approx(tuned, rel=2e-3) and abs(base - tuned) > 20 * abs(as_saved - tuned)
+    clean_engine.merged_precision = "base"
+    again = evaluate.evaluate([f"merged:{merged}"], home, prompts=["Name a metal."], runs=1, max_new_tokens=2,
+                              text_path=str(text))[0]
+    assert "loaded in 4-bit nf4 + double quant" in again["note"]
+    assert abs(again["perplexity"] - tuned) > 5 * abs(as_saved - tuned)  # 748.7 tuned: 748.2 saved, 754.0 again
 
 
 def test_perplexity_is_exp_of_the_mean_token_loss(tiny_folder, tmp_path, clean_engine):
