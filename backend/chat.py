@@ -773,7 +773,8 @@ class ChatEngine:
 
     def prepare(self, target: Target, home: Path, ctx=None) -> dict[str, Any]:
         """Load what ``target`` needs (the base, the adapter, the merged folder, the decode copy);
-        returns ``{"target", "load_s", "fast_path", "path"}``."""
+        returns ``{"target", "load_s", "fast_path", "path", "steps"}`` (``steps``: seconds spent
+        on the base, the adapter and the fast path's decode copy and compile, this time)."""
         report = (lambda stage, done=0, total=0: ctx.progress(stage, done, total)) if ctx is not None else (lambda *a: None)
         t0 = time.perf_counter()
         if target.kind == "merged":
@@ -786,16 +787,21 @@ class ChatEngine:
 
             adapters.inspect_adapter(target.path)  # a broken folder is refused before any load
         self._ensure_base(target, home, ctx)
+        t_base = time.perf_counter()
         if target.kind == "tuned":
             report("attaching the adapter")
             self._ensure_adapter(target.path)
+        t_adapter = time.perf_counter()
         fast = self._ensure_fast(target, report)
         if not fast:
             fast = self._warm_up(target, report)
         if ctx is not None:
             ctx.check_cancelled()
-        return {"target": target.id, "load_s": round(time.perf_counter() - t0, 3),
-                "fast_path": "on" if not fast else f"off: {fast}", "path": "fast" if not fast else "plain"}
+        t_end = time.perf_counter()
+        return {"target": target.id, "load_s": round(t_end - t0, 3),
+                "fast_path": "on" if not fast else f"off: {fast}", "path": "fast" if not fast else "plain",
+                "steps": {"base_s": round(t_base - t0, 3), "adapter_s": round(t_adapter - t_base, 3),
+                          "fast_s": round(t_end - t_adapter, 3)}}
 
     def _ensure_base(self, target: Target, home: Path, ctx) -> None:
         from backend import adapters, models

@@ -103,6 +103,8 @@ def perplexity(logits_of: Callable[[list[int]], Any], sequences: list[tuple[list
     return (math.exp(total / count) if count else None), count
 
 
+GIB = 1024**3
+
 # Sizes and memory ------------------------------------------------------------------------------------------
 
 
@@ -165,17 +167,21 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
     for i, target in enumerate(parsed):
         ctx.check_cancelled()
         ctx.progress(f"evaluating {target.label}", i, len(parsed))
-        t0 = time.perf_counter()
+        if target.kind == "merged" and all(t.kind == "merged" for t in parsed[i:]) and engine.base() is not None:
+            # Nothing after this needs the base: let it and the decode copy go, so that the merged
+            # model has the memory, and its peak is its own.
+            engine.release(merged=False)
+            models.release_base_model()
         ready = engine.prepare(target, home, ctx)
-        prepare_s = time.perf_counter() - t0
         device = str(chat._device_of(engine.base() if target.kind != "merged" else
                                      chat.HOLDINGS.get(chat.HOLD_MERGED)["model"]))
         note = []
+        steps = ready.get("steps") or {}
         if target.kind == "base":
             load_s = models._LOADED.get("load_seconds")
             size = weights_bytes(models._LOADED.get("settings", {}).get("source", ""))
         elif target.kind == "tuned":
-            load_s = prepare_s
+            load_s = steps.get("adapter_s", ready["load_s"])
             size = weights_bytes(target.path)
             note.append("size: the adapter (beside the base); load: attaching it to the loaded base")
         else:
@@ -183,6 +189,12 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
             load_s = held["load_s"]
             size = weights_bytes(target.path)
             note.append(held["note"] or f"loaded in {held['precision']}")
+        if ready.get("path") == "fast":
+            dc = engine.decode_copy()
+            if steps.get("fast_s", 0) >= 0.5:
+                note.append(f"fast path: decode copy and compile ready in {steps['fast_s']:.1f} s (once per base)")
+            if dc is not None:
+                note.append(f"peak memory includes the {dc.nbytes() / GIB:.2f} GiB decode copy")
         tokenizer = engine.tokenizer_for(target)
         template, system = chat.resolve_template(P.ChatSettings(), tokenizer, adapter)
         prompt_ids = [chat.build_prompt(tokenizer, [{"role": "user", "content": p}], template, system)[0] for p in prompts]
