@@ -190,11 +190,11 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
             size = weights_bytes(target.path)
             note.append(held["note"] or f"loaded in {held['precision']}")
         if ready.get("path") == "fast":
-            dc = engine.decode_copy()
             if steps.get("fast_s", 0) >= 0.5:
                 note.append(f"fast path: decode copy and compile ready in {steps['fast_s']:.1f} s (once per base)")
-            if dc is not None:
-                note.append(f"peak memory includes the {dc.nbytes() / GIB:.2f} GiB decode copy")
+            copy_bytes = engine.decode_copy().nbytes() if engine.decode_copy() is not None else 0  # no reference kept
+            if copy_bytes:
+                note.append(f"peak memory includes the {copy_bytes / GIB:.2f} GiB decode copy")
         tokenizer = engine.tokenizer_for(target)
         template, system = chat.resolve_template(P.ChatSettings(), tokenizer, adapter)
         prompt_ids = [chat.build_prompt(tokenizer, [{"role": "user", "content": p}], template, system)[0] for p in prompts]

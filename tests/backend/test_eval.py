@@ -38,6 +38,36 @@ def clean_engine():
     models.release_base_model()
 
 
+def test_merged_rows_at_the_end_run_with_the_base_and_its_decode_copy_let_go(setup, tmp_path, clean_engine,
+                                                                            monkeypatch):
+    """So that the merged model has the memory and its peak is its own: nothing of the base
+    (the 4-bit model, the fast path's decode copy) stays alive once only merged rows are left."""
+    import gc
+    import weakref
+
+    from backend import merge
+
+    monkeypatch.setenv(chat.FAST_ENV, "1")  # the fast path on the CPU too
+    home, _base, adapter = setup
+    merged = merge.run_merge({"adapter": str(adapter), "out": "eval-merged-2", "dtype": "fp32", "into": "dequantized",
+                              "max_shard_size": "5GB", "verify": False}, home, chat.QuietContext())["out"]
+    alive = {}
+
+    def on_row(row):
+        if row["target"] == "base":
+            assert row["path"] == "fast" and "decode copy" in row["note"]
+            alive["base"], alive["copy"] = weakref.ref(HOLDINGS.get("base")), weakref.ref(clean_engine.decode_copy())
+        elif row["target"].startswith("merged:"):  # while the evaluation still runs
+            gc.collect()
+            alive["gone"] = alive["base"]() is None and alive["copy"]() is None
+            alive["held"] = HOLDINGS.get("base") is None and HOLDINGS.get(chat.HOLD_MERGED) is not None
+
+    rows = evaluate.evaluate([f"tuned:{adapter}", "base", f"merged:{merged}"], home, prompts=["Name a metal."], runs=1,
+                             max_new_tokens=2, on_row=on_row)
+    assert [r["target"].split(":")[0] for r in rows] == ["tuned", "base", "merged"]
+    assert alive["gone"] and alive["held"]
+
+
 def test_a_merged_folder_is_evaluated_as_saved_not_quantised_again(setup, tmp_path, clean_engine):
     """A bf16 merge into the dequantised 4-bit base scores as the tuned model does; loaded in
     4-bit again (the base's settings) it loses much of the adapter's change, which the row says."""
