@@ -1050,7 +1050,9 @@ class ChatTargets:
 @request("chat.load")
 class ChatLoad:
     """Job: make ``target`` ready (load the base if needed, from the adapter's run config; attach
-    the adapter; or load the merged folder); result ``{"target", "load_s", "fast_path"}``."""
+    the adapter; or load the merged folder, in the dtype it was saved in when it fits beside the
+    base); result ``{"target", "load_s", "fast_path", "path"}`` plus ``steps`` (seconds: base,
+    adapter, fast path) for base and tuned, ``precision`` and ``note`` for a merged folder."""
 
     target: str
 
