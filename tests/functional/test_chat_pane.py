@@ -65,6 +65,7 @@ class FakeChat:
         self.hold = hold  # send no answer (a long generation, to be stopped)
         self.refuse: dict[str, str] = {}
         self.existing: set[str] = set()  # files an export must not replace unasked
+        self.load_note = ""  # chat.load's note (how a merged folder was loaded)
 
     def of(self, method: str) -> list[dict[str, Any]]:
         return [params_of(p) for p in self.sent if p.METHOD == method]
@@ -83,7 +84,8 @@ class FakeChat:
             job = f"load{next(self.ids)}"
             self.post("job.started", {"job_id": job, "kind": "chat.load", "params": p})
             self.post("job.finished", {"job_id": job, "kind": "chat.load", "status": "done", "elapsed_s": 1.5,
-                                       "result": {"target": p["target"], "load_s": 1.25, "fast_path": "off: cpu"}})
+                                       "result": {"target": p["target"], "load_s": 1.25, "fast_path": "off: cpu",
+                                                  **({"note": self.load_note} if self.load_note else {})}})
             return {"job_id": job}
         if method == "chat.send":
             job = f"chat{next(self.ids)}"
@@ -185,6 +187,10 @@ def test_streams_an_answer_with_its_figures_and_sends_the_history(qlw_home):
             await until(pilot, lambda: pane.status_text.startswith("✔ loaded"), "the load")
             assert fake.of("chat.load") == [{"target": "base"}]
             assert pane.status_text == "✔ loaded base in 1.25 s · fast path off: cpu"
+            fake.load_note = "loaded like the base (4-bit nf4): in bf16 it needs 13.5 GiB"
+            await pilot.press("f5")
+            await until(pilot, lambda: pane.status_text.endswith("13.5 GiB"), "the load's note")
+            assert pane.status_text == f"✔ loaded base in 1.25 s · fast path off: cpu · {fake.load_note}"
 
             await type_and_send(pilot, pane, "Who are you?")
             await until(pilot, lambda: pane.turns and pane.turns[0].views[0].answer is not None, "the answer")

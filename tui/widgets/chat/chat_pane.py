@@ -349,8 +349,9 @@ class ChatPane(BackendRequests, Vertical):
                 r = p.get("result") or {}
                 load_s = r.get("load_s")
                 took = f" in {load_s:.2f} s" if isinstance(load_s, (int, float)) else ""
+                note = f" · {r['note']}" if r.get("note") else ""  # e.g. how a merged folder was loaded
                 self.status(f"✔ loaded {short_target(str(r.get('target') or ''))}{took} · fast path "
-                            f"{r.get('fast_path') or 'n/a'}", "ok")
+                            f"{r.get('fast_path') or 'n/a'}{note}", "ok")
             else:
                 self.status(failure_text("loading", p), "error")
         elif job_id and job_id == self.eval_job:
