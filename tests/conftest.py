@@ -95,3 +95,15 @@ def backend(qlw_home):
     proc = start_backend(qlw_home)
     yield qlw_home
     stop_backend(proc)
+
+
+@pytest.fixture
+def backend_with_tiny(qlw_home, tiny_folder):
+    """A real backend on a data home holding a copy of the tiny model (copied, not rebuilt);
+    stopped after the test."""
+    from backend import tiny
+
+    shutil.copytree(tiny_folder, tiny.tiny_model_path(qlw_home))
+    proc = start_backend(qlw_home)
+    yield qlw_home
+    stop_backend(proc)

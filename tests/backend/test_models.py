@@ -418,17 +418,6 @@ def test_the_load_job_holds_the_model_and_replaces_the_previous_one(tiny_folder)
 # Through a real backend --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def backend_with_tiny(qlw_home, tiny_folder):
-    """A real backend whose data home already has the tiny model (copied, not rebuilt)."""
-    from tests.conftest import start_backend, stop_backend
-
-    shutil.copytree(tiny_folder, tiny.tiny_model_path(qlw_home))
-    proc = start_backend(qlw_home)
-    yield qlw_home
-    stop_backend(proc)
-
-
 async def wait_for(cond, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
