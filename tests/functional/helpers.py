@@ -2,8 +2,8 @@
 condition with a timeout (never a fixed sleep), the no-backend start of a pane test, and, against
 a real backend, a probe of what it handles and a tiny adapter trained through ``train.start``.
 
-
-
+The fixtures that go with them (the tiny model built once, a backend on a copy of it) are in
+tests/conftest.py.
 """
 
 from __future__ import annotations
