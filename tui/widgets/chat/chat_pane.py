@@ -32,6 +32,7 @@ from tui.widgets.chat.chat_settings_form import ChatSettingsForm
 from tui.widgets.chat.chat_turn import ChatTurn
 from tui.widgets.chat.eval_view import EvalView
 from tui.widgets.lora.lora_pane import expand_path
+from tui.widgets.shell.error_notice import error_text
 
 NO_COMPARE = ""
 CHAT_VIEW, EVAL_VIEW = "chat-view", "eval-view"
@@ -43,13 +44,7 @@ def failure_text(what: str, p: dict[str, Any]) -> str:
     """A failed or cancelled job for people: what failed, where, what to do."""
     if p.get("status") == "cancelled":
         return f"■ {what} stopped"
-    error = p.get("error") or {}
-    parts = [f"✖ {what} failed: {error.get('message') or 'see the backend log'}"]
-    if error.get("where"):
-        parts.append(f"where: {error['where']}")
-    if error.get("hint"):
-        parts.append(f"what to do: {error['hint']}")
-    return " · ".join(parts)
+    return error_text(f"{what} failed: ", p.get("error") or {})
 
 
 class ChatPane(BackendRequests, Vertical):

@@ -38,6 +38,7 @@ from tui.widgets.data.row_detail import RowDetail
 from tui.widgets.data.rows_table import RowsTable
 from tui.widgets.data.split_form import SplitForm
 from tui.widgets.data.token_stats_view import TokenStatsView
+from tui.widgets.shell.error_notice import error_text
 
 #: Rows per page, and the width cells are cut to by the backend.
 PAGE_SIZE = 100
@@ -209,12 +210,7 @@ class DataPane(BackendRequests, Vertical):
         status.set_class(kind == "busy", "-busy")
 
     def _show_error(self, error: dict[str, Any], what: str = "") -> None:
-        parts = [f"✖ {what}{error.get('message', 'failed')}"]
-        if error.get("where"):
-            parts.append(f"where: {error['where']}")
-        if error.get("hint"):
-            parts.append(f"what to do: {error['hint']}")
-        self._status(" · ".join(parts), "error")
+        self._status(error_text(what, error, default="failed"), "error")
 
     async def _open(self, source: dict[str, Any], reload: bool = False) -> dict[str, Any] | None:
         """Open ``source`` in the backend (a job the first time); its summary, or None after

@@ -24,10 +24,15 @@ def error_notice(ev: P.Event, now: float | None = None) -> str | None:
     now = time.time() if now is None else now
     if ev.seq is not None and now - ev.time > NOTIFY_RECENT_S:
         return None
-    p = ev.payload
-    parts = [f"✖ {p.get('message') or 'the backend reported an error; see its log'}"]
-    if p.get("where"):
-        parts.append(f"where: {p['where']}")
-    if p.get("hint"):
-        parts.append(f"what to do: {p['hint']}")
-    return "\n".join(parts)
+    return error_text("", ev.payload, "\n", default="the backend reported an error; see its log")
+
+
+def error_text(head: str, error: dict, sep: str = " · ", default: str = "see the backend log") -> str:
+    """An error (a JobError's ``message``, ``where``, ``hint``) for people, as every pane shows
+    one: ``✖ <head><message>``, then where it happened and what to do, joined by ``sep``."""
+    parts = [f"✖ {head}{error.get('message') or default}"]
+    if error.get("where"):
+        parts.append(f"where: {error['where']}")
+    if error.get("hint"):
+        parts.append(f"what to do: {error['hint']}")
+    return sep.join(parts)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tui.widgets.shell.error_notice import error_text
+
 #: The loss table's columns, as the notebooks' Trainer table names them: (key, title, train.log field).
 COLUMNS = (
     ("step", "Step", "step"),
@@ -124,9 +126,4 @@ def finished_text(p: dict[str, Any]) -> str:
 
 def failed_text(error: dict[str, Any]) -> str:
     """A job that failed before or without a ``train.finished``."""
-    parts = [f"✖ training failed: {error.get('message') or 'see the backend log'}"]
-    if error.get("where"):
-        parts.append(f"where: {error['where']}")
-    if error.get("hint"):
-        parts.append(f"what to do: {error['hint']}")
-    return "\n".join(parts)
+    return error_text("training failed: ", error, "\n")
