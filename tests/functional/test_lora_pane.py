@@ -275,6 +275,17 @@ def test_checks_as_typed_and_by_the_backend_disable_start(qlw_home):
             await until(pilot, lambda: start_enabled(pane), "Start enabled again")
             assert all(not pane.form.row(f.path).error for f in FIELDS)
 
+            # Cleared and typed again to the value the backend checked: the summary goes with the
+            # error (issue 15: "1 setting needs attention: lora.r" stayed beside an enabled Start).
+            set_field(pane, "lora.r", "")
+            await pilot.pause()
+            assert line_text(pane).startswith("✖ 1 setting needs attention: lora.r")
+            set_field(pane, "lora.r", "16")
+            await until(pilot, lambda: start_enabled(pane), "Start enabled with r retyped")
+            await pilot.pause()
+            assert "needs attention" not in line_text(pane)
+            assert line_text(pane).startswith("trainable params: 1,179,648")
+
             # The backend's error, at its field by dotted path.
             set_field(pane, "lora.lora_alpha", "2048")
             await until(pilot, lambda: error_at(pane, "lora.lora_alpha"), "the backend's error")

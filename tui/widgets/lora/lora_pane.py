@@ -101,6 +101,7 @@ class LoraPane(BackendRequests, Vertical):
         self._data_adopted: Any = None
         #: The config the backend last found valid, its errors and result.
         self.validated: dict[str, Any] | None = None
+        self.validated_result: dict[str, Any] = {}
         self.server_errors: dict[str, str] = {}
         self._server_errors_for: dict[str, Any] | None = None
         #: An imported file's errors (by field, with its line), shown while the config is as read.
@@ -348,7 +349,9 @@ class LoraPane(BackendRequests, Vertical):
         if local:
             self.line.show_invalid(local)
         elif self.validated == config:
-            pass  # checked already; the line says what the backend said
+            # Checked already (e.g. a field cleared and typed again): the backend's answer again,
+            # not the error summary the cleared field left.
+            self.line.show_result(self.validated_result)
         elif not self.connected:
             self.line.show_failure("not connected to the backend: the run cannot be checked or started "
                                    "(ctrl+r starts one)")
@@ -394,7 +397,7 @@ class LoraPane(BackendRequests, Vertical):
         self.server_errors, self._server_errors_for = errors, config
         self.form.show_errors({**self._file_errors(config), **errors})
         if result.get("ok") and not errors:
-            self.validated = config
+            self.validated, self.validated_result = config, dict(result)
             self.line.show_result(result)
         else:
             self.validated = None
