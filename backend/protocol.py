@@ -689,8 +689,14 @@ class LoraSettings:
 class TrainingSettings:
     """trl ``SFTConfig`` / transformers ``TrainingArguments`` fields (``max_length``, packing and
     the loss mask live in the prepared dataset: ``PreparedData.max_length`` / ``loss``).
-    ``max_steps`` > 0 overrides ``num_train_epochs``. ``eval_steps``/``save_steps`` 0: only at
-    the end. ``bf16``/``fp16`` ``None``: chosen from the model's compute dtype and the device.
+    ``max_steps`` > 0 overrides ``num_train_epochs``. ``logging_steps``, ``eval_steps`` and
+    ``save_steps`` are whole numbers of steps, or, below 1, a fraction of the run's steps as
+    transformers reads them (0.05: every 5% of the run, rounded up to a whole step), so that
+    by default they follow the run's length: a short run logs every step, a long one about 100
+    rows. ``eval_steps``/``save_steps`` 0: only at the end (the last step is always logged,
+    evaluated and saved). ``bf16``/``fp16`` ``None``: chosen from the model's compute dtype and
+    the device. The run's length defaults are transformers' (3 epochs, no accumulation), so
+    that the shipped sample gives a curve of about 20 steps on the embedded tiny model.
 
     Speed and memory (bench/train_speed.py measures them against the plain trl recipe):
     ``packing`` puts several rows into one ``max_length`` sequence (trl's best-fit-decreasing
@@ -701,23 +707,23 @@ class TrainingSettings:
     liger-kernel package and a CUDA GPU; off otherwise, with a warning). ``activation_offloading``:
     the activations kept for the backward pass wait in CPU memory (less GPU memory, some speed)."""
 
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 3.0
     max_steps: int = -1
     learning_rate: float = 2e-4
     lr_scheduler_type: str = "constant"
     warmup_ratio: float = 0.03
     warmup_steps: int = 0
     per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
+    gradient_accumulation_steps: int = 1
     auto_find_batch_size: bool = False
     packing: bool = True
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_8bit"
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3
-    logging_steps: int = 10
-    eval_steps: int = 0
-    save_steps: int = 0
+    logging_steps: int | float = 0.01
+    eval_steps: int | float = 0.2
+    save_steps: int | float = 0.25
     save_total_limit: int = 3
     seed: int = 42
     bf16: bool | None = None

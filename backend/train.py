@@ -402,6 +402,20 @@ def steps_for(rows: int, t: dict[str, Any]) -> int:
     return math.ceil(t["num_train_epochs"] * per_epoch)
 
 
+def hidden_table_warnings(t: dict[str, Any], total: int | None, at_most: int | None) -> dict[str, str]:
+    """Warnings for a ``logging_steps`` (in whole steps) that leaves the loss table with only the
+    last step's row: the run has fewer steps (``total``, exact; or ``at_most``, its bound before
+    packing makes fewer)."""
+    every = t.get("logging_steps")
+    steps, bound = (total, "") if total is not None else (at_most, "at most ")
+    if not isinstance(every, int) or every < 1 or steps is None or every <= max(steps // 2, 1):
+        return {}
+    return {"training.logging_steps": (
+        f"logging_steps {every} with {bound}{steps} step(s): the loss table gets "
+        f"{'only the last step' if every > steps else 'one row before the last step'} and no curve; "
+        "use a fraction of the run (0.05: a row every 5% of the steps) or a smaller number")}
+
+
 def validate_run(config: Any, home: Path) -> dict[str, Any]:
     """``train.validate``: the checked config, field errors and warnings, trainable parameters as
     peft counts them, a memory estimate against the device, and the number of steps."""
@@ -463,6 +477,8 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
         out["total_steps"] = steps_for(rows, eff["training"])
     elif eff["training"]["max_steps"] > 0:
         out["total_steps"] = eff["training"]["max_steps"]
+    warnings.update(hidden_table_warnings(eff["training"], out["total_steps"],
+                                          steps_for(rows, eff["training"]) if rows is not None else None))
     out.update(ok=not errors, errors=errors, warnings=warnings)
     return out
 
@@ -741,7 +757,9 @@ def make_callback(reporter: Reporter, ctx, has_eval: bool):
                 control.should_save = True
                 control.should_training_stop = True
             elif state.global_step >= state.max_steps:
-                # The last step: a checkpoint to continue from, and the final validation loss.
+                # The last step: its loss row, a checkpoint to continue from, and the final
+                # validation loss, whatever logging_steps, save_steps and eval_steps say.
+                control.should_log = True
                 control.should_save = True
                 if has_eval:
                     control.should_evaluate = True

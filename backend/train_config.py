@@ -174,6 +174,22 @@ def int_at_least(low: int, what: str = ""):
     return rule
 
 
+def steps_or_fraction(low: int):
+    """``logging_steps``/``eval_steps``/``save_steps``: a whole number of steps (at least
+    ``low``), or a fraction of the run below 1 as transformers reads it."""
+    def rule(value):
+        v = _float(value)
+        if v is not None and math.isfinite(v) and not isinstance(value, bool):
+            if 0 < v < 1:
+                return v, None
+            if v >= low and v == int(v):
+                return int(v), None
+        zero = "0 (only at the end), " if low == 0 else ""
+        return value, (f"must be {zero}a whole number of steps of at least 1, or a fraction of the run below 1 "
+                       f"(0.05: every 5% of the steps), got {_show(value)}")
+    return rule
+
+
 def float_range(low: float, high: float | None, *, low_open: bool = False, high_open: bool = True, what: str = ""):
     def rule(value):
         v = _float(value)
@@ -302,8 +318,8 @@ RULES: dict[str, dict[str, Any]] = {
         "packing": boolean, "gradient_checkpointing": boolean, "optim": choice(P.OPTIMIZERS),
         "weight_decay": float_range(0, None, what="a number >= 0"),
         "max_grad_norm": float_range(0, None, what="a number >= 0 (0: no clipping)"),
-        "logging_steps": int_at_least(1), "eval_steps": int_at_least(0, "0 (only at the end) or a number of steps"),
-        "save_steps": int_at_least(0, "0 (only at the end) or a number of steps"),
+        "logging_steps": steps_or_fraction(1), "eval_steps": steps_or_fraction(0),
+        "save_steps": steps_or_fraction(0),
         "save_total_limit": int_at_least(0, "0 (keep every checkpoint) or how many to keep"),
         "seed": int_at_least(0), "bf16": optional_bool, "fp16": optional_bool,
         "use_liger_kernel": boolean, "activation_offloading": boolean,

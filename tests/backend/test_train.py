@@ -55,8 +55,8 @@ def small_config(**training) -> dict:
     cfg["data"]["max_length"] = 128
     cfg["lora"].update(r=8, lora_alpha=16)
     cfg["training"].update(dict(max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                                learning_rate=2e-3, logging_steps=1, gradient_checkpointing=False,
-                                optim="adamw_torch"), **training)
+                                learning_rate=2e-3, logging_steps=1, eval_steps=0, save_steps=0,
+                                gradient_checkpointing=False, optim="adamw_torch"), **training)
     return cfg
 
 
@@ -132,6 +132,41 @@ def test_config_errors_are_keyed_by_field_and_the_defaults_round_trip_through_to
     assert config["data"]["source"]["path"] == "/data/x.jsonl" and config["model"]["source"] == "org/model"
     _, errs = TC.loads_toml(text, {"QLW_LORA__RANK": "8", "QLW_TRAINNG__SEED": "1"})
     assert "QLW_LORA__RANK" in errs["lora.rank"] and "no section 'trainng'" in errs["QLW_TRAINNG__SEED"]
+
+
+def test_logging_eval_and_save_steps_take_a_fraction_of_the_run(home):
+    """logging/eval/save steps: whole steps, or below 1 a fraction of the run (transformers'
+    reading), so that the defaults follow the run's length; a whole number that leaves the
+    loss table one row is a warning at logging_steps (issue 15: 2 steps with logging_steps 10
+    gave one row and a one-dot curve)."""
+    config, errors = TC.normalise({"training": {"logging_steps": 0.05, "eval_steps": 0, "save_steps": 10.0}})
+    assert errors == {}
+    assert (config["training"]["logging_steps"], config["training"]["eval_steps"],
+            config["training"]["save_steps"]) == (0.05, 0, 10)
+    _, errors = TC.normalise({"training": {"logging_steps": 0, "eval_steps": 1.5, "save_steps": -1}})
+    assert set(errors) == {"training.logging_steps", "training.eval_steps", "training.save_steps"}
+    assert "fraction of the run below 1" in errors["training.logging_steps"]
+    assert errors["training.eval_steps"].startswith("must be 0 (only at the end), a whole number of steps")
+    # The defaults follow the run: fractions, not fixed step counts.
+    t = TC.defaults()["training"]
+    assert all(0 < t[k] < 1 for k in ("logging_steps", "eval_steps", "save_steps"))
+    assert t["gradient_accumulation_steps"] == 1 and t["num_train_epochs"] == 3
+
+    too_sparse = small_config(max_steps=6, logging_steps=50)
+    result = train.validate_run(too_sparse, home)
+    assert result["total_steps"] == 6
+    assert result["warnings"]["training.logging_steps"].startswith(
+        "logging_steps 50 with 6 step(s): the loss table gets only the last step and no curve")
+    assert "training.logging_steps" not in train.validate_run(small_config(max_steps=6), home)["warnings"]
+
+    # A real run: fractions become steps; the last step always has its row, evaluation and checkpoint.
+    run, result = train_here(home, small_config(max_steps=6, logging_steps=0.5, eval_steps=0.5, save_steps=0.5))
+    assert isinstance(result, dict) and result["status"] == "done", result
+    assert sorted(run.losses()) == [3, 6]
+    assert [r["step"] for r in run.of("train.log") if r["eval_loss"] is not None] == [3, 6]
+    assert [c["step"] for c in run.of("train.checkpoint")] == [3, 6]
+    run, result = train_here(home, small_config(max_steps=6, logging_steps=4))
+    assert sorted(run.losses()) == [4, 6]
 
 
 def test_presets_and_what_a_cpu_run_changes():

@@ -77,7 +77,8 @@ def tiny_run_config(steps: int = 3) -> dict[str, Any]:
     cfg["data"]["max_length"] = 128
     cfg["lora"].update(r=8, lora_alpha=16)
     cfg["training"].update(max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                           learning_rate=2e-3, logging_steps=1, gradient_checkpointing=False, optim="adamw_torch")
+                           learning_rate=2e-3, logging_steps=1, eval_steps=0, save_steps=0,
+                           gradient_checkpointing=False, optim="adamw_torch")
     return cfg
 
 

@@ -417,7 +417,43 @@ def test_export_asks_before_overwriting_and_import_fills_the_form(qlw_home, tmp_
     asyncio.run(body())
 
 
+def test_a_setting_that_would_hide_the_loss_table_is_said_at_its_field(qlw_home):
+    """The backend's warning for logging_steps (issue 15: 2 steps with logging_steps 10 gave
+    a one-row table) shows at the field, beside an enabled Start, and goes with the change."""
+
+    def validate(params: P.ValidateRun) -> dict:
+        if params.config["training"]["logging_steps"] == 50:
+            return {**VALID, "warnings": {"training.logging_steps": "logging_steps 50 with 37 step(s): the loss "
+                                                                    "table gets only the last step and no curve"}}
+        return VALID
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=SIZE) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, FakeBackend(train_validate=validate))
+            await until(pilot, lambda: start_enabled(pane), "Start enabled by a clean check")
+            row = pane.form.row("training.logging_steps")
+            assert row.raw == "0.01" and not row.query_one(".setting-error").display
+            set_field(pane, "training.logging_steps", "50")
+            await until(pilot, lambda: row.warning, "the warning at logging_steps")
+            await pilot.pause()
+            assert "⚠ logging_steps 50 with 37 step(s)" in str(row.query_one(".setting-error").render())
+            assert row.query_one(".setting-error").display and row.has_class("-warning")
+            assert start_enabled(pane)  # a warning, not an error
+            set_field(pane, "training.logging_steps", "0.05")
+            await until(pilot, lambda: not row.warning and start_enabled(pane), "the warning gone")
+            assert pane.config()["training"]["logging_steps"] == 0.05
+
+    asyncio.run(body())
+
+
 def test_field_checks():
+    every = FIELD_BY_PATH["training.logging_steps"]
+    assert parse(every, "0.05") == (0.05, "") and parse(every, "10") == (10, "") and parse(every, "10.0") == (10, "")
+    assert parse(every, "0")[1] == ("out of range: a whole number of steps of at least 1, or a fraction of the "
+                                    "run below 1")
+    assert parse(FIELD_BY_PATH["training.eval_steps"], "0") == (0, "")
     r, lr, steps = FIELD_BY_PATH["lora.r"], FIELD_BY_PATH["training.learning_rate"], FIELD_BY_PATH["training.max_steps"]
     assert parse(r, "16") == (16, "") and parse(r, "1_024") == (1024, "")
     assert parse(r, "1.5")[1] == "not a whole number: '1.5'; a whole number of at least 1"

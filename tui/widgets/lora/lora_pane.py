@@ -343,6 +343,7 @@ class LoraPane(BackendRequests, Vertical):
         local = self.local_errors(config)
         server = self.server_errors if self._server_errors_for == config else {}
         self.form.show_errors({**self._file_errors(config), **server, **local})
+        self.form.show_warnings(dict(self.validated_result.get("warnings") or {}) if self.validated == config else {})
         if self._validate_timer is not None:
             self._validate_timer.stop()
             self._validate_timer = None
@@ -398,6 +399,7 @@ class LoraPane(BackendRequests, Vertical):
         self.form.show_errors({**self._file_errors(config), **errors})
         if result.get("ok") and not errors:
             self.validated, self.validated_result = config, dict(result)
+            self.form.show_warnings(dict(result.get("warnings") or {}))
             self.line.show_result(result)
         else:
             self.validated = None

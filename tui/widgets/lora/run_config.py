@@ -22,6 +22,8 @@ TRAINING_DEFAULTS = P.to_dict(P.TrainingSettings())
 DATA_DEFAULTS = P.to_dict(P.PreparedData(source={"path": "", "config": "", "split": ""}))
 MODEL_DEFAULTS = P.to_dict(P.ModelSettings(source=""))
 
+#: The kinds typed as numbers.
+NUMBER_KINDS = ("int", "float", "steps")
 #: The two ``bool | None`` settings (``bf16``, ``fp16``) as a three-way choice.
 TRISTATE = {"auto": None, "true": True, "false": False}
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -29,8 +31,9 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 @dataclass(frozen=True)
 class Field:
-    """One setting of the form. ``kind``: int, float, bool, choice, tristate, names (a list of
-    module names) or text. ``minimum``/``maximum`` bound numbers (``open_max``: the maximum
+    """One setting of the form. ``kind``: int, float, steps (a whole number of steps, or a
+    fraction of the run below 1), bool, choice, tristate, names (a list of module names) or
+    text. ``minimum``/``maximum`` bound numbers (``open_max``: the maximum
     itself is out); ``also`` is one more allowed value outside the range (max_steps' -1)."""
 
     path: str
@@ -97,9 +100,12 @@ FIELDS: tuple[Field, ...] = (
     _f("training.weight_decay", "float", "Decoupled weight decay (0 in QLoRA).", minimum=0),
     _f("training.max_grad_norm", "float", "Gradient clipping norm (0.3 in QLoRA); 0: no clipping.", minimum=0),
     # logging, evaluation, saving, precision
-    _f("training.logging_steps", "int", "A row of the loss table every this many steps.", minimum=1),
-    _f("training.eval_steps", "int", "Validation loss every this many steps; 0: only at the end.", minimum=0),
-    _f("training.save_steps", "int", "A checkpoint every this many steps; 0: only at the end.", minimum=0),
+    _f("training.logging_steps", "steps", "A row of the loss table every this many steps; below 1: a "
+       "fraction of the run (0.01: every 1% of the steps, every step on a short run).", minimum=1),
+    _f("training.eval_steps", "steps", "Validation loss every this many steps; below 1: a fraction of "
+       "the run (0.2: five times); 0: only at the end.", minimum=0),
+    _f("training.save_steps", "steps", "A checkpoint every this many steps; below 1: a fraction of the "
+       "run (0.25: four times); 0: only at the end.", minimum=0),
     _f("training.save_total_limit", "int", "Checkpoints kept (older ones are deleted).", minimum=1),
     _f("training.seed", "int", "Seed of the run (shuffling, dropout, LoRA init).", minimum=0),
     _f("training.bf16", "tristate", "bf16 mixed precision; auto: from the model's compute dtype "
@@ -132,7 +138,7 @@ def default_text(path: str) -> Any:
 
 def to_control(field: Field, value: Any) -> Any:
     """A config value as the field's control holds it."""
-    if field.kind in ("int", "float"):
+    if field.kind in NUMBER_KINDS:
         return format_number(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
     if field.kind == "names":
         return ", ".join(value) if isinstance(value, list) else str(value or "")
@@ -175,6 +181,8 @@ def parse(field: Field, raw: Any) -> tuple[Any, str]:
     text = str(raw or "").strip().replace("_", "")
     if not text:
         return None, "required: " + _range_text(field)
+    if kind == "steps":
+        return _parse_steps(field, text, raw)
     try:
         value: Any = int(text) if kind == "int" else float(text)
     except ValueError:
@@ -193,7 +201,23 @@ def parse(field: Field, raw: Any) -> tuple[Any, str]:
     return value, ""
 
 
+def _parse_steps(field: Field, text: str, raw: Any) -> tuple[Any, str]:
+    """A whole number of steps (at least the field's minimum) or a fraction of the run in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None, f"not a number: {raw!r}; " + _range_text(field)
+    if math.isfinite(value) and 0 < value < 1:
+        return value, ""
+    if math.isfinite(value) and value == int(value) and value >= (field.minimum or 0):
+        return int(value), ""
+    return value, "out of range: " + _range_text(field)
+
+
 def _range_text(field: Field) -> str:
+    if field.kind == "steps":
+        zero = "0 (only at the end), " if field.minimum == 0 else ""
+        return f"{zero}a whole number of steps of at least 1, or a fraction of the run below 1"
     low, high = field.minimum, field.maximum
     strict_low = field.kind == "float" and low == 0 and field.name in ("num_train_epochs", "learning_rate")
     what = "a whole number" if field.kind == "int" else "a number"
@@ -234,7 +258,7 @@ def build_config(values: dict[str, Any], model: dict[str, Any] | None, data: dic
     }
     for path, value in values.items():
         section, key = path.split(".", 1)
-        if value is None and FIELD_BY_PATH.get(path, Field(path, "", "")).kind in ("int", "float"):
+        if value is None and FIELD_BY_PATH.get(path, Field(path, "", "")).kind in NUMBER_KINDS:
             continue  # unparseable: the default stands in; the field shows its error
         sections[section][key] = value
     return {"version": P.RUN_CONFIG_VERSION, "name": name, **sections}

@@ -175,6 +175,11 @@ class RunForm(VerticalScroll):
             line.display = bool(placed[where])
         self._show_lines()
 
+    def show_warnings(self, warnings: dict[str, str]) -> None:
+        """Show the backend's warnings at their fields (under any error they yield to)."""
+        for f in FIELDS:
+            self.row(f.path).show_warning(warnings.get(f.path, ""))
+
     def focus_error(self) -> bool:
         """Focus the first field with an error (False when none has one)."""
         for f in FIELDS:
