@@ -96,6 +96,8 @@ class DataPane(BackendRequests, Vertical):
         self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._open_job = ""
         self._stats_job = ""
+        #: The settings the token statistics shown were counted for.
+        self._stats_for: dict[str, Any] | None = None
         self._row_timer = None
         self._filter_timer = None
         self._settings_timer = None
@@ -125,6 +127,8 @@ class DataPane(BackendRequests, Vertical):
                 yield ColumnsTable(id="data-columns")
             with TabPane("Format", id="data-format-tab"):
                 with VerticalScroll(id="data-format"):
+                    yield Static("No dataset open: the Format tab maps the columns of the open one.",
+                                 id="data-format-caption", markup=False)
                     yield MappingForm(id="data-mapping")
                     yield SplitForm(id="data-split-form")
             with TabPane("Preview", id="data-preview-tab"):
@@ -248,9 +252,33 @@ class DataPane(BackendRequests, Vertical):
         if not source["path"]:
             self._status("Type a data file, a folder or a Hub id first.", "error")
             return
-        summary = await self._open(source, reload)
+        try:
+            summary = await self._open(source, reload)
+        except RequestFailed as exc:  # refused at once (a bad source): said like a failed job
+            error = (exc.reply.result or {}).get("error") or {"message": exc.reply.reason or exc.reply.code}
+            self._show_error(error, "could not open the dataset: ")
+            summary = None
         if summary is not None:
             self.show_summary(summary)
+        elif self.summary is not None:
+            self._still_open(source)
+
+    def _still_open(self, failed: dict[str, Any]) -> None:
+        """A failed open leaves the previous dataset open: say which, here and in a notice, so
+        that nobody trains it believing the new one is in use."""
+        name = self.dataset_name
+        status = self.query_one("#data-status", Static)
+        status.update(f"{status.content}\n{name} stays open: Rows, Format, Stats and the LoRA tab still use it")
+        self.notify(f"{failed.get('path')} could not be opened; {name} stays open and the LoRA tab still uses it.",
+                    severity="warning", timeout=8, markup=False)
+
+    @property
+    def dataset_name(self) -> str:
+        """The open dataset's file name (or Hub id), "" when none is open."""
+        if self.summary is None:
+            return ""
+        path = self.summary["source"]["path"]
+        return Path(path).name or path
 
     def show_summary(self, summary: dict[str, Any]) -> None:
         """A dataset is open: fill the columns, the forms, the status; ask for the first page."""
@@ -264,7 +292,13 @@ class DataPane(BackendRequests, Vertical):
         self.query_one(RowsTable).clear_rows()
         self.query_one(RowDetail).show_message("Highlight a row in the Rows tab to see it here in full.")
         self.query_one(PreviewView).show_message("Highlight a row: its training text appears here.")
-        name = Path(summary["source"]["path"]).name or summary["source"]["path"]
+        name = self.dataset_name
+        # Every view names the dataset it describes; figures of the last one go.
+        self.query_one(SplitForm).show_counts(None)
+        self.query_one(TokenStatsView).reset(name)
+        self._stats_for = None
+        self.query_one("#data-format-caption", Static).update(
+            f"Format of {name} · {summary['num_rows']:,} rows ({summary['split']}) · what training will use")
         notes = f" · {summary['notes'][0]}" if summary.get("notes") else ""
         self._status(f"{name} · {summary['num_rows']:,} rows ({summary['split']}) · "
                      f"{summary['shape']}: {summary['shape_label']}{notes}",
@@ -384,6 +418,8 @@ class DataPane(BackendRequests, Vertical):
         if settings is None:
             return
         self.query_one(ColumnsTable).show_columns(self.summary["columns"], settings["mapping"])
+        if self._stats_for is not None and self._stats_for != settings:
+            self.query_one(TokenStatsView).mark_stale()
         self.post_message(self.SettingsChanged(settings))
         index = self.query_one(RowsTable).highlighted_index
         self.load_preview(index if index is not None else 0)
@@ -402,7 +438,10 @@ class DataPane(BackendRequests, Vertical):
         self._stats_job = started["job_id"]
         done = await self._wait_job(self._stats_job)
         if done.get("status") == "done":
+            self._stats_for = settings
             view.show_stats(done["result"]["stats"])
+            if settings != self.settings:
+                view.mark_stale()  # changed while counting
         elif done.get("status") == "cancelled":
             view.show_status("■ counting was cancelled")
         else:
