@@ -259,11 +259,9 @@ def test_bad_files_say_what_and_where(home, tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error(home):
-    started = time.monotonic()
     with pytest.raises(D.DataError, match="could not load nobody/no-such-dataset") as err:
         D.open_source({"path": "nobody/no-such-dataset", "config": "x", "split": "train"}, home)
     assert "HF_HUB_OFFLINE" in err.value.hint
-    assert time.monotonic() - started < 20
 
 
 def test_a_bom_is_not_data(home, tmp_path):

@@ -77,19 +77,18 @@ class Other:
 
 
 def test_import_is_light():
-    """``import tui.app`` loads no ML library and stays well under a second."""
+    """``import tui.app`` loads no ML library (nor numpy, nor the store). How long it takes is a
+    benchmark's to say (bench/README.md), not a test's: a loaded machine would fail it."""
     code = (
-        "import sys, time; t = time.perf_counter(); import tui.app; t = time.perf_counter() - t\n"
+        "import sys; import tui.app\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', "
         "'trl', 'bitsandbytes', 'accelerate', 'datasets', 'numpy', 'safetensors', 'huggingface_hub', "
         "'tokenizers', 'sessions'})\n"
-        "print(repr((t, heavy)))"
+        "print(repr(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
-    elapsed, heavy = eval(out.stdout.strip().splitlines()[-1])
-    assert heavy == []
-    assert elapsed < 1.0, f"import tui.app took {elapsed:.2f} s"
+    assert eval(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_every_binding_has_id_and_tooltip_and_a_palette_command(qlw_home):
