@@ -21,7 +21,7 @@ from textual.signal import Signal
 from textual.worker import Worker
 
 from backend import protocol as P
-from tui.client import CONNECTING, GONE, BackendClient
+from tui.client import CONNECTED, CONNECTING, GONE, BackendClient
 from tui.messages import BackendEvent, ConnectionChanged
 from tui.screens.main_screen import MainScreen
 from tui.widgets.backend_requests import BackendRequests
@@ -54,6 +54,8 @@ class QlwApp(BackendRequests, App[None]):
         self.connection_changed: Signal[ConnectionChanged] = Signal(self, "connection-changed")
         #: The latest connection state, for widgets mounted after it changed.
         self.connection = ConnectionChanged(CONNECTING)
+        #: Printed to the shell after the app exits (``q``): what keeps running, how to come back.
+        self.farewell = ""
         self._client_worker: Worker | None = None
 
     def get_default_screen(self) -> Screen:
@@ -116,8 +118,27 @@ class QlwApp(BackendRequests, App[None]):
 
     async def action_quit(self) -> None:
         # Close our connection only: the backend (and its job) outlives the front end.
+        self.farewell = await self._farewell()
         await self.backend.stop()
         self.exit()
+
+    async def _farewell(self) -> str:
+        """What the shell is told after the app has gone: what keeps running, how to come back."""
+        if self.connection.state != CONNECTED:
+            return ("qlw: no backend was attached; `qlw` starts one (and attaches), `qlw status` "
+                    "says whether one runs.")
+        try:
+            status = (await self.backend.request(P.Status(), timeout=3)).result or {}
+        except Exception:  # noqa: BLE001 - gone meanwhile: say what is known
+            status = {}
+        job = status.get("job") or {}
+        pid = f" (pid {status['pid']})" if status.get("pid") else ""
+        doing = ""
+        if job:
+            progress = f", {job.get('stage') or ''} {job['done']:g}/{job['total']:g}" if job.get("total") else ""
+            doing = f" with its {job.get('kind') or 'job'} job{progress}"
+        return (f"qlw: the backend{pid} keeps running{doing}. `qlw` attaches again and shows what "
+                "happened meanwhile; `qlw status` shows it, `qlw stop` ends it.")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The built-in commands plus every enabled binding with an id (tabs, jobs, backend),

@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd is None:
         from tui.app import QlwApp
 
-        QlwApp(home=home).run()
+        app = QlwApp(home=home)
+        app.run()
+        if app.farewell:
+            print(app.farewell)
         return 0
     if args.cmd == "serve":
         return _serve(home, args.foreground)

@@ -175,10 +175,15 @@ def test_sessions_tab_and_job_line_follow_the_backend(backend):
             assert any("Asked the diag.ticker job to stop" in n for n in notes)
             await until(pilot, lambda: table_rows(app)[0][2] == "cancelled", "delta cancelled")
 
-            # Refresh by key; then quit: the backend keeps running.
+            # Refresh by key; then quit while a job runs: the backend keeps running, and the shell
+            # is told so, with how to come back (issue 15).
             await pilot.press("r")
+            await other.conn.call(P.DiagTicker(count=10_000, rate=20))
+            await until(pilot, lambda: job_line(app).startswith("▶ diag.ticker"), "a job running")
             await pilot.press("q")
             await until(pilot, lambda: not app.is_running, "the app to exit")
+        assert app.farewell.startswith(f"qlw: the backend (pid {pid}) keeps running with its diag.ticker job")
+        assert "`qlw` attaches again" in app.farewell and "`qlw stop` ends it" in app.farewell
         assert (await other.conn.call(P.Ping(payload="still here")))["payload"] == "still here"
         await other.conn.close()
 
