@@ -94,6 +94,7 @@ def _exec_backend(argv: list[str], home: Path) -> None:
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     os.environ["QLW_HOME"] = str(home)
+    os.environ["QLW_PROG"] = "qlw"
     os.execv(sys.executable, [sys.executable, "-m", "backend", *argv])
 
 
