@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -169,6 +170,22 @@ def replace_refusal(out: Path) -> str | None:
     more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
     return (f"{out} is not a model folder (no config.json with weights, no qlw model card): it holds "
             f"{', '.join(shown)}{more}, which replacing it would delete")
+
+
+def write_refusal(out: Path) -> str | None:
+    """Why the merged model could not be written at ``out`` (None: it can): the nearest existing
+    folder on its way is probed by creating (and removing) a folder there, as the merge's
+    temporary folder will be, so a read-only file system or a folder without permission is
+    found before any model is loaded (a check of the mode bits would miss both as root)."""
+    folder = Path(out).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        probe = tempfile.mkdtemp(prefix=".qlw-write-check-", dir=folder)
+        os.rmdir(probe)
+    except OSError as exc:
+        return f"{folder} is not writable ({exc.strerror or exc})"
+    return None
 
 
 def check_replaceable(out: Path, text: str | None = None) -> None:
@@ -310,6 +327,9 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
         warnings.append(f"not enough disk space at {target.parent}: about {disk_need / GIB:.1f} GiB needed, "
                         f"{disk_free / GIB:.1f} GiB free")
     out_exists = target.exists()
+    out_unwritable = write_refusal(target)
+    if out_unwritable:
+        warnings.append(f"the merged model cannot be written to {target}: {out_unwritable}; pick another output folder")
     out_blocked = replace_refusal(target) if out_exists else None
     if out_blocked:
         warnings.append(f"{target} exists and cannot be replaced: {out_blocked}; pick another output folder")
@@ -329,6 +349,7 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
         "out": str(target),
         "out_exists": out_exists,
         "out_blocked": out_blocked,
+        "out_unwritable": out_unwritable,
         "warnings": warnings,
     }
 
@@ -681,6 +702,9 @@ def _run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] |
     p = plan(adapter, params["out"], home, dtype, into, max_shard, device=params.get("device") or "auto")
     out = Path(p["out"])
     check_replaceable(out, params["out"])
+    if p["out_unwritable"]:
+        raise JobError(f"the merged model cannot be written to {out}: {p['out_unwritable']}", where=f"out = {out}",
+                       hint="choose a folder you can write to (the default is the data home's merged/)")
     if p["out_exists"] and not overwrite:
         raise JobError(f"{out} exists", where=f"out = {out}", hint="confirm to overwrite it, or choose another folder")
     if p["disk"]["need_bytes"] > p["disk"]["free_bytes"]:
@@ -754,6 +778,10 @@ def _run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] |
         save_s = time.perf_counter() - t_save
         ctx.check_cancelled()
         _swap_into_place(tmp, out, overwrite)
+    except OSError as exc:  # the disk filled, the folder went read-only: said for people
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise JobError(f"could not write the merged model to {out.parent}: {exc.strerror or exc}",
+                       where=str(exc.filename or out), hint="free disk space, or choose a folder you can write to") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1171,6 +1199,10 @@ def cli(args) -> int:
         _print_plan(p)
         if p.get("out_blocked"):
             print(f"qlw merge: not replacing {p['out']}: {p['out_blocked']}; pick another output folder",
+                  file=sys.stderr)
+            return 2
+        if p.get("out_unwritable"):
+            print(f"qlw merge: cannot write {p['out']}: {p['out_unwritable']}; pick a folder you can write to",
                   file=sys.stderr)
             return 2
         if p["out_exists"] and not args.yes:
