@@ -448,6 +448,26 @@ def test_a_setting_that_would_hide_the_loss_table_is_said_at_its_field(qlw_home)
     asyncio.run(body())
 
 
+def test_f5_in_the_train_tab_starts_the_run_set_up_in_the_lora_tab(qlw_home):
+    """Issue 15: the Train tab says "press Start (f5)", and f5 there did nothing."""
+    fake = FakeBackend(train_start={"job_id": "job-1"})
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=SIZE) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, fake)
+            await until(pilot, lambda: start_enabled(pane), "Start enabled by a clean check")
+            await pilot.press("escape", "5")
+            await until(pilot, lambda: app.screen.query_one(TabbedContent).active == "train", "the Train tab")
+            assert "press Start (f5)" in str(app.screen.query_one("#train-live").render())
+            await pilot.press("f5")
+            await until(pilot, lambda: fake.of("train.start"), "train.start from the Train tab")
+            assert fake.of("train.start")[0].config == pane.config()
+
+    asyncio.run(body())
+
+
 def test_field_checks():
     every = FIELD_BY_PATH["training.logging_steps"]
     assert parse(every, "0.05") == (0.05, "") and parse(every, "10") == (10, "") and parse(every, "10.0") == (10, "")

@@ -47,6 +47,8 @@ class TrainPane(BackendRequests, Vertical):
                 tooltip="Jump to the newest row of the loss table and follow new rows again."),
         Binding("c", "toggle_curve", "Curve", id="train.toggle-curve",
                 tooltip="Show or hide the loss curve (hidden, the table gets its rows)."),
+        Binding("f5", "start", "Start", id="train.start",
+                tooltip="Start a run with the LoRA tab's settings (as f5 there does; it says why not if it cannot)."),
     ]
 
     IDLE = "No run yet: set one up in the LoRA tab and press Start (f5)."
@@ -337,6 +339,16 @@ class TrainPane(BackendRequests, Vertical):
             self.state = "stopping"
             self._show_line()
             self._update_stop()
+
+    def action_start(self) -> None:
+        """f5 here is the LoRA tab's Start: the run set up there starts (or it says why not)."""
+        from tui.widgets.lora.lora_pane import LoraPane
+
+        for pane in self.screen.query(LoraPane):
+            pane.sync_sections()
+            pane.action_start()
+            return
+        self.notify("No LoRA tab to start a run from.", severity="warning", timeout=4)
 
     def action_follow(self) -> None:
         self.table.follow()
