@@ -241,3 +241,66 @@ def test_shell_snapshot(snap_compare, qlw_home):
 
     assert snap_compare(QlwApp(home=qlw_home, start_backend=False), terminal_size=SIZE,
                         run_before=settle)
+
+
+def test_keys_after_esc_and_dialogs_and_the_keys_of_a_pane(qlw_home):
+    """Issue 15: after esc the pane's keys stopped working; a closed dialog left the focus in a
+    text field (a tab's number became text); ctrl+o in Data only focused the path; the Data
+    sub-tab keys were not in the footer; `?` shows every key of the tab shown."""
+    from textual.widgets import Input
+
+    from tui.modals.confirm_screen import ConfirmScreen
+    from tui.modals.keys_screen import KeysScreen
+    from tui.widgets.data.data_pane import DataPane
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(160, 40)) as pilot:
+            await without_backend(pilot)
+            await pilot.press("3")
+            pane = app.screen.query_one(DataPane)
+            tabs = pane.query_one("#data-tabs", TabbedContent)
+            await pilot.pause()
+            assert pane in app.focused.ancestors
+            footer = {str(k.description) for k in app.screen.query("FooterKey")}
+            assert {"Rows", "Row", "Columns", "Format", "Preview", "Stats"} <= footer, footer
+
+            # esc leaves the path field for the pane's controls: its keys work at once.
+            pane.query_one("#data-path", Input).focus()
+            await pilot.press("escape")
+            assert app.focused is not None and not isinstance(app.focused, Input)
+            assert pane in app.focused.ancestors
+            await pilot.press("s")
+            assert tabs.active == "data-stats-tab"
+
+            # A dialog opened from a text field gives the focus back to the pane, not the field.
+            pane.query_one("#data-path", Input).focus()
+            await pilot.pause()
+            app.push_screen(ConfirmScreen("Really?"))
+            await pilot.pause()
+            await pilot.press("n")
+            await until(pilot, lambda: app.screen is not None and not isinstance(app.screen, ConfirmScreen), "closed")
+            await pilot.pause()
+            assert not isinstance(app.focused, Input)
+            path_before = pane.query_one("#data-path", Input).value
+            await pilot.press("v")
+            assert pane.query_one("#data-path", Input).value == path_before and tabs.active == "data-preview-tab"
+
+            # ctrl+o opens what the path box names (no backend: the attempt, not only a focus).
+            opened = []
+            pane.open_dataset = lambda reload=False: opened.append(pane._requested_source()["path"])  # type: ignore
+            await pilot.press("ctrl+o")
+            assert opened == [path_before]
+
+            # ? lists the tab's keys, then the global ones; esc closes.
+            await pilot.press("question_mark")
+            await until(pilot, lambda: isinstance(app.screen, KeysScreen), "the keys")
+            keys = {app.get_key_display(b): b.description for b in app.screen.pane}
+            assert keys["^o"] == "Open" and keys["t"] == "Count tokens" and keys["s"] == "Stats", keys
+            assert "Tiny model" in {b.description for b in app.screen.everywhere}
+            shot = app.export_screenshot().replace("&#160;", " ")
+            assert "Keys: the Data tab" in shot and "Count tokens" in shot
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, KeysScreen), "closed keys")
+
+    asyncio.run(body())

@@ -46,6 +46,8 @@ class MainScreen(Screen):
         ),
         Binding("escape", "leave_field", "Leave field", id="focus.leave-field", show=False,
                 tooltip="Leave the text field being typed in, so that the number keys switch tabs again."),
+        Binding("question_mark", "show_keys", "Keys", id="help.keys",
+                tooltip="Show every key of this tab, and the keys that work everywhere."),
         Binding("ctrl+t", "prepare_tiny", "Tiny model", id="job.prepare-tiny",
                 tooltip="Build the embedded tiny model in the data home (a backend job), "
                         "to try every step in seconds."),
@@ -81,9 +83,16 @@ class MainScreen(Screen):
         return super().check_action(action, parameters)
 
     def action_leave_field(self) -> None:
-        """From a text field to the tab bar (a pane's own esc, e.g. stopping an answer, comes first)."""
+        """From a text field to the pane's first other control, so that both the number keys and
+        the pane's own keys work (a pane's own esc, e.g. stopping an answer, comes first)."""
         if isinstance(self.focused, (Input, TextArea)):
-            self.query_one(TabbedContent).query_one(Tabs).focus()
+            self._focus_in_pane()
+
+    def on_screen_resume(self) -> None:
+        # A closed dialog gives the focus back to where it was; a text field there would take the
+        # next key as text (a tab's number became a chat message): the pane's controls get it.
+        if isinstance(self.focused, (Input, TextArea)):
+            self._focus_in_pane()
 
     def action_show_tab(self, tab: str) -> None:
         """Show ``tab`` and put the focus in it (or on the tab bar if nothing there takes it).
@@ -91,12 +100,29 @@ class MainScreen(Screen):
         Text fields are skipped: they would swallow the number keys that switch tabs."""
         tabs = self.query_one(TabbedContent)
         tabs.active = tab
-        pane = tabs.get_pane(tab)
+        self._focus_in_pane()
+
+    def _focus_in_pane(self) -> None:
+        """Focus the shown pane's first control that is not a text field (else the tab bar)."""
+        tabs = self.query_one(TabbedContent)
+        pane = tabs.get_pane(tabs.active)
         for widget in pane.query("*"):
             if widget.focusable and not isinstance(widget, (Input, TextArea)):
                 widget.focus()
                 return
         tabs.query_one(Tabs).focus()
+
+    def action_show_keys(self) -> None:
+        from tui.modals.keys_screen import KeysScreen, pane_keys
+
+        tabs = self.query_one(TabbedContent)
+        pane = tabs.get_pane(tabs.active)
+        title = next((t for tab, t, _, _ in TABS if tab == tabs.active), tabs.active)
+        everywhere = [b for b in (*self.app.BINDINGS, *self.BINDINGS)
+                      if isinstance(b, Binding) and b.id and not b.id.startswith("tab.")]
+        tab_keys = Binding("1,2,3,4,5,6,7,8", "show_tab", "Tabs", id="tab.any",
+                           tooltip=", ".join(f"{n} {t}" for n, (_, t, _, _) in enumerate(TABS, 1)))
+        self.app.push_screen(KeysScreen(f"the {title} tab", pane_keys(pane), [tab_keys, *everywhere]))
 
     def action_prepare_tiny(self) -> None:
         self.query_one(JobIndicator).prepare_tiny()

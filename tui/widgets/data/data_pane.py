@@ -61,23 +61,24 @@ class DataPane(BackendRequests, Vertical):
     """The Data tab."""
 
     BINDINGS = [
-        Binding("ctrl+o", "focus_path", "Open", id="data.open",
-                tooltip="Type a data file, a folder or a Hub id (owner/name) to open, then press enter."),
+        Binding("ctrl+o", "open", "Open", id="data.open",
+                tooltip="Open the data file, folder or Hub id (owner/name) named in the path box "
+                        "(with an empty box: go there to type one)."),
         Binding("slash", "focus_filter", "Filter", id="data.filter",
                 tooltip="Filter the rows: text anywhere (any case), or column:text for one column."),
         Binding("t", "count_tokens", "Count tokens", id="data.count-tokens",
                 tooltip="Token lengths of every row as training will tokenize them (a backend job)."),
-        Binding("r", "show_tab('data-rows-tab')", "Rows", id="data.tab.rows", show=False,
+        Binding("r", "show_tab('data-rows-tab')", "Rows", id="data.tab.rows",
                 tooltip="Show the rows of the open dataset, a page at a time."),
-        Binding("d", "show_tab('data-row-tab')", "Row detail", id="data.tab.row", show=False,
+        Binding("d", "show_tab('data-row-tab')", "Row", id="data.tab.row",
                 tooltip="Show the highlighted row in full."),
-        Binding("c", "show_tab('data-columns-tab')", "Columns", id="data.tab.columns", show=False,
+        Binding("c", "show_tab('data-columns-tab')", "Columns", id="data.tab.columns",
                 tooltip="Show the columns: types, null counts, examples."),
-        Binding("m", "show_tab('data-format-tab')", "Mapping", id="data.tab.format", show=False,
+        Binding("m", "show_tab('data-format-tab')", "Format", id="data.tab.format",
                 tooltip="Correct the role -> column mapping; choose the template, the loss and the split."),
-        Binding("v", "show_tab('data-preview-tab')", "Preview", id="data.tab.preview", show=False,
+        Binding("v", "show_tab('data-preview-tab')", "Preview", id="data.tab.preview",
                 tooltip="Show the exact training text of the highlighted row, loss tokens highlighted."),
-        Binding("s", "show_tab('data-stats-tab')", "Stats", id="data.tab.stats", show=False,
+        Binding("s", "show_tab('data-stats-tab')", "Stats", id="data.tab.stats",
                 tooltip="Show the token-length statistics."),
     ]
 
@@ -466,6 +467,14 @@ class DataPane(BackendRequests, Vertical):
 
     def action_focus_path(self) -> None:
         self.query_one("#data-path", Input).focus()
+
+    def action_open(self) -> None:
+        """ctrl+o: open what the path box names (the same as Open); an empty box gets the focus."""
+        if self._requested_source()["path"]:
+            self.open_dataset()
+        else:
+            self.action_focus_path()
+            self._status("Type a data file, a folder or a Hub id, then press enter.")
 
     def action_focus_filter(self) -> None:
         self.action_show_tab("data-rows-tab")

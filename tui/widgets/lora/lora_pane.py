@@ -41,6 +41,20 @@ PRECISION_FIELDS = ("precision", "quant_type", "double_quant", "compute_dtype")
 FRESH_START = "fresh"
 
 
+def checkpoint_label(c: dict[str, Any]) -> str:
+    """A checkpoint as the resume list offers it: the run's name (its session's short id when it
+    has none), when it was saved, the step and the loss: ``resume dolly-r16 · 12-07 14:02 · step
+    40 · loss 1.2345``."""
+    import time
+
+    from tui.widgets.chat.chat_format import short_session
+
+    run = str(c.get("name") or "") or short_session(str(c.get("session") or "?"))
+    when = time.strftime("%m-%d %H:%M", time.localtime(c["created"])) if isinstance(c.get("created"), (int, float)) else ""
+    loss = f" · loss {c['loss']:.4f}" if isinstance(c.get("loss"), (int, float)) else ""
+    return f"resume {run}{f' · {when}' if when else ''} · step {c.get('step', '?')}{loss}"
+
+
 def expand_path(text: str, cwd: str | None = None) -> str:
     """A file path as the backend should see it: ``~`` expanded, relative paths made absolute
     against this terminal's folder (the backend runs in its own)."""
@@ -240,8 +254,7 @@ class LoraPane(BackendRequests, Vertical):
         keep = select.value
         options: list[tuple[str, str]] = [("fresh start (no checkpoint)", FRESH_START)]
         for c in checkpoints:
-            loss = f" · loss {c['loss']:.4f}" if isinstance(c.get("loss"), (int, float)) else ""
-            options.append((f"resume {str(c.get('session', ''))[:8]} step {c.get('step', '?')}{loss}", c["path"]))
+            options.append((checkpoint_label(c), c["path"]))
         with self.prevent(Select.Changed):
             select.set_options(options)
             select.value = keep if keep in {v for _, v in options} else FRESH_START

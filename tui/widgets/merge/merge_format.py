@@ -18,9 +18,10 @@ def _num(x: Any) -> float | None:
 
 
 def adapter_name(a: dict[str, Any]) -> str:
-    """``ab12cd34 adapter`` or ``ab12cd34 checkpoint-4``."""
-    session = short_session(str(a.get("session") or "?"))
-    return f"{session} {a.get('kind') == 'checkpoint' and Path(str(a.get('path', ''))).name or 'adapter'}"
+    """``dolly-r16 adapter`` or ``dolly-r16 checkpoint-4`` (the run's name; its session's short id,
+    ``ab12cd34 adapter``, when the run has none)."""
+    run = str(a.get("name") or "") or short_session(str(a.get("session") or "?"))
+    return f"{run} {a.get('kind') == 'checkpoint' and Path(str(a.get('path', ''))).name or 'adapter'}"
 
 
 def adapter_cells(a: dict[str, Any]) -> tuple[str, ...]:
