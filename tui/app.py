@@ -35,8 +35,6 @@ class QlwApp(BackendRequests, App[None]):
     CSS_PATH = "styles/app.tcss"
 
     BINDINGS = [
-        Binding("q", "quit", "Quit", id="app.quit",
-                tooltip="Quit qlw. The backend keeps running, and any job with it."),
         Binding("ctrl+q", "quit", "Quit", id="app.quit-now", show=False, priority=True,
                 tooltip="Quit qlw from anywhere. The backend keeps running, and any job with it."),
         Binding("ctrl+r", "restart_backend", "Start backend", id="app.restart-backend",
@@ -148,7 +146,7 @@ class QlwApp(BackendRequests, App[None]):
         for active in screen.active_bindings.values():
             binding = active.binding
             key = (id(active.node), binding.action)
-            if (not binding.id or binding.system or not active.enabled or binding.action == "quit"
+            if (not binding.id or binding.system or not active.enabled or binding.action in ("quit", "app.quit")
                     or key in seen):
                 continue
             seen.add(key)

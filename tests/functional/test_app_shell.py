@@ -262,8 +262,9 @@ def test_keys_after_esc_and_dialogs_and_the_keys_of_a_pane(qlw_home):
             tabs = pane.query_one("#data-tabs", TabbedContent)
             await pilot.pause()
             assert pane in app.focused.ancestors
-            footer = {str(k.description) for k in app.screen.query("FooterKey")}
-            assert {"Rows", "Row", "Columns", "Format", "Preview", "Stats"} <= footer, footer
+            footer = {k.key for k in app.screen.query("FooterKey")}
+            assert {"r", "d", "c", "m", "v", "s", "q"} <= footer, footer
+            assert "tabs" in {str(label.render()) for label in app.screen.query("FooterLabel")}
 
             # esc leaves the path field for the pane's controls: its keys work at once.
             pane.query_one("#data-path", Input).focus()
@@ -302,5 +303,30 @@ def test_keys_after_esc_and_dialogs_and_the_keys_of_a_pane(qlw_home):
             assert "Keys: the Data tab" in shot and "Count tokens" in shot
             await pilot.press("escape")
             await until(pilot, lambda: not isinstance(app.screen, KeysScreen), "closed keys")
+
+    asyncio.run(body())
+
+
+def test_quit_stays_in_the_footer_at_80x24(qlw_home):
+    """Issue 15: at 80x24 `q Quit` fell off the footer's right end."""
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await without_backend(pilot)
+            for n, (tab, *_) in enumerate(TABS, 1):
+                await pilot.press(str(n))
+                await pilot.pause()
+                await pilot.pause()
+
+                def laid_out() -> bool:
+                    keys = [k for k in app.screen.query("FooterKey") if k.key == "q" or k.has_class("-command-palette")]
+                    return len(keys) == 2 and all(k.region.width for k in keys)
+
+                await until(pilot, laid_out, f"the footer of {tab}")
+                keys = {k.key: k for k in app.screen.query("FooterKey")}
+                palette = next(k for k in app.screen.query("FooterKey") if k.has_class("-command-palette"))
+                assert "q" in keys, tab
+                assert keys["q"].region.right <= palette.region.x and keys["q"].region.width > 0, (tab, keys["q"].region)
 
     asyncio.run(body())

@@ -39,6 +39,9 @@ class MainScreen(Screen):
     """The one screen of the shell."""
 
     BINDINGS = [
+        # First of the shell's keys, so that the footer keeps it at 80 columns (issue 15).
+        Binding("q", "app.quit", "Quit", id="app.quit",
+                tooltip="Quit qlw. The backend keeps running, and any job with it."),
         *(
             Binding(str(n), f"show_tab('{tab}')", f"{title} tab", id=f"tab.{tab}", show=False,
                     tooltip=f"Show the {title} tab: {what}.")
@@ -65,7 +68,7 @@ class MainScreen(Screen):
                 with TabPane(f"{n} {title}", id=tab):
                     yield pane(id=f"{tab}-pane")
         yield JobIndicator(id="job-indicator")
-        yield Footer()
+        yield Footer(compact=True)  # every key a little tighter: q Quit stays at 80 columns
 
     def on_mount(self) -> None:
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]

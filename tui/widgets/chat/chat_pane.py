@@ -65,9 +65,10 @@ class ChatPane(BackendRequests, Vertical):
                 tooltip="Show or hide the generation settings (max_new_tokens, temperature, top_p, ...)."),
         Binding("f3", "toggle_compare", "Compare", id="chat.compare",
                 tooltip="Compare mode: each prompt is answered by the target and a second one, side by side."),
-        Binding("f6", "toggle_eval", "Evaluate", id="chat.evaluate",
+        Binding("f6", "toggle_eval", "Eval", id="chat.evaluate",
                 tooltip="Switch between the conversation and the evaluation table."),
-        Binding("ctrl+l", "clear", "Clear", id="chat.clear",
+        # Clear is listed by ? and the palette: the footer keeps room for q Quit at 80 columns.
+        Binding("ctrl+l", "clear", "Clear", id="chat.clear", show=False,
                 tooltip="Start a new conversation (chat.clear); the old one stays in the session."),
         Binding("ctrl+s", "export", "Export", id="chat.export",
                 tooltip="Write the conversation to a Markdown or JSONL file (chat.export)."),

@@ -57,6 +57,10 @@ def sample_dataset_path() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "samples" / "dolly_sample.jsonl")
 
 
+#: The inner tabs' keys, shown together in the footer ("rdcmvs tabs"; ? names each).
+TAB_KEYS = Binding.Group("tabs", compact=True)
+
+
 class DataPane(BackendRequests, Vertical):
     """The Data tab."""
 
@@ -68,17 +72,17 @@ class DataPane(BackendRequests, Vertical):
                 tooltip="Filter the rows: text anywhere (any case), or column:text for one column."),
         Binding("t", "count_tokens", "Count tokens", id="data.count-tokens",
                 tooltip="Token lengths of every row as training will tokenize them (a backend job)."),
-        Binding("r", "show_tab('data-rows-tab')", "Rows", id="data.tab.rows",
+        Binding("r", "show_tab('data-rows-tab')", "Rows", id="data.tab.rows", group=TAB_KEYS,
                 tooltip="Show the rows of the open dataset, a page at a time."),
-        Binding("d", "show_tab('data-row-tab')", "Row", id="data.tab.row",
+        Binding("d", "show_tab('data-row-tab')", "Row", id="data.tab.row", group=TAB_KEYS,
                 tooltip="Show the highlighted row in full."),
-        Binding("c", "show_tab('data-columns-tab')", "Columns", id="data.tab.columns",
+        Binding("c", "show_tab('data-columns-tab')", "Columns", id="data.tab.columns", group=TAB_KEYS,
                 tooltip="Show the columns: types, null counts, examples."),
-        Binding("m", "show_tab('data-format-tab')", "Format", id="data.tab.format",
+        Binding("m", "show_tab('data-format-tab')", "Format", id="data.tab.format", group=TAB_KEYS,
                 tooltip="Correct the role -> column mapping; choose the template, the loss and the split."),
-        Binding("v", "show_tab('data-preview-tab')", "Preview", id="data.tab.preview",
+        Binding("v", "show_tab('data-preview-tab')", "Preview", id="data.tab.preview", group=TAB_KEYS,
                 tooltip="Show the exact training text of the highlighted row, loss tokens highlighted."),
-        Binding("s", "show_tab('data-stats-tab')", "Stats", id="data.tab.stats",
+        Binding("s", "show_tab('data-stats-tab')", "Stats", id="data.tab.stats", group=TAB_KEYS,
                 tooltip="Show the token-length statistics."),
     ]
 
