@@ -216,6 +216,11 @@ def test_the_wizard_by_keyboard_from_adapter_to_upload_dry_run(qlw_home):
             await until(pilot, lambda: pane.step == UPLOAD and pane.hub is not None, "step 5")
             assert text_of(pane, "#hub-status").startswith("Hub: offline (HF_HUB_OFFLINE=1): local export only")
             assert pane.upload_step.private  # on by default
+            # The dry run checks the repository name as the upload will: no placeholder stands in
+            # (issue 15: the dry run accepted "user/model-name", which the upload refuses).
+            await pilot.press("f5")
+            await until(pilot, lambda: "name the repository" in text_of(pane, "#hub-result"), "the refusal")
+            assert fake.of("hub.push") == []
             pane.upload_step.query_one("#hub-repo", Input).value = "me/tiny-merged"
             await pilot.press("f5")
             await until(pilot, lambda: pane.upload_step.files.row_count == 3, "the dry run's files")

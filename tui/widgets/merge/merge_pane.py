@@ -491,10 +491,12 @@ class MergePane(BackendRequests, Vertical):
         if not folder:
             self.upload_step.result("✖ nothing to upload: merge first (step 3), or tick 'adapter only'", bad=True)
             return
-        if not repo:
-            repo = self.upload_step.query_one("#hub-repo", Input).placeholder if dry_run else ""
-        if not repo or "/" not in repo:
-            self.upload_step.result("✖ name the repository as user/name (or org/name)", bad=True)
+        # The dry run checks the name as the upload will: the placeholder is no repository.
+        placeholder = self.upload_step.query_one("#hub-repo", Input).placeholder
+        if not repo or "/" not in repo or repo == placeholder:
+            self.upload_step.result("✖ name the repository as user/name (or org/name): "
+                                    f"{'the dry run checks it as the upload will' if dry_run else 'where to upload'}",
+                                    bad=True)
             return
         if not self.push_job:
             self.push(folder, repo, dry_run)
