@@ -57,7 +57,7 @@ def plan_text(p: dict[str, Any]) -> str:
         f"{mark} memory on {p.get('device', '?')}: {size(memory.get('need_bytes'))} needed, "
         f"{size(memory.get('free_bytes'))} free → {verdict}",
         f"{'✔' if (disk.get('need_bytes') or 0) <= (disk.get('free_bytes') or 0) else '✖'} disk: "
-        f"{size(disk.get('need_bytes'))} needed, {size(disk.get('free_bytes'))} free",
+        f"about {size(disk.get('size_bytes', disk.get('need_bytes')))} written, {size(disk.get('free_bytes'))} free",
     ]
     lines += [f"⚠ {w}" for w in p.get("warnings") or []]
     return "\n".join(lines)
