@@ -301,3 +301,24 @@ def test_train_pane_snapshot(snap_compare, qlw_home):
         await pilot.pause()
 
     assert snap_compare(make_app(qlw_home), terminal_size=SIZE, run_before=settle)
+
+
+def test_a_run_cancelled_before_its_first_step_does_not_say_starting(qlw_home):
+    """Issue 15: "▶ starting" stayed on the line after a cancel."""
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await show_train_tab(pilot)
+            tp = pane(app)
+            run = Run(t0=time.time())
+            send(app, [run.event("job.started", job_id="j9", kind="train.start")])
+            await until(pilot, lambda: text_of(app, "#train-live").startswith("▶ starting"), "starting")
+            send(app, [run.event("job.finished", job_id="j9", kind="train.start", status="cancelled", elapsed_s=2.5)])
+            await until(pilot, lambda: "stopped after 2.5 s, before training began" in text_of(app, "#train-live"),
+                        "the stop")
+            await pilot.pause(0.5)  # a later redraw keeps it
+            assert text_of(app, "#train-live") == "■ stopped after 2.5 s, before training began"
+            assert tp.state == "cancelled"
+
+    asyncio.run(body())

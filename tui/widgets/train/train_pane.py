@@ -77,6 +77,8 @@ class TrainPane(BackendRequests, Vertical):
         self._last_flush = 0.0
         #: How many times the table and curve were redrawn (a replay must cost few).
         self.flushes = 0
+        #: What the line says of a run cancelled before its first step ("" otherwise).
+        self._stopped_early = ""
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="train-head"):
@@ -227,7 +229,7 @@ class TrainPane(BackendRequests, Vertical):
         if status == "failed":
             self._show_block(alert, failed_text(p.get("error") or {}))
         elif status == "cancelled":
-            self._show_line(f"■ stopped after {p.get('elapsed_s', 0):.1f} s, before training began")
+            self._stopped_early = f"■ stopped after {p.get('elapsed_s', 0):.1f} s, before training began"
         self._flush()
         self._update_stop()
 
@@ -275,6 +277,8 @@ class TrainPane(BackendRequests, Vertical):
 
     def _show_line(self, note: str = "") -> None:
         line = self.query_one("#train-live", Static)
+        if not note and self.state == "cancelled" and self.latest is None:
+            note = self._stopped_early or "■ stopped before training began"
         if note:
             line.update(note)
         elif not self.state:
