@@ -65,6 +65,19 @@ def _run_folder(path: Path) -> Path | None:
     return None
 
 
+def run_name(run: Path | None) -> str:
+    """The name of the run in ``run`` (its config.toml's ``name``), "" when it has none."""
+    if run is None:
+        return ""
+    import tomllib
+
+    try:
+        name = tomllib.loads((run / "config.toml").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError):
+        return ""
+    return name.strip() if isinstance(name, str) else ""
+
+
 def _trainer_state(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
@@ -130,6 +143,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     return {
         "path": str(folder.resolve()),
         "session": run.name if run is not None else "",
+        "name": run_name(run),
         "kind": kind,
         "step": step,
         "base_model": config.get("base_model_name_or_path") or "",

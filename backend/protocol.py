@@ -326,6 +326,14 @@ class SessionCreated:
     created: float
 
 
+@event("session.renamed")
+class SessionRenamed:
+    """A session got a name: a training run with a name started in a session that had none."""
+
+    session: str
+    name: str
+
+
 @event("session.status")
 class SessionStatus:
     """A session's status changed: idle, running, finished, failed, cancelled, interrupted."""

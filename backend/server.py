@@ -662,8 +662,24 @@ class BackendServer:
                 and train.run_dir(self.home, self.current_session).exists():
             # One training run per session: its folder, config and artifacts stay its own.
             self._create_session(config["name"])
-        self.ensure_session(config["name"])
+        session = self.ensure_session(config["name"])
+        self._name_session(session, config["name"])
         return self._start_job("train.start", params, train.train_job(params, self.home, self.store))
+
+    def _name_session(self, session: str, name: str) -> None:
+        """The session holds this run: a session made before it (by another job) without a name
+        takes the run's name, so that Sessions lists the run by it."""
+        if not name or self.store is None:
+            return
+        info = self.store.get_session(session)
+        if info is None or (info.name and info.name != info.id):
+            return
+        try:
+            self.store.set_name(session, name)
+        except Exception as exc:  # disk full: the run still starts
+            self._store_failed(exc)
+            return
+        self.publish(session, "session.renamed", {"session": session, "name": name})
 
     async def _train_checkpoints(self, client: Client, params: P.ListCheckpoints) -> P.Reply:
         from backend import train

@@ -264,7 +264,10 @@ def checkpoint_info(path: Path, session: str) -> dict[str, Any] | None:
         return None
     loss = next((e["loss"] for e in reversed(state.get("log_history") or []) if "loss" in e), None)
     eval_loss = next((e["eval_loss"] for e in reversed(state.get("log_history") or []) if "eval_loss" in e), None)
-    return {"session": session, "step": int(state.get("global_step") or 0), "path": str(path),
+    from backend.adapters import run_name
+
+    return {"session": session, "name": run_name(path.parent.parent) if session else "",
+            "step": int(state.get("global_step") or 0), "path": str(path),
             "created": state_file.stat().st_mtime, "loss": loss, "eval_loss": eval_loss,
             "max_steps": state.get("max_steps")}
 
@@ -1163,7 +1166,10 @@ class LocalRun:
 
 def add_cli_arguments(parser) -> None:
     """The options of ``python -m backend train`` (and so of ``qlw train``)."""
-    parser.add_argument("config", type=Path, help="the run config (TOML, as the Train pane exports it)")
+    parser.add_argument("config", type=Path, nargs="?",
+                        help="the run config (TOML, as the Train pane exports it; examples/ has some to start from)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="write the default run config (TOML) to stdout and exit: a file to start from")
     parser.add_argument("--resume-from", default="", metavar="CHECKPOINT",
                         help="a checkpoint-N folder of an earlier run to continue from")
     parser.add_argument("--name", default="", help="the session's name (default: the config's name)")
@@ -1181,6 +1187,13 @@ def cli(args) -> int:
     """``qlw train CONFIG.toml``: run the config here (no daemon), print the loss table, record a
     session in the data home's store. 0: done; 1: the run failed; 2: the config is invalid;
     130: stopped with ctrl+c (after saving a checkpoint)."""
+    if args.print_config:
+        sys.stdout.write(TC.dumps_toml(TC.defaults(), defaults_note=True))
+        return 0
+    if args.config is None:
+        print("qlw train: name a run config (TOML): `qlw train CONFIG.toml`; `qlw train --print-config > run.toml` "
+              "writes the defaults to start from, and examples/ holds ready ones", file=sys.stderr)
+        return 2
     home = (args.home or P.data_home()).expanduser().resolve()
     config, errors = TC.read_toml(args.config, os.environ)
     if errors:

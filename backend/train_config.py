@@ -515,11 +515,20 @@ def _strip_none(value: Any) -> Any:
     return value
 
 
-def dumps_toml(config: Mapping[str, Any]) -> str:
-    """A run config as TOML (unset fields such as ``bf16 = None`` are left out: absent means unset)."""
+DEFAULTS_NOTE = (
+    "# The defaults: model.source = \"\" is the embedded tiny model (built on first use) and\n"
+    "# data.source.path = \"\" the shipped sample dataset; name yours (a folder or Hub id, a data file).\n"
+    "# logging_steps, eval_steps and save_steps below 1 are fractions of the run (0.01: every 1% of the steps).\n"
+    "# bf16/fp16 are left out: unset, they follow the model's compute dtype and the device.\n")
+
+
+def dumps_toml(config: Mapping[str, Any], defaults_note: bool = False) -> str:
+    """A run config as TOML (unset fields such as ``bf16 = None`` are left out: absent means unset);
+    ``defaults_note`` adds what the defaults mean (``qlw train --print-config``)."""
     ordered = _strip_none({k: config[k] for k in TOP_LEVEL if k in config})
     head = ("# qlw run config: `qlw train THIS_FILE.toml` runs it; the Train pane imports it.\n"
-            "# Field names are those of peft's LoraConfig, trl's SFTConfig and transformers.\n")
+            "# Field names are those of peft's LoraConfig, trl's SFTConfig and transformers.\n"
+            + (DEFAULTS_NOTE if defaults_note else ""))
     try:
         import tomli_w
     except ImportError:  # an environment without it (a bare GPU image): the run config's shape is simple

@@ -174,6 +174,11 @@ class Store:
                 "UPDATE sessions SET status=?, updated=? WHERE id=?", (status, time.time(), session)
             )
 
+    def set_name(self, session: str, name: str) -> None:
+        """Name a session (a run's name, given when the run starts in a session made earlier)."""
+        with self._lock:
+            self._db.execute("UPDATE sessions SET name=?, updated=? WHERE id=?", (name, time.time(), session))
+
     def set_config(self, session: str, config: dict[str, Any]) -> None:
         with self._lock:
             self._db.execute(
