@@ -271,6 +271,18 @@ def check_params(dtype: str, into: str, max_shard_size: str = "5GB") -> None:
                        where="max_shard_size")
 
 
+def _side_files_bytes(folder: Path | str | None) -> int:
+    """The bytes of a local base folder's files other than its weights (tokenizer, configs),
+    which the merged folder gets too; 0 for a Hub model (not downloaded here)."""
+    if not folder or not Path(folder).is_dir():
+        return 0
+    total = 0
+    for f in Path(folder).iterdir():
+        if f.is_file() and not any(f.match(g) for g in MODEL_WEIGHTS):
+            total += f.stat().st_size
+    return total
+
+
 def _base_info(adapter: str | Path, home: Path):
     """(adapter info, base settings as trained, resolved source)."""
     from backend import adapters, models
@@ -321,7 +333,10 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
         warnings.append(f"not enough memory on {chosen}: about {need / GIB:.1f} GiB needed, {free / GIB:.1f} GiB free")
     if trained.precision == "bf16" and dtype == "fp16" or trained.compute_dtype == "bf16" and dtype == "fp16":
         warnings.append("the adapter was trained in bf16: fp16 has a smaller range (values over 65,504 overflow)")
-    disk_need = int(est["parameters"]) * DTYPE_BYTES[dtype] + DISK_MARGIN
+    # What the folder will hold (weights in the merge dtype, plus the base's tokenizer and config
+    # files), and what the free-space check asks for: that plus a margin for the writes' slack.
+    disk_size = int(est["parameters"]) * DTYPE_BYTES[dtype] + _side_files_bytes(src.folder)
+    disk_need = disk_size + DISK_MARGIN
     disk_free = _disk_free(target.parent)
     if disk_need > disk_free:
         warnings.append(f"not enough disk space at {target.parent}: about {disk_need / GIB:.1f} GiB needed, "
@@ -345,7 +360,7 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
         "device": chosen,
         "memory": {"need_bytes": need, "free_bytes": free, "verdict": verdict,
                    "reclaimed_bytes": int(est.get("reclaimed_bytes") or 0) if chosen == est["device"] else 0},
-        "disk": {"need_bytes": disk_need, "free_bytes": disk_free},
+        "disk": {"size_bytes": disk_size, "need_bytes": disk_need, "free_bytes": disk_free},
         "out": str(target),
         "out_exists": out_exists,
         "out_blocked": out_blocked,

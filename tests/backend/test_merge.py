@@ -294,6 +294,17 @@ def test_merge_killed_while_saving_leaves_no_target(setup):
     assert not left[0].exists()
 
 
+def test_the_disk_estimate_is_the_merged_folders_size(setup, verified):
+    """Issue 15: the plan said 65 MiB for a 1.5 MiB output (the free-space margin counted as
+    the size). The estimate is the folder's size; the margin stays in the free-space check."""
+    home, base, adapter = setup
+    result, _ctx = verified
+    p = merge.plan(str(adapter), "tiny-other", home, "fp32", "dequantized")
+    written = merge.folder_bytes(Path(result["out"]))
+    assert 0.7 * written < p["disk"]["size_bytes"] < 1.3 * written, (p["disk"], written)
+    assert p["disk"]["need_bytes"] == p["disk"]["size_bytes"] + merge.DISK_MARGIN
+
+
 def test_qlw_merge_to_a_place_it_cannot_write_refuses_before_any_work(setup, tmp_path):
     """Issue 15: `qlw merge ADAPTER /read-only/place` ended in a traceback (OSError 30) after
     loading and merging. The target is probed first; the refusal says where and what to do."""
