@@ -275,6 +275,7 @@ class VocabFacts:
     chat_template: str | None
     stop_ids: list[int] = field(default_factory=list)
     stop_tokens: list[str] = field(default_factory=list)
+    add_space_prefix: bool = True
 
 
 def _pre_tokenizer_name(tokenizer_json: dict[str, Any], where: str) -> str:
@@ -377,7 +378,11 @@ def read_vocab(folder: Path, config: dict[str, Any]) -> VocabFacts:
     add_bos = "bos" in ids and len(probe) > len(bare) and probe[0] == ids["bos"]
     add_eos = "eos" in ids and len(probe) > len(bare) and probe[-1] == ids["eos"]
     stop_ids = _stop_ids(folder, config, ids)
-    return VocabFacts(model=kind, pre=pre, tokens=tokens, scores=scores, types=[int(t) for t in types],
+    # SentencePiece style: a space is put before the text (Llama 2, Mistral) unless the tokenizer
+    # says otherwise; llama.cpp reads this flag.
+    space_prefix = "Prepend" in json.dumps(tj.get("normalizer")) or \
+        (tj.get("pre_tokenizer") or {}).get("prepend_scheme", "never") != "never"
+    return VocabFacts(add_space_prefix=space_prefix, model=kind, pre=pre, tokens=tokens, scores=scores, types=[int(t) for t in types],
                       merges=list(special.merges), special=ids, add_bos=add_bos, add_eos=add_eos,
                       chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
                       stop_ids=stop_ids, stop_tokens=[tokens[i] for i in stop_ids if 0 <= i < len(tokens)])
@@ -444,6 +449,8 @@ def _metadata(writer, config: dict[str, Any], arch: str, vocab: VocabFacts, leve
         writer.add_token_merges(vocab.merges)
     for key, tid in vocab.special.items():
         getattr(writer, f"add_{key}_token_id")(tid)
+    if vocab.model == "llama":
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(vocab.add_eos)
     if vocab.chat_template:
@@ -481,7 +488,12 @@ def write_gguf(folder: Path, out: Path, level: str, *, name: str = "",
     tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     writer = gguf.GGUFWriter(None, arch)
     try:
-        _metadata(writer, config, arch, vocab, level, name or folder.name)
+        name = name or folder.name
+        if name.strip().lower() == "mistral":
+            # transformers' GGUF loader takes a file named exactly "mistral" for an architecture
+            # gguf-py does not map, and cannot read it back.
+            name = f"{name}-{level}"
+        _metadata(writer, config, arch, vocab, level, name)
         for tname, data in extra:
             writer.add_tensor_info(tname, data.shape, data.dtype, data.nbytes)
         for p in plans:

@@ -307,3 +307,84 @@ def test_server_requests_and_an_export_that_outlives_its_client(backend_with_tin
 
     asyncio.run(asyncio.wait_for(go(), 180))
     assert (home / "exports" / "t.gguf").is_file() and (home / "exports" / "Modelfile").is_file()
+
+
+def _random_model(folder: Path, tiny_folder: Path, family: str) -> None:
+    """A small random model of ``family`` with the tiny model's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    shape = dict(vocab_size=3072, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                 tie_word_embeddings=False)
+    extra = {"mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False}}.get(family, {})
+    config = AutoConfig.for_model(family, **shape, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tiny_folder)).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_read_back_as_their_f16_rounding(family, tiny_folder, tmp_path):
+    """Mistral goes out as llama.cpp's llama architecture (q/k permuted), Qwen2 as qwen2 (neox
+    rotation: no permutation; q/k/v biases); an untied output head."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / family
+    _random_model(folder, tiny_folder, family)
+    written = G.write_gguf(folder, tmp_path / "m.gguf", "f16")
+    assert written["arch"] == {"mistral": "llama", "qwen2": "qwen2"}[family]
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" in names
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")
+    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    ids = torch.tensor([[1, 50, 700, 33, 2048, 9, 12, 400, 5, 77]])
+    with torch.no_grad():
+        want = ref(ids).logits
+        E._round_matrices(ref, torch.float16)
+        if family == "qwen2":  # biases stay f32 in the file (1-D tensors)
+            pass
+        rounded = ref(ids).logits
+        got = back(ids).logits
+    floor = float((rounded - want).abs().max())
+    assert float((got - rounded).abs().max()) <= max(1e-5, floor * 0.05), (float((got - rounded).abs().max()), floor)
+
+
+def test_sentencepiece_style_tokenizer_round_trips(tiny_folder, tmp_path):
+    """A BPE tokenizer with byte fallback (Llama 2 / Mistral style) goes out as llama.cpp's
+    ``llama`` tokenizer model (scores by merge order, <0xXX> byte tokens) and transformers'
+    GGUF loader rebuilds one that tokenizes the same."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from backend import tiny
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bpe.pre_tokenizer = None
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
+                                  show_progress=False)
+    rows = tiny._sample_rows()[:300]
+    bpe.train_from_iterator([r["response"] for r in rows], trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  chat_template=tiny.CHAT_TEMPLATE.replace("<|", "[").replace("|>", "]"))
+    folder = tmp_path / "spm"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, bos_token_id=1,
+                                 eos_token_id=2)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    written = G.write_gguf(folder, tmp_path / "s.gguf", "f16")
+    assert written["vocab"].model == "llama"
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="s.gguf")
+    # (Text that starts with a run of spaces is left out: transformers rebuilds this tokenizer
+    # with Metaspace, which spells "  hi" with one prefix space fewer than the normalizer above
+    # and llama.cpp do: a difference of the reader, not of the file.)
+    for text in ("The capital of France is Paris.", "two  spaces, then 한국어 and 日本語 (bytes)", "x\ny"):
+        assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"], text
+    assert back.eos_token == "</s>" and back.chat_template == tok.chat_template
