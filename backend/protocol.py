@@ -664,6 +664,8 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 #: transformers' ``optim`` values offered by the form (bitsandbytes ones need it installed).
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch",
               "adamw_torch_fused", "adafactor", "sgd")
+#: ``training.speed``: how the run picks its speed levers (backend/speed.py).
+SPEEDS = ("fast", "lean", "manual")
 #: peft's ``bias``.
 LORA_BIASES = ("none", "all", "lora_only")
 #: Presets of ``train.presets``.
@@ -699,7 +701,12 @@ class TrainingSettings:
     flash-attention reads the boundaries); ``per_device_train_batch_size`` then counts packed
     sequences. ``use_liger_kernel``: Liger's fused RMSNorm/SwiGLU/RoPE kernels (needs the
     liger-kernel package and a CUDA GPU; off otherwise, with a warning). ``activation_offloading``:
-    the activations kept for the backward pass wait in CPU memory (less GPU memory, some speed)."""
+    the activations kept for the backward pass wait in CPU memory (less GPU memory, some speed).
+    ``speed`` (backend/speed.py): ``fast`` takes the fastest levers whose memory estimate fits
+    ``memory_budget`` (GiB; 0: 90% of what the device has for the run): compiled decoder layers,
+    checkpointing off, a bf16 copy of 4-bit weights; ``lean`` the smallest footprint (compiled,
+    checkpointing, one sequence per micro-step); ``manual`` the switches as set. None changes the
+    math; on the CPU the switches are taken as set."""
 
     num_train_epochs: float = 1.0
     max_steps: int = -1
@@ -724,6 +731,8 @@ class TrainingSettings:
     fp16: bool | None = None
     use_liger_kernel: bool = False
     activation_offloading: bool = False
+    speed: str = "fast"
+    memory_budget: float = 0.0
 
 
 @dataclass

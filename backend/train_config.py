@@ -306,7 +306,8 @@ RULES: dict[str, dict[str, Any]] = {
         "save_steps": int_at_least(0, "0 (only at the end) or a number of steps"),
         "save_total_limit": int_at_least(0, "0 (keep every checkpoint) or how many to keep"),
         "seed": int_at_least(0), "bf16": optional_bool, "fp16": optional_bool,
-        "use_liger_kernel": boolean, "activation_offloading": boolean,
+        "use_liger_kernel": boolean, "activation_offloading": boolean, "speed": choice(P.SPEEDS),
+        "memory_budget": float_range(0, None, what="GiB for the run (0: 90% of what the device has)"),
     },
 }
 for _section, _cls in SECTIONS.items():  # every protocol field has a rule, and no rule lacks a field

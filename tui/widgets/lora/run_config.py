@@ -84,7 +84,12 @@ FIELDS: tuple[Field, ...] = (
        "(effective batch = batch size × this).", minimum=1),
     _f("training.auto_find_batch_size", "bool", "Halve the batch size and retry on CUDA out-of-memory."),
     _f("training.gradient_checkpointing", "bool", "Recompute activations in the backward pass: "
-       "much less memory, about 30% slower."),
+       "much less memory, about 30% slower (speed fast/lean decide it on a GPU)."),
+    _f("training.speed", "choice", "fast: the fastest levers that fit memory_budget (compiled layers, "
+       "checkpointing off, a bf16 weight copy); lean: the smallest footprint; manual: the switches as set. "
+       "The same math either way; the CPU takes the switches as set.", choices=P.SPEEDS),
+    _f("training.memory_budget", "float", "GiB the run may take on the GPU, for speed fast; "
+       "0: 90% of what the device has.", minimum=0),
     # optimizer and schedule
     _f("training.learning_rate", "float", "Peak learning rate (2e-4 in QLoRA).", minimum=0, maximum=1),
     _f("training.lr_scheduler_type", "choice", "How the learning rate moves after warmup.",
@@ -290,6 +295,19 @@ def memory_text(memory: dict[str, Any]) -> str:
     if memory.get("device"):
         text += f" on {memory['device']}"
     return f"{text} → {VERDICT_MARKS.get(verdict, verdict)}" if verdict else text
+
+
+def speed_text(plan: dict[str, Any]) -> str:
+    """The speed levers the run will take on a GPU (``train.validate``'s ``speed``), in short;
+    nothing where none is taken (the CPU, speed manual)."""
+    if not plan or not plan.get("compile"):
+        return ""
+    parts = [plan.get("speed", ""), "compiled"]
+    parts.append("checkpointing" if plan.get("gradient_checkpointing") else "no checkpointing")
+    if plan.get("bf16_base"):
+        parts.append("bf16 weight copy")
+    parts.append(f"micro-batch {plan.get('per_device_train_batch_size')}×{plan.get('gradient_accumulation_steps')}")
+    return ": ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
 
 def model_line(model: dict[str, Any], origin: str) -> str:
