@@ -388,3 +388,41 @@ def test_sentencepiece_style_tokenizer_round_trips(tiny_folder, tmp_path):
     for text in ("The capital of France is Paris.", "two  spaces, then 한국어 and 日本語 (bytes)", "x\ny"):
         assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"], text
     assert back.eos_token == "</s>" and back.chat_template == tok.chat_template
+
+
+def test_an_adapter_is_merged_first_then_exported(tiny_folder, tmp_path):
+    """MODEL an adapter (a run's adapter/ whose config says an fp32 base): merged into the data
+    home's merged/ as the wizard does, then written and read back against that merged folder."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from backend import train_config as TC
+
+    home = tmp_path / "home"
+    base = home / "base-model"
+    shutil.copytree(tiny_folder, base)
+    run = home / "runs" / "20261207-120000-export01"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(str(run / "adapter"))
+    cfg = TC.defaults()
+    cfg["model"].update(source=str(base), precision="fp32", device="cpu")
+    (run / "config.toml").write_text(TC.dumps_toml(cfg), encoding="utf-8")
+    plan = E.plan(str(run / "adapter"), "", home, "f16")
+    merged = home / "merged" / "20261207-120000-export01-adapter-merged"
+    assert plan["model"]["kind"] == "adapter" and plan["model"]["merged_folder"] == str(merged)
+    assert any("merged first" in w for w in plan["warnings"])
+    ctx = Ctx()
+    result = E.run_export({"model": str(run / "adapter"), "out": "", "quant": "f16", "ollama": False,
+                           "verify": True}, home, ctx)
+    assert (merged / "config.json").is_file() and result["merged_folder"] == str(merged)
+    assert result["path"] == str(home / "exports" / "20261207-120000-export01-adapter-merged-f16.gguf")
+    stages = [p["stage"] for k, p in ctx.events if k == "job.progress"]
+    assert stages.index("merging") < stages.index("writing") < stages.index("verifying")
+    v = result["verify"]
+    assert v["rows"][1]["max_abs_logit_diff"] <= v["noise_floor"] * 1.001 + 1e-6
