@@ -426,3 +426,19 @@ def test_an_adapter_is_merged_first_then_exported(tiny_folder, tmp_path):
     assert stages.index("merging") < stages.index("writing") < stages.index("verifying")
     v = result["verify"]
     assert v["rows"][1]["max_abs_logit_diff"] <= v["noise_floor"] * 1.001 + 1e-6
+
+
+def test_full_disk_is_refused_first_and_a_cancel_leaves_nothing(tiny_folder, tmp_path, home, monkeypatch):
+    from backend.jobs import JobCancelled
+
+    out = tmp_path / "d.gguf"
+    with monkeypatch.context() as m:
+        m.setattr(E, "_disk_free", lambda path: 1024)
+        assert "not enough disk space" in E.plan(str(tiny_folder), str(out), home, "f16")["warnings"][0]
+        with pytest.raises(JobError, match="not enough disk space for the export"):
+            E.run_export({"model": str(tiny_folder), "out": str(out), "quant": "f16"}, home, Ctx())
+    assert list(tmp_path.iterdir()) == []
+    calls = iter(range(1000))
+    with pytest.raises(JobCancelled):
+        G.write_gguf(tiny_folder, out, "f16", cancelled=lambda: next(calls) >= 5)  # after 5 of 20 tensors
+    assert list(tmp_path.iterdir()) == []
