@@ -151,3 +151,38 @@ def test_the_export_step_by_keyboard(qlw_home):
         await app.backend.stop()
 
     asyncio.run(body())
+
+
+def test_real_backend_exports_the_merged_folder_from_step_6(backend_with_tiny):
+    """Step 6 against a real backend: the tiny model's folder stands for the merged one; f5 writes
+    a q8_0 file and the read-back table arrives with every check passed."""
+    from pathlib import Path
+
+    from backend import tiny
+
+    home = backend_with_tiny
+    folder = str(tiny.tiny_model_path(home))
+
+    async def body():
+        app = make_app(home)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.connection.state == "connected", "connected", timeout=20)
+            app.screen.action_show_tab("merge")
+            pane = app.screen.query_one(MergePane)
+            pane.saved = {"out": folder, "files": [], "size_bytes": 0}  # as merge.saved would leave it
+            pane.go(EXPORT)
+            await until(pilot, lambda: pane.export_plan is not None, "the export plan", timeout=30)
+            assert pane.export_plan["out"] == str(home / "exports" / "qlw-tiny-llama-q8_0.gguf")
+            await pilot.press("f5")
+            await until(pilot, lambda: pane.export_verified is not None and not pane.export_job, "the export",
+                        timeout=200)
+            table = rows(pane.export_step.table)
+            assert [r[0] for r in table] == ["merged", "gguf q8_0"]
+            assert float(table[1][2]) < 0.25
+            assert "chat template ✔ · EOS ✔ · conversation tokenised the same ✔ · Modelfile TEMPLATE the same ✔" \
+                in text_of(pane, "#export-line")
+        await app.backend.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 300))
+    assert Path(home / "exports" / "qlw-tiny-llama-q8_0.gguf").is_file()
+    assert (home / "exports" / "Modelfile").is_file()
