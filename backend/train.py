@@ -135,15 +135,17 @@ def model_settings(model: dict[str, Any], home: Path, build: bool = False, progr
     return P.ModelSettings(**{**model, "source": source})
 
 
-def data_settings(data: dict[str, Any], home: Path, progress=None, cancelled=None) -> tuple[dict[str, Any], list[str]]:
-    """The prepared-data settings of a config's data section: the shipped sample dataset for an
-    empty path, and the detected column mapping when no role is mapped. Returns notes too."""
+def data_settings(data: dict[str, Any], home: Path, progress=None, cancelled=None,
+                  method: str = "sft") -> tuple[dict[str, Any], list[str]]:
+    """The prepared-data settings of a config's data section: the shipped sample of the method
+    (instructions for SFT, preference pairs otherwise) for an empty path, and the detected column
+    mapping when no role is mapped. Returns notes too."""
     from backend import data as D, tiny
 
     notes = []
     settings = json.loads(json.dumps(data))
     if not settings["source"].get("path"):
-        settings["source"] = {"path": str(tiny.sample_dataset_path()), "config": "", "split": ""}
+        settings["source"] = {"path": str(tiny.sample_for(method)), "config": "", "split": ""}
     if not any((settings.get("mapping") or {}).values()):
         opened = D.open_source(settings["source"], home, progress, cancelled)
         settings["mapping"] = dict(opened.summary["mapping"])
@@ -202,6 +204,13 @@ def preflight(config: dict[str, Any], home: Path) -> dict[str, str]:
             models.resolve_source(P.ModelSettings(**config["model"]))
         except JobError as exc:
             errors["model.source"] = str(exc) + (f": {exc.hint}" if exc.hint else "")
+    method = config.get("method", "sft")
+    if method in P.METHOD_SETTINGS:
+        from backend.methods.preference import check_start_adapter
+
+        why = check_start_adapter(config[method]["start_adapter"])
+        if why:
+            errors[f"{method}.start_adapter"] = why
     if config["data"]["source"].get("path"):
         try:
             D.resolve_source(config["data"]["source"])
@@ -458,7 +467,7 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
     if not data["source"].get("path"):
         from backend import tiny
 
-        data["source"] = {"path": str(tiny.sample_dataset_path()), "config": "", "split": ""}
+        data["source"] = {"path": str(tiny.sample_for(eff["method"])), "config": "", "split": ""}
     if not any(data["mapping"].values()):
         warnings["data.mapping"] = "no column is mapped: the mapping detected from the columns is used"
     rows = train_rows(data, home)
@@ -821,7 +830,7 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     ctx.progress("preparing data", 0, 0)
     from backend import data as D, models
 
-    data, notes = data_settings(eff["data"], home, progress, cancelled)
+    data, notes = data_settings(eff["data"], home, progress, cancelled, method=eff["method"])
     for note in notes:
         ctx.emit("log", {"level": "info", "message": note})
     method = methods.get(eff["method"])

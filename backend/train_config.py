@@ -396,6 +396,10 @@ def normalise(raw: Any) -> tuple[dict[str, Any], Errors]:
 
 def _cross_checks(c: dict[str, Any], errors: Errors) -> None:
     t, d = c["training"], c["data"]
+    kto = c.get("kto") or {}
+    if c.get("method") == "kto" and kto.get("loss_type") == "kto" and t.get("per_device_train_batch_size") == 1:
+        errors["training.per_device_train_batch_size"] = ("KTO estimates its KL term from the other rows of a batch: "
+                                                          "use a batch of 2 or more (or loss_type apo_zero_unpaired)")
     if t.get("bf16") is True and t.get("fp16") is True and "training.fp16" not in errors:
         errors["training.fp16"] = "bf16 and fp16 cannot both be on: choose one mixed precision"
     if d.get("split_mode") == "split" and not d.get("validation_split") and "data.validation_split" not in errors:
