@@ -259,7 +259,7 @@ def test_checks_as_typed_and_by_the_backend_disable_start(qlw_home):
             set_field(pane, "training.bf16", "true")
             set_field(pane, "training.fp16", "true")
             await pilot.pause()
-            assert error_at(pane, "training.learning_rate") == "required: a number from 0 to 1"
+            assert error_at(pane, "training.learning_rate") == "required: a number above 0 and below 1"
             assert error_at(pane, "lora.lora_dropout") == "out of range: a number from 0 to below 1"
             assert error_at(pane, "training.fp16") == "bf16 and fp16 cannot both be on: choose one (or auto)"
             assert line_text(pane).startswith("✖ 4 settings need attention: lora.lora_dropout, lora.r, "
@@ -477,7 +477,7 @@ def test_field_checks():
     r, lr, steps = FIELD_BY_PATH["lora.r"], FIELD_BY_PATH["training.learning_rate"], FIELD_BY_PATH["training.max_steps"]
     assert parse(r, "16") == (16, "") and parse(r, "1_024") == (1024, "")
     assert parse(r, "1.5")[1] == "not a whole number: '1.5'; a whole number of at least 1"
-    assert parse(lr, "0")[1] == "out of range: a number from 0 to 1"
+    assert parse(lr, "0")[1] == "out of range: a number above 0 and below 1"
     assert parse(lr, "2e-4") == (2e-4, "") and parse(lr, "nan")[1] == "must be a finite number"
     assert parse(steps, "-1") == (-1, "") and parse(steps, "0")[1] == "out of range: a whole number of at least 1 or -1"
     assert parse(FIELD_BY_PATH["training.num_train_epochs"], "0")[1] == "out of range: a number above 0"
