@@ -145,7 +145,11 @@ class ModelPane(BackendRequests, Vertical):
 
     @work(name="inspect the loaded model", group="model.inspect", exclusive=True, exit_on_error=False)
     async def read_inspection(self) -> None:
-        self.inspector.show(await self.call(P.InspectModel(), timeout=60))
+        info = await self.call(P.InspectModel(), timeout=60)
+        self.inspector.show(info)
+        if not info.get("loaded") and str(self.query_one("#model-status", Static).content).startswith("✔ loaded"):
+            # Freed (ctrl+f) or a restarted backend: the line must not say loaded beside "No base model loaded".
+            self._show_status("no base model loaded (freed); f5 loads one again", "")
 
     # Loading ------------------------------------------------------------------------------------
 
@@ -177,6 +181,10 @@ class ModelPane(BackendRequests, Vertical):
         if not settings["source"]:
             self.query_one(EstimateLine).show_hint()
             self.form.query_one("#model-source", Input).focus()
+            self._show_status("name a model first: a local folder or a Hub id (f4 takes the embedded tiny model)",
+                              "-failed")
+            self.notify("No model source: type a folder or a Hub id, or press f4 for the embedded tiny model.",
+                        severity="warning", timeout=5, markup=False)
             return
         result = await self.call(P.LoadModel(**settings))
         if result["job_id"] in self._ended:
