@@ -454,7 +454,7 @@ def test_runs_are_listed_by_their_name():
     created = time.mktime((2026, 12, 7, 14, 2, 0, 0, 0, -1))
     two = [checkpoint_label({"session": f"20261207-1{i}0000-abc12{i}", "name": f"run{i}", "step": 4, "loss": 1.5,
                              "created": created + 60 * i}) for i in (1, 2)]
-    assert two[0] == "resume run1 · 12-07 14:03 · step 4 · loss 1.5000"
+    assert two[0] == "resume run1 · step 4 · loss 1.5000 · 12-07 14:03"
     assert two[0] != two[1]
     assert checkpoint_label({"session": "20261207-101010-159391", "step": 4}) == "resume 159391 · step 4"
 

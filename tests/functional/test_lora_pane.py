@@ -468,6 +468,39 @@ def test_f5_in_the_train_tab_starts_the_run_set_up_in_the_lora_tab(qlw_home):
     asyncio.run(body())
 
 
+def test_the_resume_list_names_runs_on_one_line_each(qlw_home):
+    """Issue 15: the resume dropdown was garbled (labels wrapped over the form) and said
+    ``resume 20261207 step 4`` for every run of a day."""
+    import html
+    import re
+
+    now = time.time()
+    checkpoints = [{"session": f"20261207-1{i}0000-abc12{i}", "name": f"tui-run{i}", "step": 4 * i,
+                    "path": f"/data/qlw/runs/s{i}/checkpoints/checkpoint-{4 * i}", "created": now - 600 * i,
+                    "loss": 4.1 + i / 10} for i in (1, 2, 3)]
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, FakeBackend(train_checkpoints={"checkpoints": checkpoints}))
+            await until(pilot, lambda: len(pane.checkpoints) == 3, "the checkpoints")
+            select = pane.query_one("#lora-resume", Select)
+            select.focus()
+            await pilot.press("enter")
+            await until(pilot, lambda: select.expanded, "the list open")
+            await pilot.pause()
+            svg = app.export_screenshot()
+            lines: dict[float, str] = {}
+            for m in re.finditer(r'<text[^>]*y="([\d.]+)"[^>]*>(.*?)</text>', svg):
+                lines[float(m.group(1))] = lines.get(float(m.group(1)), "") + html.unescape(m.group(2)).replace("\xa0", " ")
+            screen = "\n".join(lines[k] for k in sorted(lines))
+            for i in (1, 2, 3):
+                assert f"resume tui-run{i} · step {4 * i} · loss {4.1 + i / 10:.4f}" in screen, screen
+
+    asyncio.run(body())
+
+
 def test_field_checks():
     every = FIELD_BY_PATH["training.logging_steps"]
     assert parse(every, "0.05") == (0.05, "") and parse(every, "10") == (10, "") and parse(every, "10.0") == (10, "")

@@ -42,9 +42,9 @@ FRESH_START = "fresh"
 
 
 def checkpoint_label(c: dict[str, Any]) -> str:
-    """A checkpoint as the resume list offers it: the run's name (its session's short id when it
-    has none), when it was saved, the step and the loss: ``resume dolly-r16 · 12-07 14:02 · step
-    40 · loss 1.2345``."""
+    """A checkpoint as the resume list offers it, on one line: the run's name (its session's short
+    id when it has none), the step, the loss and when it was saved: ``resume dolly-r16 · step 40 ·
+    loss 1.2345 · 12-07 14:02``."""
     import time
 
     from tui.widgets.chat.chat_format import short_session
@@ -52,7 +52,7 @@ def checkpoint_label(c: dict[str, Any]) -> str:
     run = str(c.get("name") or "") or short_session(str(c.get("session") or "?"))
     when = time.strftime("%m-%d %H:%M", time.localtime(c["created"])) if isinstance(c.get("created"), (int, float)) else ""
     loss = f" · loss {c['loss']:.4f}" if isinstance(c.get("loss"), (int, float)) else ""
-    return f"resume {run}{f' · {when}' if when else ''} · step {c.get('step', '?')}{loss}"
+    return f"resume {run} · step {c.get('step', '?')}{loss}{f' · {when}' if when else ''}"
 
 
 def expand_path(text: str, cwd: str | None = None) -> str:
