@@ -23,8 +23,10 @@ from sessions.store import Store
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6
+STEPS = 4
+EVAL_STEPS = 2
 SEED = 42
+RATIO = 0.05  # 30 validation pairs: evaluation is most of these runs' time on a CPU
 METRICS = {"dpo": ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"),
            "orpo": ("rewards/chosen", "rewards/rejected", "rewards/margins", "nll_loss", "log_odds_ratio"),
            "kto": ("rewards/chosen", "rewards/rejected", "kl")}
@@ -36,12 +38,13 @@ def qlw_config(tiny_folder: Path, method: str) -> dict:
     config["model"].update(source=str(tiny_folder), precision="fp32", device="cpu")
     config["data"].update(source={"path": str(tiny.preference_sample_path()), "config": "", "split": ""},
                           mapping={"instruction": "prompt", "chosen": "chosen", "rejected": "rejected"},
-                          template="chat", split_mode="ratio", validation_ratio=0.1, seed=SEED, max_length=128)
+                          template="chat", split_mode="ratio", validation_ratio=RATIO, seed=SEED, max_length=128)
     config["lora"].update(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
     config["training"].update(max_steps=STEPS, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                               learning_rate=5e-4, lr_scheduler_type="linear", warmup_ratio=0.1,
                               optim="adamw_torch", weight_decay=0.01, max_grad_norm=0.3, logging_steps=1,
-                              eval_steps=3, save_steps=0, seed=SEED, gradient_checkpointing=True, packing=False)
+                              eval_steps=EVAL_STEPS, save_steps=0, seed=SEED, gradient_checkpointing=True,
+                              packing=False)
     config[method]["beta"] = 0.1
     return config
 
@@ -71,7 +74,7 @@ def run_plain_trl(tiny_folder: Path, out: Path, method: str) -> dict[int, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     table = datasets.load_dataset("json", data_files=str(tiny.preference_sample_path()), split="train")
-    parts = table.train_test_split(test_size=math.ceil(0.1 * len(table)), seed=SEED)
+    parts = table.train_test_split(test_size=math.ceil(RATIO * len(table)), seed=SEED)
 
     def to_pair(row):
         return {"prompt": [{"role": "user", "content": row["prompt"]}],
@@ -87,7 +90,7 @@ def run_plain_trl(tiny_folder: Path, out: Path, method: str) -> dict[int, dict]:
         gradient_accumulation_steps=2, learning_rate=5e-4, lr_scheduler_type="linear",
         warmup_steps=0.1,  # transformers 5: below 1 it is the warmup ratio
         optim="adamw_torch", weight_decay=0.01, max_grad_norm=0.3, logging_steps=1, eval_strategy="steps",
-        eval_steps=3, save_strategy="no", seed=SEED, bf16=False, use_cpu=True, max_length=128,
+        eval_steps=EVAL_STEPS, save_strategy="no", seed=SEED, bf16=False, use_cpu=True, max_length=128,
         gradient_checkpointing=True, report_to="none", beta=0.1)
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     rows: dict[int, dict] = {}
@@ -117,6 +120,7 @@ def run_plain_trl(tiny_folder: Path, out: Path, method: str) -> dict[int, dict]:
     return rows
 
 
+@pytest.mark.timeout(900)  # two runs and their evaluations, on a busy CPU
 @pytest.mark.parametrize("method", ["dpo", "orpo", "kto"])
 def test_qlw_preference_run_equals_plain_trl(tiny_folder, method):
     home = Path(tempfile.mkdtemp(prefix=f"qlw-{method}-", dir="/tmp"))
@@ -134,8 +138,14 @@ def test_qlw_preference_run_equals_plain_trl(tiny_folder, method):
         assert ours[step]["loss"] == pytest.approx(theirs[step]["loss"], abs=1e-5), step
         assert ours[step]["grad_norm"] == pytest.approx(theirs[step]["grad_norm"], abs=1e-5), step
         assert ours[step]["learning_rate"] == pytest.approx(theirs[step]["learning_rate"], rel=1e-9), step
-        for name in METRICS[method]:
+        # trl logs a reward only for the rows a step had (a KTO batch may hold no undesirable row).
+        logged = [name for name in METRICS[method] if name in theirs[step]]
+        assert [name for name in METRICS[method] if name in ours[step]] == logged, step
+        for name in logged:
             assert ours[step][name] == pytest.approx(theirs[step][name], abs=1e-5), (step, name)
-    for step in (3, 6):
+    for step in range(EVAL_STEPS, STEPS + 1, EVAL_STEPS):
         assert ours[step]["eval_loss"] == pytest.approx(theirs[step]["eval_loss"], abs=1e-5), step
-        assert ours[step]["eval_rewards/chosen"] == pytest.approx(theirs[step]["eval_rewards/chosen"], abs=1e-5), step
+        # trl's ORPO evaluation gives NaN rewards when a validation prompt alone fills max_length
+        # (its warning says so): NaN in both runs is agreement too.
+        assert ours[step]["eval_rewards/chosen"] == pytest.approx(theirs[step]["eval_rewards/chosen"], abs=1e-5,
+                                                                  nan_ok=True), step
