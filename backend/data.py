@@ -1334,6 +1334,10 @@ def preview_row(opened: Opened, settings: dict[str, Any] | P.PreparedData, index
                               "loss_tokens": 0, "truncated": False, "dropped": False}
     try:
         s = settings_from(settings)
+        from backend.methods import preference
+
+        if preference.is_preference_mapping(s.mapping):  # DPO/ORPO/KTO rows: both sides, answers in the loss
+            return preference.preview_pair(opened, s, index, tokenizer, result)
         check_mapping(s, opened.columns)
         loss = effective_loss(s)
         result.update(form=training_form(s), loss=loss, max_length=s.max_length, template=s.template)
