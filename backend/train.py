@@ -998,16 +998,30 @@ def _clock(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def format_row(row: dict[str, Any]) -> str:
-    """One ``train.log`` row as a line of the loss table (the header is :data:`ROW_HEADER`)."""
+#: Short headings of a preference method's own columns in the headless table.
+METRIC_HEADINGS = {"rewards/chosen": "chosen", "rewards/rejected": "rejected", "rewards/margins": "margin",
+                   "rewards/accuracies": "accuracy", "nll_loss": "nll loss", "log_odds_ratio": "log odds", "kl": "kl"}
+
+
+def row_header(method: str = "sft") -> str:
+    """The headless loss table's header for a run of ``method`` (SFT: :data:`ROW_HEADER`; a
+    preference method adds its rewards, margin, ... at the end)."""
+    extra = "".join(f"  {METRIC_HEADINGS.get(name, name):>9}" for name in P.METHOD_LOG_COLUMNS.get(method, ()))
+    return ROW_HEADER + extra
+
+
+def format_row(row: dict[str, Any], method: str = "sft") -> str:
+    """One ``train.log`` row as a line of the loss table (the header is :func:`row_header`)."""
     def f(value, spec):
         return "—" if value is None else format(value, spec)
 
     step = f"{row['step']}/{row['total_steps']}"
+    metrics = row.get("metrics") or {}
+    extra = "".join(f"  {f(metrics.get(name), '.4f'):>9}" for name in P.METHOD_LOG_COLUMNS.get(method, ()))
     return (f"{step:>11}  {f(row.get('loss'), '.4f'):>10}  {f(row.get('eval_loss'), '.4f'):>9}  "
             f"{f(row.get('learning_rate'), '.3e'):>13}  {f(row.get('grad_norm'), '.3f'):>9}  "
             f"{f(row.get('tokens_per_s'), ',.0f'):>9}  {row.get('epoch') or 0:>6.2f}  {_clock(row.get('elapsed_s')):>8}  "
-            f"{_clock(row.get('eta_s')):>8}")
+            f"{_clock(row.get('eta_s')):>8}" + extra)
 
 
 class LocalRun:
@@ -1169,6 +1183,7 @@ class _PlainPrinter:
 
     def __init__(self) -> None:
         self.stage = ""
+        self.method = "sft"
 
     def __enter__(self):
         return self
@@ -1188,11 +1203,12 @@ class _PlainPrinter:
         elif kind == "train.started":
             t = payload
             resumed = f", resumed from {t['resumed_from']} at step {t['start_step']}" if t["resumed_from"] else ""
-            self.line(f"training {t['total_steps']} steps; {t['trainable_params']:,} trainable of "
+            self.method = str((t.get("config") or {}).get("method") or "sft")
+            self.line(f"training {t['total_steps']} steps ({self.method}); {t['trainable_params']:,} trainable of "
                       f"{t['total_params']:,} parameters{resumed}")
-            self.line(ROW_HEADER)
+            self.line(row_header(self.method))
         elif kind == "train.log":
-            self.line(format_row(payload))
+            self.line(format_row(payload, self.method))
         elif kind == "train.checkpoint":
             self.line(f"checkpoint at step {payload['step']}: {payload['path']}")
         elif kind == "train.alert":

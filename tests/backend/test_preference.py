@@ -149,3 +149,95 @@ def test_qlw_preference_run_equals_plain_trl(tiny_folder, method):
         # (its warning says so): NaN in both runs is agreement too.
         assert ours[step]["eval_rewards/chosen"] == pytest.approx(theirs[step]["eval_rewards/chosen"], abs=1e-5,
                                                                   nan_ok=True), step
+
+
+# The SFT -> DPO chain, stop and resume, and `qlw train` ---------------------------------------------
+
+
+@pytest.fixture
+def home(tiny_folder):
+    from tests.backend.test_train import make_home
+
+    h = make_home(tiny_folder)
+    yield h
+    shutil.rmtree(h, ignore_errors=True)
+    from backend import models
+
+    models.release_base_model()
+
+
+def dpo_config(start_adapter: str = "", **training) -> dict:
+    """DPO on the shipped preference sample (empty data path; the mapping is detected)."""
+    from tests.backend.test_train import small_config
+
+    config = small_config(**training)
+    config["method"] = "dpo"
+    config["data"]["split_mode"] = "none"
+    config["dpo"]["start_adapter"] = start_adapter
+    return config
+
+
+@pytest.mark.timeout(900)
+def test_dpo_from_an_sft_adapter_stops_and_resumes_on_the_same_curve(home):
+    """SFT for 3 steps, then DPO from its adapter (trl's frozen copy of it is the reference): an
+    uninterrupted 4-step DPO run against one stopped after step 2 and resumed from its checkpoint.
+    The resumed steps' losses and margins equal the uninterrupted ones; the adapter holds the
+    trained adapter only; the held base model is given back without LoRA layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from backend.holdings import HOLDINGS
+    from tests.backend.test_train import small_config, train_here
+
+    sft_config = small_config(max_steps=3)
+    sft_config["data"]["split_mode"] = "none"
+    sft, result = train_here(home, sft_config)
+    assert isinstance(result, dict) and result["status"] == "done", result
+    adapter = result["adapter_path"]
+
+    config = dpo_config(adapter, max_steps=4)
+    full, result = train_here(home, config)
+    assert isinstance(result, dict) and result["status"] == "done", result
+    assert any("starting from the adapter" in p["message"] for p in full.of("log"))
+    rows = {r["step"]: r for r in full.of("train.log")}
+    assert set(rows[1]["metrics"]) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
+    # Step 1 starts from the SFT adapter, which is also the reference: the rewards start at 0.
+    assert rows[1]["metrics"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[4]["metrics"]["rewards/margins"] != 0.0
+    assert Path(result["adapter_path"], "adapter_model.safetensors").is_file()
+    assert not Path(result["adapter_path"], "ref").exists()  # trl's reference copy is not saved
+
+    stopped, result = train_here(home, config, stop_at=2)
+    assert isinstance(result, dict) and result["status"] == "stopped" and result["step"] == 2, result
+    checkpoint = train.run_dir(home, stopped.session) / "checkpoints" / "checkpoint-2"
+    resumed, result = train_here(home, config, resume_from=str(checkpoint))
+    assert isinstance(result, dict) and result["status"] == "done", result
+    assert sorted(resumed.losses()) == [3, 4]
+    others = {**stopped.losses(), **resumed.losses()}
+    margins = {r["step"]: r["metrics"]["rewards/margins"] for run in (stopped, resumed) for r in run.of("train.log")}
+    for step in range(1, 5):
+        assert others[step] == pytest.approx(full.losses()[step], abs=1e-5), step
+        assert margins[step] == pytest.approx(rows[step]["metrics"]["rewards/margins"], abs=1e-5), step
+    base = HOLDINGS.get("base")
+    assert base is not None and not any(isinstance(m, BaseTunerLayer) for m in base.modules())
+
+
+@pytest.mark.timeout(600)
+def test_qlw_train_runs_dpo_headless_with_its_columns(home):
+    from tests.backend.test_train import qlw
+
+    path = home / "dpo.toml"
+    path.write_text(TC.dumps_toml(dpo_config(max_steps=2)), encoding="utf-8")
+    out = qlw(home, "train", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    header = lines.index(train.row_header("dpo"))
+    assert lines[header].split()[-4:] == ["chosen", "rejected", "margin", "accuracy"]
+    assert [line.split()[0] for line in lines[header + 1:header + 3]] == ["1/2", "2/2"]
+    assert len(lines[header + 2].split()) == len(lines[header].split()) - 4  # four two-word headings; a cell is one word
+    assert any(line.startswith("done at step 2/2") for line in lines)
+
+    bad = dpo_config(max_steps=2)
+    bad["dpo"]["start_adapter"] = str(home / "no-such-adapter")
+    path.write_text(TC.dumps_toml(bad), encoding="utf-8")
+    out = qlw(home, "train", str(path))
+    assert out.returncode == 2 and "dpo.start_adapter:" in out.stderr and "holds no LoRA adapter" in out.stderr
