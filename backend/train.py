@@ -35,6 +35,7 @@ Nothing heavy is imported at module level: the server imports this module lazily
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -262,6 +263,44 @@ def check_resume(path: str, config: dict[str, Any]) -> Path:
             raise JobError(f"the checkpoint's adapter has {key} = {adapter[key]!r}, the config {lora[key]!r}",
                            where=f"lora.{key}", hint="resume with the LoRA settings the checkpoint was trained with")
     return p.resolve()
+
+
+@dataclasses.dataclass
+class CheckedRun:
+    """A run config checked once, for the job: the normalised ``config`` (what the session records),
+    the ``effective`` one adapted to ``device``, the ``warnings`` to report, and the checked
+    checkpoint folder to resume from ("" for a fresh run)."""
+
+    config: dict[str, Any]
+    effective: dict[str, Any]
+    device: str
+    warnings: dict[str, str]
+    resume_from: str = ""
+
+
+def check_run(config: Any, home: Path, resume_from: str = "") -> CheckedRun:
+    """Every check a run gets before it starts, in one place (the ``train.start`` handler, ``qlw
+    train`` and :func:`run_training` itself): the fields, the device, the model and data sources,
+    the method's start adapter and the checkpoint to resume from. Raises
+    :class:`~backend.train_config.ConfigError` with every error keyed by field."""
+    cfg, errors = TC.normalise(config)
+    if errors:
+        raise TC.ConfigError(errors)
+    try:
+        eff, device, errors, warnings = effective_config(cfg)
+    except JobError as exc:
+        raise TC.ConfigError({_field_of(exc, "model.device"): str(exc)}) from None
+    if not errors:
+        errors = preflight(cfg, home)
+    if errors:
+        raise TC.ConfigError(errors)
+    resume = ""
+    if resume_from:
+        try:
+            resume = str(check_resume(resume_from, eff))
+        except JobError as exc:
+            raise TC.ConfigError({exc.where or "resume_from": str(exc) + (f": {exc.hint}" if exc.hint else "")}) from None
+    return CheckedRun(cfg, eff, device, warnings, resume)
 
 
 # Checkpoints ----------------------------------------------------------------------------------------------
@@ -801,21 +840,20 @@ def oom_hint(eff: dict[str, Any]) -> str:
 def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = "",
                  record_artifact: Callable[[str, str], None] | None = None,
                  set_config: Callable[[dict[str, Any]], None] | None = None,
-                 fault: tuple[str, int] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+                 fault: tuple[str, int] | None = None, callbacks: list | None = None,
+                 checked: "CheckedRun | None" = None) -> dict[str, Any]:
     """Train ``config`` (a run config dict) in this thread, reporting through ``ctx`` (a
     :class:`~backend.jobs.JobContext` or anything with ``job_id``, ``session``, ``emit``,
     ``progress``, ``cancelled``, ``check_cancelled``). Returns the ``train.finished`` payload; a
     bad config, bad data or an out-of-memory end raise :class:`JobError`. ``callbacks``: extra
-    ``TrainerCallback`` objects (bench/train_speed.py times the steps with one)."""
+    ``TrainerCallback`` objects (bench/train_speed.py times the steps with one). ``checked``: the
+    :func:`check_run` of ``config`` when the caller (the ``train.start`` handler) made it already."""
     home = Path(home)
     record = record_artifact or (lambda kind, path: None)
-    cfg = TC.checked(config)
-    eff, device, errors, warnings = effective_config(cfg)
-    if errors:
-        raise TC.ConfigError(errors)
+    run = checked if checked is not None else check_run(config, home, resume_from)
+    cfg, eff, device, warnings, resume = run.config, run.effective, run.device, run.warnings, run.resume_from
     for key, text in warnings.items():
         ctx.emit("log", {"level": "warning", "message": f"{key}: {text}"})
-    resume = str(check_resume(resume_from, eff)) if resume_from else ""
     if set_config is not None:
         set_config(cfg)
     folder = run_dir(home, ctx.session)
@@ -970,16 +1008,16 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     return final
 
 
-def train_job(params: P.StartTraining, home: Path, store=None):
-    """The ``train.start`` job; the config was checked by the handler already."""
-    config = TC.checked(params.config)
+def train_job(params: P.StartTraining, home: Path, store=None, checked: "CheckedRun | None" = None):
+    """The ``train.start`` job, on the config the handler checked (:func:`check_run`)."""
+    run_checked = checked if checked is not None else check_run(params.config, home, params.resume_from)
     fault = take_fault()
 
     def run(ctx) -> dict[str, Any]:
         record = (lambda kind, path: store.add_artifact(ctx.session, kind, path)) if store is not None else None
         set_config = (lambda cfg: store.set_config(ctx.session, cfg)) if store is not None else None
-        return run_training(config, home, ctx, resume_from=params.resume_from, record_artifact=record,
-                            set_config=set_config, fault=fault)
+        return run_training(run_checked.config, home, ctx, resume_from=params.resume_from, record_artifact=record,
+                            set_config=set_config, fault=fault, checked=run_checked)
 
     return run
 
@@ -1093,14 +1131,11 @@ def cli(args) -> int:
         _print_errors(errors, args.config)
         return 2
     try:
-        eff, device, dev_errors, dev_warnings = effective_config(config)
-    except JobError as exc:
-        dev_errors, dev_warnings, device = {_field_of(exc, "model.device"): str(exc)}, {}, "?"
-    if not dev_errors:
-        dev_errors = preflight(config, home)
-    if dev_errors:
-        _print_errors(dev_errors, args.config)
+        checked_run = check_run(config, home, args.resume_from)
+    except TC.ConfigError as exc:
+        _print_errors(exc.errors, args.config)
         return 2
+    device = checked_run.device
     if args.check:
         checked = validate_run(config, home)
         for key, text in checked["warnings"].items():
@@ -1158,7 +1193,8 @@ def cli(args) -> int:
         with printer:
             result = run_training(config, home, run, resume_from=args.resume_from,
                                   record_artifact=lambda kind, path: store.add_artifact(info.id, kind, path),
-                                  set_config=lambda cfg: store.set_config(info.id, cfg), fault=take_fault())
+                                  set_config=lambda cfg: store.set_config(info.id, cfg), fault=take_fault(),
+                                  checked=checked_run)
         if result.get("status") == "stopped":
             status, code = "cancelled", 130
     except JobCancelled:
