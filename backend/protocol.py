@@ -709,6 +709,8 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 #: transformers' ``optim`` values offered by the form (bitsandbytes ones need it installed).
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch",
               "adamw_torch_fused", "adafactor", "sgd")
+#: ``training.speed``: how the run picks its speed levers (backend/speed.py).
+SPEEDS = ("fast", "lean", "manual")
 #: peft's ``bias``.
 LORA_BIASES = ("none", "all", "lora_only")
 #: Presets of ``train.presets``.
@@ -763,7 +765,12 @@ class TrainingSettings:
     flash-attention reads the boundaries); ``per_device_train_batch_size`` then counts packed
     sequences. ``use_liger_kernel``: Liger's fused RMSNorm/SwiGLU/RoPE kernels (needs the
     liger-kernel package and a CUDA GPU; off otherwise, with a warning). ``activation_offloading``:
-    the activations kept for the backward pass wait in CPU memory (less GPU memory, some speed)."""
+    the activations kept for the backward pass wait in CPU memory (less GPU memory, some speed).
+    ``speed`` (backend/speed.py): ``fast`` takes the fastest levers whose memory estimate fits
+    ``memory_budget`` (GiB; 0: 90% of what the device has for the run): compiled decoder layers,
+    checkpointing off, a bf16 copy of 4-bit weights; ``lean`` the smallest footprint (compiled,
+    checkpointing, one sequence per micro-step); ``manual`` the switches as set. None changes the
+    math; on the CPU the switches are taken as set."""
 
     num_train_epochs: float = setting(1.0, help="Passes over the training rows (used when max_steps is -1).",
                                       minimum=0, low_open=True, what="a positive number of epochs")
@@ -785,7 +792,7 @@ class TrainingSettings:
     auto_find_batch_size: bool = setting(False, help="Halve the batch size and retry on CUDA out-of-memory.")
     packing: bool = setting(True, help="Pack several short rows into one max_length sequence (SFT only).")
     gradient_checkpointing: bool = setting(True, help="Recompute activations in the backward pass: "
-                                           "much less memory, about 30% slower.")
+                                           "much less memory, about 30% slower (speed fast/lean decide it on a GPU).")
     optim: str = setting("paged_adamw_8bit", help="Optimizer; paged_adamw_8bit is QLoRA's (needs bitsandbytes).",
                          choices=OPTIMIZERS)
     weight_decay: float = setting(0.0, help="Decoupled weight decay (0 in QLoRA).", minimum=0, what="a number >= 0")
@@ -805,6 +812,11 @@ class TrainingSettings:
                                 "and the device.")
     use_liger_kernel: bool = setting(False, help="Liger's fused kernels (CUDA and the liger-kernel package).")
     activation_offloading: bool = setting(False, help="Keep the activations for the backward pass in CPU memory.")
+    speed: str = setting("fast", help="fast: the fastest levers that fit memory_budget (compiled layers, "
+                         "checkpointing off, a bf16 weight copy); lean: the smallest footprint; manual: the switches "
+                         "as set. The same math either way; the CPU takes the switches as set.", choices=SPEEDS)
+    memory_budget: float = setting(0.0, help="GiB the run may take on the GPU, for speed fast; 0: 90% of what the "
+                                   "device has.", minimum=0, what="GiB for the run (0: 90% of what the device has)")
 
 
 @dataclass

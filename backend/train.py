@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from backend import methods, protocol as P, train_config as TC
+from backend import methods, protocol as P, speed, train_config as TC
 from backend.holdings import HOLDINGS, Holdings
 from backend.jobs import JobCancelled, JobError, print_job_error
 from backend.methods import base as methods_base
@@ -369,7 +369,10 @@ def estimate_memory(eff: dict[str, Any], est: dict[str, Any], trainable: int | N
     # trl casts LoRA weights of quantized models to bf16; peft keeps them in fp32 otherwise.
     lora_bytes = 2 if quantized else 4
     n = trainable or 0
-    tokens = t["per_device_train_batch_size"] * d["max_length"]
+    # A preference pair is two sequences in one forward (chosen and rejected; KTO: a completion
+    # and its KL counterpart), and the reference pass runs without gradients beside them.
+    sequences = 1 if eff.get("method", "sft") == "sft" else 2
+    tokens = t["per_device_train_batch_size"] * d["max_length"] * sequences
     hidden, layers, vocab = est.get("hidden_size") or 0, est.get("layers") or 0, est.get("vocab_size") or 0
     per_token_layer = hidden * (act_bytes // 2)
     if t["gradient_checkpointing"]:
@@ -498,6 +501,25 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
                     warnings["lora.target_modules"] = (f"{', '.join(missing)} match(es) no layer of this model: "
                                                        "only the others get an adapter")
             out["memory"] = estimate_memory(eff, est, trainable)
+            quantized = eff["model"]["precision"] == "4bit"
+            copy_bytes = 2 * int(est.get("quantized_parameters") or 0) if quantized else 0
+            plan = speed.plan(
+                eff["training"], device, tokens_per_sequence=int(eff["data"]["max_length"]),
+                estimate=lambda t: estimate_memory({**eff, "training": t}, est, trainable)["total_bytes"],
+                budget=speed.budget_bytes(eff["training"]["memory_budget"], int(est["free_bytes"])),
+                copy_bytes=copy_bytes, quantized_4bit=quantized)
+            out["speed"] = {**plan.as_dict(), "text": plan.describe()}
+            if plan.estimate_bytes is not None:  # the footprint of the levers the run will take
+                planned = {**eff["training"], "gradient_checkpointing": plan.gradient_checkpointing,
+                           "per_device_train_batch_size": plan.per_device_train_batch_size,
+                           "gradient_accumulation_steps": plan.gradient_accumulation_steps}
+                out["memory"] = estimate_memory({**eff, "training": planned}, est, trainable)
+                if plan.bf16_base:
+                    out["memory"]["parts"]["bf16_weight_copy"] = copy_bytes
+                    out["memory"]["total_bytes"] += copy_bytes
+                    from backend import models
+
+                    out["memory"]["verdict"] = models.verdict(out["memory"]["total_bytes"], out["memory"]["free_bytes"])
             if out["memory"]["verdict"] == "will not fit":
                 warnings["memory"] = (f"about {out['memory']['total_bytes'] / GIB:.1f} GiB needed, "
                                       f"{out['memory']['free_bytes'] / GIB:.1f} GiB free on {device}: lower "
@@ -837,6 +859,49 @@ def oom_hint(eff: dict[str, Any]) -> str:
     return "; ".join(tips)
 
 
+def plan_speed(eff: dict[str, Any], settings: P.ModelSettings, model, device: str) -> speed.SpeedPlan:
+    """The run's speed levers (:mod:`backend.speed`) for the loaded ``model``, by the memory
+    estimate the form shows; the levers that go through the trainer's arguments (checkpointing,
+    micro-batch) are written into ``eff``'s training section."""
+    t = eff["training"]
+    estimate, budget, copy_bytes = None, None, 0
+    if device.startswith("cuda"):
+        import torch
+
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        model_bytes = int(model.get_memory_footprint())
+        free, _total = torch.cuda.mem_get_info(device)
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        est = {"total_bytes": model_bytes, "hidden_size": getattr(text, "hidden_size", 0) or 0,
+               "layers": getattr(text, "num_hidden_layers", 0) or 0, "vocab_size": getattr(text, "vocab_size", 0) or 0,
+               "free_bytes": int(free), "device": device, "context_bytes": 0}
+        try:
+            trainable = count_trainable(settings, eff["lora"])[0]
+        except Exception:
+            trainable = None
+        estimate = lambda training: estimate_memory({**eff, "training": training}, est, trainable)["total_bytes"]  # noqa: E731
+        budget = speed.budget_bytes(t.get("memory_budget", 0.0), int(free) + unused + model_bytes)
+        copy_bytes = 2 * speed.four_bit_params(model)
+    p = speed.plan(t, device, tokens_per_sequence=int(eff["data"]["max_length"]), estimate=estimate, budget=budget,
+                   copy_bytes=copy_bytes, quantized_4bit=eff["model"]["precision"] == "4bit")
+    if eff.get("method") == "kto" and p.per_device_train_batch_size != t["per_device_train_batch_size"]:
+        # KTO's KL term is estimated from the other rows of a micro-batch: splitting it changes the
+        # math, so the batch stays and checkpointing makes the room instead.
+        p.per_device_train_batch_size, p.gradient_accumulation_steps = (t["per_device_train_batch_size"],
+                                                                        t["gradient_accumulation_steps"])
+        p.gradient_checkpointing = True
+        p.reasons.append("kto: the micro-batch is not split (its KL term depends on it)")
+    t.update(gradient_checkpointing=p.gradient_checkpointing, per_device_train_batch_size=p.per_device_train_batch_size,
+             gradient_accumulation_steps=p.gradient_accumulation_steps)
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.2x's name
+    if on is None:
+        on = getattr(model, "is_gradient_checkpointing", False)
+    if not p.gradient_checkpointing and on:
+        # A held model keeps it on from an earlier run (transformers 5.2x renamed the method).
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    return p
+
+
 def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = "",
                  record_artifact: Callable[[str, str], None] | None = None,
                  set_config: Callable[[dict[str, Any]], None] | None = None,
@@ -897,11 +962,13 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     import torch
 
     has_eval = prepared.validation is not None and len(prepared.validation) > 0
+    speed_plan = plan_speed(eff, settings, model, device)
+    ctx.emit("log", {"level": "info", "message": speed_plan.describe()})
     args = method.trl_config(eff, prepared, output_dir, device, has_eval)
     reporter = Reporter(ctx, has_eval=has_eval, record_artifact=record, config=eff, resumed_from=resume,
                         output_dir=output_dir, columns=method.log_columns)
     box = Holdings()  # what this run allocated; freed at the end, whatever happens
-    status, oom, failure = "done", None, None
+    status, oom, failure, applied = "done", None, None, None
     t0 = time.monotonic()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -918,6 +985,7 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
             trainer.remove_callback(cb)
         trainer.qlw_fault = fault
         trainer.qlw_watch = reporter.watch
+        applied = speed.apply(trainer.model, speed_plan)
         reporter.trainable, reporter.total_params = (int(x) for x in trainer.model.get_nb_trainable_parameters())
         del trainer
         ctx.check_cancelled()
@@ -963,6 +1031,9 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     # Give the base model back as it was loaded, and free everything the run allocated.
     restored = False
     try:
+        if applied is not None:  # the weight copy and the compiled layers go before the adapter does
+            applied.restore()
+            applied = None
         if trainer is not None and hasattr(trainer.model, "unload"):
             trainer.model.unload()
         restored = _restore_base(model)
@@ -981,7 +1052,7 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
         "job_id": ctx.job_id, "status": status, "step": reporter.step, "total_steps": reporter.total_steps,
         "final_loss": reporter.final("loss"), "final_eval_loss": reporter.final("eval_loss"),
         "adapter_path": adapter_path, "checkpoint_path": reporter.last_checkpoint, "elapsed_s": elapsed,
-        "tokens_per_s": reporter.tokens_per_s(), "peak_memory": peak,
+        "tokens_per_s": reporter.tokens_per_s(), "peak_memory": peak, "speed": speed_plan.as_dict(),
     }
     if oom is not None:
         hint = oom_hint(eff)

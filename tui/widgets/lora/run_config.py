@@ -89,7 +89,8 @@ FIELDS: tuple[Field, ...] = (
     *(catalogued(f"lora.{name}") for name in P.settings_catalogue(P.LoraSettings)),
     *(catalogued(f"training.{name}") for name in (
         "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-        "auto_find_batch_size", "gradient_checkpointing", "learning_rate", "lr_scheduler_type", "warmup_ratio",
+        "auto_find_batch_size", "gradient_checkpointing", "speed", "memory_budget", "learning_rate",
+        "lr_scheduler_type", "warmup_ratio",
         "warmup_steps", "optim", "weight_decay", "max_grad_norm", "logging_steps", "eval_steps", "save_steps",
         "save_total_limit", "seed", "bf16", "fp16")),
     catalogued("data.max_length"), catalogued("data.loss"), catalogued("training.packing"),
@@ -299,6 +300,19 @@ def memory_text(memory: dict[str, Any]) -> str:
     if memory.get("device"):
         text += f" on {memory['device']}"
     return f"{text} → {VERDICT_MARKS.get(verdict, verdict)}" if verdict else text
+
+
+def speed_text(plan: dict[str, Any]) -> str:
+    """The speed levers the run will take on a GPU (``train.validate``'s ``speed``), in short;
+    nothing where none is taken (the CPU, speed manual)."""
+    if not plan or not plan.get("compile"):
+        return ""
+    parts = [plan.get("speed", ""), "compiled"]
+    parts.append("checkpointing" if plan.get("gradient_checkpointing") else "no checkpointing")
+    if plan.get("bf16_base"):
+        parts.append("bf16 weight copy")
+    parts.append(f"micro-batch {plan.get('per_device_train_batch_size')}×{plan.get('gradient_accumulation_steps')}")
+    return ": ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
 
 def model_line(model: dict[str, Any], origin: str) -> str:

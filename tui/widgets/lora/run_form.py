@@ -44,7 +44,8 @@ LAYOUT: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("Length and batch · SFTConfig", (
         ("training.num_train_epochs", "training.max_steps"),
         ("training.per_device_train_batch_size", "training.gradient_accumulation_steps"),
-        ("training.auto_find_batch_size", "training.gradient_checkpointing"))),
+        ("training.auto_find_batch_size", "training.gradient_checkpointing"),
+        ("training.speed", "training.memory_budget"))),
     ("Optimizer and schedule", (
         ("training.learning_rate", "training.lr_scheduler_type"),
         ("training.warmup_ratio", "training.warmup_steps"),
