@@ -417,7 +417,10 @@ def test_the_method_and_its_settings(qlw_home):
             return {**VALID, "ok": False, "errors": {"dpo.start_adapter": "/missing holds no LoRA adapter"}}
         return VALID
 
-    fake = FakeBackend(train_validate=validate)
+    adapters = [{"path": "/data/qlw/runs/s2/adapter", "kind": "adapter", "run_config": {"method": "dpo"}},
+                {"path": "/data/qlw/runs/s1/adapter", "kind": "adapter", "run_config": {"method": "sft"}},
+                {"path": "/data/qlw/runs/s1/checkpoints/checkpoint-3", "kind": "checkpoint", "run_config": {}}]
+    fake = FakeBackend(train_validate=validate, merge_adapters={"adapters": adapters})
 
     async def body():
         app = make_app(qlw_home)
@@ -425,6 +428,11 @@ def test_the_method_and_its_settings(qlw_home):
             await with_sections(pilot)
             pane = await open_lora(pilot, fake)
             form = pane.form
+            # Finished runs' adapters are offered as the start, the SFT run's first.
+            await until(pilot, lambda: form.adapters == ["/data/qlw/runs/s1/adapter", "/data/qlw/runs/s2/adapter"],
+                        "the adapters offered")
+            start = form.row("dpo.start_adapter").control
+            assert "/data/qlw/runs/s1/adapter" in start.placeholder and start.suggester is not None
             shown = lambda: {f.path for f in FIELDS if form.row(f.path).display}  # noqa: E731
             assert pane.config()["method"] == "sft" and "training.packing" in shown()
             assert not {p for p in shown() if p.split(".")[0] in P.METHOD_SETTINGS}

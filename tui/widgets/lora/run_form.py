@@ -19,8 +19,10 @@ from textual import on
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.message import Message
+from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
+from backend.protocol import METHOD_SETTINGS as METHOD_SECTIONS
 from tui.widgets.lora.run_config import (FIELD_BY_PATH, FIELDS, METHOD, TARGET_MODULES, data_line, model_line,
                                          shown_for)
 from tui.widgets.lora.setting_row import SettingRow
@@ -76,6 +78,8 @@ class RunForm(VerticalScroll):
         #: Errors shown, by dotted path (local and the backend's).
         self.errors: dict[str, str] = {}
         self._sections: tuple[dict[str, Any], str, dict[str, Any], str] = ({}, "", {}, "")
+        #: Finished runs' adapter folders offered as a preference run's start (SFT runs first).
+        self.adapters: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield Static("", id="run-other-errors", classes="setting-error", markup=False)
@@ -162,6 +166,22 @@ class RunForm(VerticalScroll):
                 self.query_one("#run-name", Input).value = name
         self._show_method_fields()
         self.post_message(self.Changed(self))
+
+    def offer_adapters(self, adapters: list[dict[str, Any]]) -> None:
+        """Finished runs' adapters (``merge.adapters``, newest first) as the start adapter's
+        completions, SFT runs' first; the newest SFT adapter is named in the placeholder."""
+        def is_sft(a: dict[str, Any]) -> bool:
+            return ((a.get("run_config") or {}).get("method") or "sft") == "sft"
+
+        ordered = [a for a in adapters if is_sft(a)] + [a for a in adapters if not is_sft(a)]
+        paths = [str(a["path"]) for a in ordered if a.get("path")]
+        self.adapters = paths
+        for method in METHOD_SECTIONS:
+            control = self.row(f"{method}.start_adapter").control
+            if isinstance(control, Input):
+                control.suggester = SuggestFromList(paths, case_sensitive=True) if paths else None
+                control.placeholder = (f"empty: a fresh adapter; type / for e.g. {paths[0]}" if paths
+                                       else "empty: a fresh adapter (no finished run yet)")
 
     def set_groups(self, groups: list[dict[str, Any]]) -> None:
         """The loaded model's linear groups, for ``target_modules``."""
