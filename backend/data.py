@@ -1436,6 +1436,12 @@ def token_stats(opened: Opened, settings: dict[str, Any] | P.PreparedData, token
     report = progress or (lambda stage, done, total: None)
     is_cancelled = cancelled or (lambda: False)
     s = settings_from(settings)
+    from backend.methods.preference import is_preference_mapping
+
+    if is_preference_mapping(s.mapping):
+        # SFT's statistics would measure the prompts alone: say so rather than show them.
+        raise DataError("token statistics measure SFT rows; these are preference pairs", where="mapping",
+                        hint="the preview shows each pair's chosen and rejected tokens and what max_length cuts")
     check_mapping(s, opened.columns)
     loss = effective_loss(s)
     form = training_form(s)

@@ -132,6 +132,9 @@ def test_the_preview_shows_both_sides_with_the_answers_in_the_loss(home, tmp_pat
     kto = opened_of(home, tmp_path, "kto.jsonl", KTO)
     pv = D.preview_row(kto, settings_of(kto), 1, tok)
     assert set(pv["sides"]) == {"completion"} and pv["label"] is False
+    # SFT's token statistics would measure the prompts alone: refused, saying where to look.
+    with pytest.raises(D.DataError, match="these are preference pairs"):
+        D.token_stats(pairs, settings_of(pairs), tok)
 
 
 def test_tokenized_sides_match_trls_dpo_preparation(home, tmp_path):

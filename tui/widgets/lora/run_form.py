@@ -22,7 +22,7 @@ from textual.message import Message
 from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
-from backend.protocol import METHOD_SETTINGS as METHOD_SECTIONS
+from backend.protocol import METHOD_SETTINGS as METHOD_SECTIONS, settings_catalogue
 from tui.widgets.lora.run_config import (FIELD_BY_PATH, FIELDS, METHOD, TARGET_MODULES, data_line, model_line,
                                          shown_for)
 from tui.widgets.lora.setting_row import SettingRow
@@ -30,14 +30,27 @@ from tui.widgets.lora.target_modules_picker import TargetModulesPicker
 
 #: Errors said by the model and data lines themselves (nothing chosen yet).
 SECTION_SOURCES = ("model.source", "data.source")
+#: A method's settings wide (a folder path) rather than in the two-column grid.
+WIDE_METHOD_SETTINGS = ("start_adapter",)
+
+
+def _method_rows(method: str) -> tuple[Any, ...]:
+    """The form rows of a method's own settings, from the protocol's catalogue: two a row, the
+    wide ones (start_adapter) a row of their own, so a new method needs no change here."""
+    names = [n for n in settings_catalogue(METHOD_SECTIONS[method]) if n not in WIDE_METHOD_SETTINGS]
+    paths = [f"{method}.{n}" for n in names]
+    if len(paths) % 2:
+        *paired, last = paths
+        rows: list[Any] = [tuple(paired[i:i + 2]) for i in range(0, len(paired), 2)] + [last]
+    else:
+        rows = [tuple(paths[i:i + 2]) for i in range(0, len(paths), 2)]
+    return (*rows, *(f"{method}.{n}" for n in WIDE_METHOD_SETTINGS))
+
+
 #: (section title, rows); a row is one path (a full-width row) or a pair (two columns).
 LAYOUT: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("Method · SFT, or preference tuning with trl's DPOTrainer, ORPOTrainer, KTOTrainer", (
-        ("method", None),
-        ("dpo.beta", "dpo.loss_type"), ("dpo.label_smoothing", "dpo.malformed"), "dpo.start_adapter",
-        ("orpo.beta", "orpo.malformed"), "orpo.start_adapter",
-        ("kto.beta", "kto.loss_type"), ("kto.desirable_weight", "kto.undesirable_weight"), "kto.malformed",
-        "kto.start_adapter")),
+        ("method", None), *(row for method in METHOD_SECTIONS for row in _method_rows(method)))),
     ("Data · the prepared dataset's length and loss, and packing", (
         ("data.max_length", "data.loss"), ("training.packing", None))),
     ("LoRA · peft LoraConfig", (
