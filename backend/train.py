@@ -258,8 +258,11 @@ def check_resume(path: str, config: dict[str, Any]) -> Path:
             what = "missing" if not (p / name).exists() else "truncated or damaged"
             raise JobError(f"the checkpoint's {name} is {what}", where=f"resume_from: {p / name}", hint=broken)
     lora = config["lora"]
+    method = config.get("method", "sft")
+    if method in P.METHOD_SETTINGS and (config.get(method) or {}).get("start_adapter"):
+        lora = {}  # the run trains the start adapter, with its own LoRA settings, not the lora section's
     for key in ("r", "use_dora"):
-        if key in adapter and adapter[key] != lora[key]:
+        if key in adapter and key in lora and adapter[key] != lora[key]:
             raise JobError(f"the checkpoint's adapter has {key} = {adapter[key]!r}, the config {lora[key]!r}",
                            where=f"lora.{key}", hint="resume with the LoRA settings the checkpoint was trained with")
     return p.resolve()

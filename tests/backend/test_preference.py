@@ -241,3 +241,24 @@ def test_qlw_train_runs_dpo_headless_with_its_columns(home):
     path.write_text(TC.dumps_toml(bad), encoding="utf-8")
     out = qlw(home, "train", str(path))
     assert out.returncode == 2 and "dpo.start_adapter:" in out.stderr and "holds no LoRA adapter" in out.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_kto_run_flags_a_nan_loss_and_ends_cleanly_out_of_memory(home):
+    """The seam's watch and fault hooks hold for every method: KTO (on the sample's pairs,
+    unpaired) flags a NaN loss on its step and ends an out-of-memory run with the base kept."""
+    from backend.holdings import HOLDINGS
+    from backend.jobs import JobError
+    from tests.backend.test_train import train_here
+
+    config = dpo_config(max_steps=2)
+    config["method"] = "kto"
+    run, result = train_here(home, config, fault=("nan", 2))
+    assert isinstance(result, dict) and result["status"] == "done", result
+    assert [(a["kind"], a["step"]) for a in run.of("train.alert")] == [("nan", 2)]
+    assert "kl" in run.of("train.log")[0]["metrics"]
+
+    run, result = train_here(home, config, fault=("oom", 2))
+    assert isinstance(result, JobError) and "out of memory at step 2" in str(result)
+    assert run.of("train.finished")[0]["status"] == "failed" and sorted(run.losses()) == [1]
+    assert HOLDINGS.get("trainer") is None and HOLDINGS.get("base") is not None
