@@ -919,7 +919,8 @@ class ValidateRun:
 
 @request("train.start")
 class StartTraining:
-    """Job: train ``config`` (a :class:`RunConfig` dict) with trl's ``SFTTrainer`` and peft on
+    """Job: train ``config`` (a :class:`RunConfig` dict) with its method's trl trainer (``SFTTrainer``,
+    ``DPOTrainer``, ``ORPOTrainer`` or ``KTOTrainer``: ``backend/methods/``) and peft on
     the held base model (loaded first if it is not the one the config names) and the prepared
     dataset. ``resume_from``: a checkpoint folder of this or an earlier session. Refused with
     the field errors (result ``{"errors": {...}}``) when the config is invalid. The job's
