@@ -535,7 +535,10 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
     if not any(data["mapping"].values()):
         warnings["data.mapping"] = "no column is mapped: the mapping detected from the columns is used"
     rows = train_rows(data, home)
-    if rows is not None and not eff["training"]["packing"]:
+    method = eff.get("method", "sft")
+    if rows is not None and method == "kto" and not (data["mapping"].get("response") and data["mapping"].get("label")):
+        rows *= 2  # pairs, unpaired: a desirable and an undesirable row each
+    if rows is not None and not (eff["training"]["packing"] and method == "sft"):  # packing is SFT's only
         out["total_steps"] = steps_for(rows, eff["training"])
     elif eff["training"]["max_steps"] > 0:
         out["total_steps"] = eff["training"]["max_steps"]

@@ -202,3 +202,20 @@ def test_every_catalogued_setting_has_help_and_a_check():
     rule = TC.RULES["training"]["learning_rate"]
     assert rule(0)[1] == "must be a positive number below 1 (e.g. 2e-4), got 0" and rule(1e-4) == (1e-4, None)
     assert TC.RULES["training"]["max_steps"](-1) == (-1, None)
+
+
+def test_validate_counts_the_steps_of_a_preference_run(tmp_path):
+    """train.validate's step count: pairs for DPO (packing is SFT's, so it does not hide the
+    count), twice the pairs for KTO on paired data (unpaired)."""
+    from backend import train
+
+    home = tmp_path / "home"
+    config = TC.defaults()
+    config["model"].update(device="cpu", precision="fp32")
+    config["training"].update(per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=1)
+    config["method"] = "dpo"
+    n = len(tiny.preference_sample_path().read_text(encoding="utf-8").splitlines())
+    train_rows = n - -(-n // 10)  # validation_ratio 0.1, rounded up
+    assert train.validate_run(config, home)["total_steps"] == -(-train_rows // 4)
+    config["method"] = "kto"
+    assert train.validate_run(config, home)["total_steps"] == -(-(2 * train_rows) // 4)
