@@ -1350,6 +1350,10 @@ def preview_row(opened: Opened, settings: dict[str, Any] | P.PreparedData, index
                               "loss_tokens": 0, "truncated": False, "dropped": False}
     try:
         s = settings_from(settings)
+        from backend.methods import preference
+
+        if preference.is_preference_mapping(s.mapping):  # DPO/ORPO/KTO rows: both sides, answers in the loss
+            return preference.preview_pair(opened, s, index, tokenizer, result)
         check_mapping(s, opened.columns)
         loss = effective_loss(s)
         result.update(form=training_form(s), loss=loss, max_length=s.max_length, template=s.template)
@@ -1448,6 +1452,12 @@ def token_stats(opened: Opened, settings: dict[str, Any] | P.PreparedData, token
     report = progress or (lambda stage, done, total: None)
     is_cancelled = cancelled or (lambda: False)
     s = settings_from(settings)
+    from backend.methods.preference import is_preference_mapping
+
+    if is_preference_mapping(s.mapping):
+        # SFT's statistics would measure the prompts alone: say so rather than show them.
+        raise DataError("token statistics measure SFT rows; these are preference pairs", where="mapping",
+                        hint="the preview shows each pair's chosen and rejected tokens and what max_length cuts")
     check_mapping(s, opened.columns)
     loss = effective_loss(s)
     form = training_form(s)

@@ -799,7 +799,7 @@ class TrainingSettings:
     auto_find_batch_size: bool = setting(False, help="Halve the batch size and retry on CUDA out-of-memory.")
     packing: bool = setting(True, help="Pack several short rows into one max_length sequence (SFT only).")
     gradient_checkpointing: bool = setting(True, help="Recompute activations in the backward pass: "
-                                           "much less memory, about 30% slower.")
+                                           "much less memory, about 30% slower (speed fast/lean decide it on a GPU).")
     optim: str = setting("paged_adamw_8bit", help="Optimizer; paged_adamw_8bit is QLoRA's (needs bitsandbytes).",
                          choices=OPTIMIZERS)
     weight_decay: float = setting(0.0, help="Decoupled weight decay (0 in QLoRA).", minimum=0, what="a number >= 0")
@@ -928,7 +928,8 @@ class ValidateRun:
 
 @request("train.start")
 class StartTraining:
-    """Job: train ``config`` (a :class:`RunConfig` dict) with trl's ``SFTTrainer`` and peft on
+    """Job: train ``config`` (a :class:`RunConfig` dict) with its method's trl trainer (``SFTTrainer``,
+    ``DPOTrainer``, ``ORPOTrainer`` or ``KTOTrainer``: ``backend/methods/``) and peft on
     the held base model (loaded first if it is not the one the config names) and the prepared
     dataset. ``resume_from``: a checkpoint folder of this or an earlier session. Refused with
     the field errors (result ``{"errors": {...}}``) when the config is invalid. The job's

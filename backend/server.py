@@ -642,32 +642,23 @@ class BackendServer:
 
     async def _train_start(self, client: Client, params: P.StartTraining) -> P.Reply:
         from backend import train, train_config
-        from backend.jobs import JobError
 
-        config, errors = train_config.normalise(params.config)
-        if not errors:
-            try:
-                _eff, _device, errors, _warnings = await asyncio.to_thread(train.effective_config, config)
-            except JobError as exc:
-                errors = {"model.device": str(exc)}
-        if not errors:
-            errors = await asyncio.to_thread(train.preflight, config, self.home)
-        if not errors and params.resume_from:
-            try:
-                train.check_resume(params.resume_from, config)
-            except JobError as exc:
-                errors = {exc.where or "resume_from": str(exc) + (f": {exc.hint}" if exc.hint else "")}
-        if errors:
+        # Checked once, here: the job gets the checked, device-adapted config.
+        try:
+            checked = await asyncio.to_thread(train.check_run, params.config, self.home, params.resume_from)
+        except train_config.ConfigError as exc:
+            errors = exc.errors
             first = next(iter(errors.items()))
             return P.Reply("", "refused", {"errors": errors},
                            reason=f"the run config has {len(errors)} error(s): {first[0]}: {first[1]}")
+        config = checked.config
         if self.jobs.current is None and self.current_session is not None \
                 and train.run_dir(self.home, self.current_session).exists():
             # One training run per session: its folder, config and artifacts stay its own.
             self._create_session(config["name"])
         session = self.ensure_session(config["name"])
         self._name_session(session, config["name"])
-        return self._start_job("train.start", params, train.train_job(params, self.home, self.store))
+        return self._start_job("train.start", params, train.train_job(params, self.home, self.store, checked))
 
     def _name_session(self, session: str, name: str) -> None:
         """The session holds this run: a session made before it (by another job) without a name

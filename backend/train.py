@@ -35,6 +35,7 @@ Nothing heavy is imported at module level: the server imports this module lazily
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -257,11 +258,52 @@ def check_resume(path: str, config: dict[str, Any]) -> Path:
             what = "missing" if not (p / name).exists() else "truncated or damaged"
             raise JobError(f"the checkpoint's {name} is {what}", where=f"resume_from: {p / name}", hint=broken)
     lora = config["lora"]
+    method = config.get("method", "sft")
+    if method in P.METHOD_SETTINGS and (config.get(method) or {}).get("start_adapter"):
+        lora = {}  # the run trains the start adapter, with its own LoRA settings, not the lora section's
     for key in ("r", "use_dora"):
-        if key in adapter and adapter[key] != lora[key]:
+        if key in adapter and key in lora and adapter[key] != lora[key]:
             raise JobError(f"the checkpoint's adapter has {key} = {adapter[key]!r}, the config {lora[key]!r}",
                            where=f"lora.{key}", hint="resume with the LoRA settings the checkpoint was trained with")
     return p.resolve()
+
+
+@dataclasses.dataclass
+class CheckedRun:
+    """A run config checked once, for the job: the normalised ``config`` (what the session records),
+    the ``effective`` one adapted to ``device``, the ``warnings`` to report, and the checked
+    checkpoint folder to resume from ("" for a fresh run)."""
+
+    config: dict[str, Any]
+    effective: dict[str, Any]
+    device: str
+    warnings: dict[str, str]
+    resume_from: str = ""
+
+
+def check_run(config: Any, home: Path, resume_from: str = "") -> CheckedRun:
+    """Every check a run gets before it starts, in one place (the ``train.start`` handler, ``qlw
+    train`` and :func:`run_training` itself): the fields, the device, the model and data sources,
+    the method's start adapter and the checkpoint to resume from. Raises
+    :class:`~backend.train_config.ConfigError` with every error keyed by field."""
+    cfg, errors = TC.normalise(config)
+    if errors:
+        raise TC.ConfigError(errors)
+    try:
+        eff, device, errors, warnings = effective_config(cfg)
+    except JobError as exc:
+        raise TC.ConfigError({_field_of(exc, "model.device"): str(exc)}) from None
+    if not errors:
+        errors = preflight(cfg, home)
+    if errors:
+        raise TC.ConfigError(errors)
+    resume = ""
+    if resume_from:
+        try:
+            resume = str(check_resume(resume_from, eff))
+        except JobError as exc:
+            raise TC.ConfigError({exc.where or "resume_from": str(exc) + (f": {exc.hint}" if exc.hint else "")}) from None
+    return CheckedRun(cfg, eff, device, warnings, resume)
 
 
 # Checkpoints ----------------------------------------------------------------------------------------------
@@ -333,7 +375,10 @@ def estimate_memory(eff: dict[str, Any], est: dict[str, Any], trainable: int | N
     # trl casts LoRA weights of quantized models to bf16; peft keeps them in fp32 otherwise.
     lora_bytes = 2 if quantized else 4
     n = trainable or 0
-    tokens = t["per_device_train_batch_size"] * d["max_length"]
+    # A preference pair is two sequences in one forward (chosen and rejected; KTO: a completion
+    # and its KL counterpart), and the reference pass runs without gradients beside them.
+    sequences = 1 if eff.get("method", "sft") == "sft" else 2
+    tokens = t["per_device_train_batch_size"] * d["max_length"] * sequences
     hidden, layers, vocab = est.get("hidden_size") or 0, est.get("layers") or 0, est.get("vocab_size") or 0
     per_token_layer = hidden * (act_bytes // 2)
     if t["gradient_checkpointing"]:
@@ -507,7 +552,10 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
     if not any(data["mapping"].values()):
         warnings["data.mapping"] = "no column is mapped: the mapping detected from the columns is used"
     rows = train_rows(data, home)
-    if rows is not None and not eff["training"]["packing"]:
+    method = eff.get("method", "sft")
+    if rows is not None and method == "kto" and not (data["mapping"].get("response") and data["mapping"].get("label")):
+        rows *= 2  # pairs, unpaired: a desirable and an undesirable row each
+    if rows is not None and not (eff["training"]["packing"] and method == "sft"):  # packing is SFT's only
         out["total_steps"] = steps_for(rows, eff["training"])
     elif eff["training"]["max_steps"] > 0:
         out["total_steps"] = eff["training"]["max_steps"]
@@ -863,6 +911,13 @@ def plan_speed(eff: dict[str, Any], settings: P.ModelSettings, model, device: st
         copy_bytes = 2 * speed.four_bit_params(model)
     p = speed.plan(t, device, tokens_per_sequence=int(eff["data"]["max_length"]), estimate=estimate, budget=budget,
                    copy_bytes=copy_bytes, quantized_4bit=eff["model"]["precision"] == "4bit")
+    if eff.get("method") == "kto" and p.per_device_train_batch_size != t["per_device_train_batch_size"]:
+        # KTO's KL term is estimated from the other rows of a micro-batch: splitting it changes the
+        # math, so the batch stays and checkpointing makes the room instead.
+        p.per_device_train_batch_size, p.gradient_accumulation_steps = (t["per_device_train_batch_size"],
+                                                                        t["gradient_accumulation_steps"])
+        p.gradient_checkpointing = True
+        p.reasons.append("kto: the micro-batch is not split (its KL term depends on it)")
     t.update(gradient_checkpointing=p.gradient_checkpointing, per_device_train_batch_size=p.per_device_train_batch_size,
              gradient_accumulation_steps=p.gradient_accumulation_steps)
     on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.2x's name
@@ -877,21 +932,20 @@ def plan_speed(eff: dict[str, Any], settings: P.ModelSettings, model, device: st
 def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = "",
                  record_artifact: Callable[[str, str], None] | None = None,
                  set_config: Callable[[dict[str, Any]], None] | None = None,
-                 fault: tuple[str, int] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+                 fault: tuple[str, int] | None = None, callbacks: list | None = None,
+                 checked: "CheckedRun | None" = None) -> dict[str, Any]:
     """Train ``config`` (a run config dict) in this thread, reporting through ``ctx`` (a
     :class:`~backend.jobs.JobContext` or anything with ``job_id``, ``session``, ``emit``,
     ``progress``, ``cancelled``, ``check_cancelled``). Returns the ``train.finished`` payload; a
     bad config, bad data or an out-of-memory end raise :class:`JobError`. ``callbacks``: extra
-    ``TrainerCallback`` objects (bench/train_speed.py times the steps with one)."""
+    ``TrainerCallback`` objects (bench/train_speed.py times the steps with one). ``checked``: the
+    :func:`check_run` of ``config`` when the caller (the ``train.start`` handler) made it already."""
     home = Path(home)
     record = record_artifact or (lambda kind, path: None)
-    cfg = TC.checked(config)
-    eff, device, errors, warnings = effective_config(cfg)
-    if errors:
-        raise TC.ConfigError(errors)
+    run = checked if checked is not None else check_run(config, home, resume_from)
+    cfg, eff, device, warnings, resume = run.config, run.effective, run.device, run.warnings, run.resume_from
     for key, text in warnings.items():
         ctx.emit("log", {"level": "warning", "message": f"{key}: {text}"})
-    resume = str(check_resume(resume_from, eff)) if resume_from else ""
     if set_config is not None:
         set_config(cfg)
     folder = run_dir(home, ctx.session)
@@ -1052,16 +1106,16 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     return final
 
 
-def train_job(params: P.StartTraining, home: Path, store=None):
-    """The ``train.start`` job; the config was checked by the handler already."""
-    config = TC.checked(params.config)
+def train_job(params: P.StartTraining, home: Path, store=None, checked: "CheckedRun | None" = None):
+    """The ``train.start`` job, on the config the handler checked (:func:`check_run`)."""
+    run_checked = checked if checked is not None else check_run(params.config, home, params.resume_from)
     fault = take_fault()
 
     def run(ctx) -> dict[str, Any]:
         record = (lambda kind, path: store.add_artifact(ctx.session, kind, path)) if store is not None else None
         set_config = (lambda cfg: store.set_config(ctx.session, cfg)) if store is not None else None
-        return run_training(config, home, ctx, resume_from=params.resume_from, record_artifact=record,
-                            set_config=set_config, fault=fault)
+        return run_training(run_checked.config, home, ctx, resume_from=params.resume_from, record_artifact=record,
+                            set_config=set_config, fault=fault, checked=run_checked)
 
     return run
 
@@ -1080,16 +1134,30 @@ def _clock(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def format_row(row: dict[str, Any]) -> str:
-    """One ``train.log`` row as a line of the loss table (the header is :data:`ROW_HEADER`)."""
+#: Short headings of a preference method's own columns in the headless table.
+METRIC_HEADINGS = {"rewards/chosen": "chosen", "rewards/rejected": "rejected", "rewards/margins": "margin",
+                   "rewards/accuracies": "accuracy", "nll_loss": "nll loss", "log_odds_ratio": "log odds", "kl": "kl"}
+
+
+def row_header(method: str = "sft") -> str:
+    """The headless loss table's header for a run of ``method`` (SFT: :data:`ROW_HEADER`; a
+    preference method adds its rewards, margin, ... at the end)."""
+    extra = "".join(f"  {METRIC_HEADINGS.get(name, name):>9}" for name in P.METHOD_LOG_COLUMNS.get(method, ()))
+    return ROW_HEADER + extra
+
+
+def format_row(row: dict[str, Any], method: str = "sft") -> str:
+    """One ``train.log`` row as a line of the loss table (the header is :func:`row_header`)."""
     def f(value, spec):
         return "—" if value is None else format(value, spec)
 
     step = f"{row['step']}/{row['total_steps']}"
+    metrics = row.get("metrics") or {}
+    extra = "".join(f"  {f(metrics.get(name), '.4f'):>9}" for name in P.METHOD_LOG_COLUMNS.get(method, ()))
     return (f"{step:>11}  {f(row.get('loss'), '.4f'):>10}  {f(row.get('eval_loss'), '.4f'):>9}  "
             f"{f(row.get('learning_rate'), '.3e'):>13}  {f(row.get('grad_norm'), '.3f'):>9}  "
             f"{f(row.get('tokens_per_s'), ',.0f'):>9}  {row.get('epoch') or 0:>6.2f}  {_clock(row.get('elapsed_s')):>8}  "
-            f"{_clock(row.get('eta_s')):>8}")
+            f"{_clock(row.get('eta_s')):>8}" + extra)
 
 
 class LocalRun:
@@ -1171,14 +1239,11 @@ def cli(args) -> int:
         _print_errors(errors, args.config)
         return 2
     try:
-        eff, device, dev_errors, dev_warnings = effective_config(config)
-    except JobError as exc:
-        dev_errors, dev_warnings, device = {_field_of(exc, "model.device"): str(exc)}, {}, "?"
-    if not dev_errors:
-        dev_errors = preflight(config, home)
-    if dev_errors:
-        _print_errors(dev_errors, args.config)
+        checked_run = check_run(config, home, args.resume_from)
+    except TC.ConfigError as exc:
+        _print_errors(exc.errors, args.config)
         return 2
+    device = checked_run.device
     if args.check:
         checked = validate_run(config, home)
         for key, text in checked["warnings"].items():
@@ -1236,7 +1301,8 @@ def cli(args) -> int:
         with printer:
             result = run_training(config, home, run, resume_from=args.resume_from,
                                   record_artifact=lambda kind, path: store.add_artifact(info.id, kind, path),
-                                  set_config=lambda cfg: store.set_config(info.id, cfg), fault=take_fault())
+                                  set_config=lambda cfg: store.set_config(info.id, cfg), fault=take_fault(),
+                                  checked=checked_run)
         if result.get("status") == "stopped":
             status, code = "cancelled", 130
     except JobCancelled:
@@ -1261,6 +1327,7 @@ class _PlainPrinter:
 
     def __init__(self) -> None:
         self.stage = ""
+        self.method = "sft"
 
     def __enter__(self):
         return self
@@ -1280,11 +1347,12 @@ class _PlainPrinter:
         elif kind == "train.started":
             t = payload
             resumed = f", resumed from {t['resumed_from']} at step {t['start_step']}" if t["resumed_from"] else ""
-            self.line(f"training {t['total_steps']} steps; {t['trainable_params']:,} trainable of "
+            self.method = str((t.get("config") or {}).get("method") or "sft")
+            self.line(f"training {t['total_steps']} steps ({self.method}); {t['trainable_params']:,} trainable of "
                       f"{t['total_params']:,} parameters{resumed}")
-            self.line(ROW_HEADER)
+            self.line(row_header(self.method))
         elif kind == "train.log":
-            self.line(format_row(payload))
+            self.line(format_row(payload, self.method))
         elif kind == "train.checkpoint":
             self.line(f"checkpoint at step {payload['step']}: {payload['path']}")
         elif kind == "train.alert":

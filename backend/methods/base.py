@@ -19,7 +19,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from backend import protocol as P
 
 FAULT_ENV = "QLW_TRAIN_FAULT"
 
@@ -150,8 +149,3 @@ def watched(trainer_class: type, prepare_inputs: Callable[[Any], Any] | None = N
     Watched.__name__ = Watched.__qualname__ = f"Qlw{trainer_class.__name__}"
     _WATCHED[key] = Watched
     return Watched
-
-
-def settings_section(method: str) -> type | None:
-    """The protocol dataclass of ``method``'s section (None for SFT)."""
-    return P.METHOD_SETTINGS.get(method)

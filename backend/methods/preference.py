@@ -340,3 +340,90 @@ def check_start_adapter(path: str) -> str | None:
     if not (p / "adapter_config.json").is_file():
         return f"{p} holds no LoRA adapter (adapter_config.json): choose a finished run's adapter folder"
     return None
+
+
+# The preview: what trl trains on for one pair ------------------------------------------------------
+
+
+def is_preference_mapping(mapping: dict[str, Any]) -> bool:
+    """True when the mapping makes preference rows (chosen and rejected, or a KTO label)."""
+    return bool((mapping.get("chosen") and mapping.get("rejected")) or mapping.get("label"))
+
+
+def tokenize_side(tokenizer, prompt, answer) -> tuple[list[int], list[int]]:
+    """``(ids, mask)`` of prompt + one answer as trl 1.16's DPO/KTO tokenization makes them: the
+    prompt (with the generation prompt, for messages) and prompt + answer tokenized apart, the
+    answer starting where they diverge; the tokenizer's EOS appended to a text answer; mask 1 on
+    the answer's tokens (the loss)."""
+    if isinstance(prompt, list):
+        def ids_of(messages, generation):
+            out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                add_generation_prompt=generation)
+            return list(out["input_ids"])
+
+        prompt_ids = ids_of(prompt, True)
+        full = ids_of(prompt + answer, False)
+    else:
+        eos = tokenizer.eos_token
+        if eos and not answer.endswith(eos):
+            answer += eos
+        prompt_ids = list(tokenizer(text=prompt)["input_ids"])
+        full = list(tokenizer(text=prompt + answer)["input_ids"])
+    D = _data()
+    start = D.common_prefix_length(prompt_ids, full)
+    return full, [0] * start + [1] * (len(full) - start)
+
+
+def preview_pair(opened, s: P.PreparedData, index: int, tokenizer, result: dict[str, Any]) -> dict[str, Any]:
+    """``data.preview`` of a preference row: ``result["sides"]`` holds each side's training text
+    (``chosen``/``rejected``, or KTO's ``completion``) as segments in and out of the loss; the
+    top-level segments are the first side's. Problems come back as ``error``, never raised."""
+    D = _data()
+    unpaired = bool(s.mapping["label"] and s.mapping["response"])
+    result.update(form="messages" if s.template == "chat" else "prompt_completion", loss="completion_only",
+                  max_length=s.max_length, template=s.template, sides={})
+    try:
+        result["split"] = D.split_counts(opened, s)
+        row = opened.raw_row(index)
+        if unpaired:
+            example = format_unpaired(row, s)[0]
+            sides = {"completion": example["completion"]}
+            result["label"] = example["label"]
+        else:
+            example = format_pair(row, s)
+            sides = {"chosen": example["chosen"], "rejected": example["rejected"]}
+    except Malformed as exc:
+        result["error"] = {"message": f"malformed pair: {exc}", "where": f"row {index}",
+                           "hint": "training skips it (or refuses, with malformed = \"refuse\")"}
+        return result
+    except D.DataError as exc:
+        result["error"] = {"message": str(exc), "where": f"row {index}, {exc.where}" if exc.where else f"row {index}",
+                           "hint": exc.hint}
+        return result
+    result["example"] = D._cap(example, 200_000, [D.ROW_BUDGET_CHARS], {}, "example")
+    if s.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        result["error"] = {"message": f"the tokenizer {result['tokenizer']} has no chat template",
+                           "where": "settings.template", "hint": "choose the Mistral, Alpaca or raw template"}
+        return result
+    try:
+        with D._lock_for(tokenizer):
+            tokenized = {name: tokenize_side(tokenizer, example["prompt"], answer) for name, answer in sides.items()}
+    except Exception as exc:
+        result["error"] = {"message": f"the tokenizer's chat template fails on row {index}: {D._root_message(exc)}",
+                           "where": f"row {index}", "hint": "choose another template, or fix the row's roles"}
+        return result
+    for name, (ids, mask) in tokenized.items():
+        segments = D._segments(tokenizer, ids, mask, s.max_length)
+        loss_tokens = sum(mask[: s.max_length])
+        result["sides"][name] = {"segments": segments, "text": "".join(seg["text"] for seg in segments),
+                                 "tokens": len(ids), "loss_tokens": loss_tokens, "truncated": len(ids) > s.max_length}
+        if not loss_tokens:
+            result["warnings"].append(f"the prompt alone fills max_length {s.max_length}: the {name} side has no "
+                                      "token in the loss (trl drops such DPO rows; ORPO and KTO train on nothing)")
+        elif len(ids) > s.max_length:
+            result["warnings"].append(f"the {name} side is {len(ids):,} tokens: {len(ids) - s.max_length:,} beyond "
+                                      f"max_length {s.max_length} are cut")
+    first = next(iter(result["sides"].values()))
+    result.update(segments=first["segments"], text=first["text"], tokens=first["tokens"],
+                  loss_tokens=first["loss_tokens"], truncated=first["truncated"])
+    return result

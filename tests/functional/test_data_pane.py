@@ -196,6 +196,45 @@ def test_browse_the_sample_dataset(data_backend, tmp_path):
     asyncio.run(body())
 
 
+def test_preference_pairs_are_detected_and_previewed_side_by_side(data_backend):
+    """The shipped preference sample: its shape is recognised and mapped (prompt, chosen,
+    rejected), and the preview shows the chosen and the rejected training text in turn, each
+    with its answer in the loss and the prompt out of it."""
+    rows = [json.loads(line) for line in tiny.preference_sample_path().read_text(encoding="utf-8").splitlines()]
+
+    async def body():
+        app = QlwApp(home=data_backend)
+        app.animation_level = "none"
+        async with app.run_test(size=(100, 30)) as pilot:
+            await until(pilot, lambda: app.connection.state == "connected", "connected")
+            await pilot.press("3")
+            pane = app.screen.query_one(DataPane)
+            table = pane.query_one(RowsTable)
+            path = pane.query_one("#data-path", Input)
+            path.value = str(tiny.preference_sample_path())
+            path.focus()
+            await pilot.press("enter")
+            await until(pilot, lambda: table.row_count == 100, "the first page")
+            status = str(pane.query_one("#data-status").content)
+            assert f"{len(rows)} rows (train)" in status and "preference" in status
+            mapping = pane.query_one(MappingForm).mapping
+            assert {k: v for k, v in mapping.items() if v} == {"instruction": "prompt", "chosen": "chosen",
+                                                               "rejected": "rejected"}
+            table.focus()
+            table.move_cursor(row=0)
+            await pilot.press("v")
+            preview = pane.query_one(PreviewView)
+            await until(pilot, lambda: preview.preview is not None and preview.preview.get("sides"), "the preview")
+            pv = preview.preview
+            for side in ("chosen", "rejected"):
+                in_loss = "".join(s["text"] for s in pv["sides"][side]["segments"] if s["loss"])
+                assert in_loss.startswith(rows[0][side]) and rows[0]["prompt"] not in in_loss
+                assert f"── {side} · " in preview.text
+            assert preview.text.index("── chosen") < preview.text.index("── rejected")
+
+    asyncio.run(body())
+
+
 def test_every_view_names_its_dataset_and_a_failed_open_says_what_stays_open(qlw_home):
     """Issue 15: after opening a second file the Stats tab showed the first file's counts and
     split; after a failed open, Format and the LoRA tab silently kept the previous dataset."""

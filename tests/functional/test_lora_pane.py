@@ -25,7 +25,7 @@ from tui.messages import BackendEvent, ConnectionChanged
 from tui.modals.confirm_screen import ConfirmScreen
 from tui.widgets.data.data_pane import DataPane, sample_dataset_path
 from tui.widgets.lora.lora_pane import LoraPane, expand_path
-from tui.widgets.lora.run_config import FIELDS, cross_errors, parse, FIELD_BY_PATH
+from tui.widgets.lora.run_config import FIELDS, cross_errors, flatten, parse, FIELD_BY_PATH
 from tui.widgets.lora.validation_line import ValidationLine
 from tui.widgets.model.model_pane import ModelPane
 from tui.widgets.shell.job_indicator import JobIndicator
@@ -153,11 +153,12 @@ def test_the_form_builds_the_run_config(qlw_home):
             data_settings = app.screen.query_one(DataPane).settings
             assert data_settings["max_length"] == 2048
             expected = {
-                "version": P.RUN_CONFIG_VERSION, "name": "",
+                "version": P.RUN_CONFIG_VERSION, "name": "", "method": "sft",
                 "model": P.to_dict(P.ModelSettings(source=TINY)),
                 "data": data_settings,
                 "lora": P.to_dict(P.LoraSettings()),
                 "training": P.to_dict(P.TrainingSettings()),
+                **{m: P.to_dict(cls()) for m, cls in P.METHOD_SETTINGS.items()},
             }
             assert pane.config() == expected
             assert pane.local_errors() == {}
@@ -285,6 +286,7 @@ def test_checks_as_typed_and_by_the_backend_disable_start(qlw_home):
             await pilot.pause()
             assert "needs attention" not in line_text(pane)
             assert line_text(pane).startswith("trainable params: 1,179,648")
+
 
             # The backend's error, at its field by dotted path.
             set_field(pane, "lora.lora_alpha", "2048")
@@ -417,6 +419,69 @@ def test_export_asks_before_overwriting_and_import_fills_the_form(qlw_home, tmp_
     asyncio.run(body())
 
 
+def test_the_method_and_its_settings(qlw_home):
+    """The method Select shows that method's own settings only (and hides SFT's packing and loss
+    mask for a preference method); the run config carries the method and its section; an error
+    from the backend shows at the method's field; an imported KTO config shows KTO's fields."""
+
+    def validate(params: P.ValidateRun) -> dict:
+        if params.config["method"] == "dpo" and params.config["dpo"]["start_adapter"].startswith("/missing"):
+            return {**VALID, "ok": False, "errors": {"dpo.start_adapter": "/missing holds no LoRA adapter"}}
+        return VALID
+
+    adapters = [{"path": "/data/qlw/runs/s2/adapter", "kind": "adapter", "run_config": {"method": "dpo"}},
+                {"path": "/data/qlw/runs/s1/adapter", "kind": "adapter", "run_config": {"method": "sft"}},
+                {"path": "/data/qlw/runs/s1/checkpoints/checkpoint-3", "kind": "checkpoint", "run_config": {}}]
+    fake = FakeBackend(train_validate=validate, merge_adapters={"adapters": adapters})
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=SIZE) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, fake)
+            form = pane.form
+            # Finished runs' adapters are offered as the start, the SFT run's first.
+            await until(pilot, lambda: form.adapters == ["/data/qlw/runs/s1/adapter", "/data/qlw/runs/s2/adapter"],
+                        "the adapters offered")
+            start = form.row("dpo.start_adapter").control
+            assert "/data/qlw/runs/s1/adapter" in start.placeholder and start.suggester is not None
+            shown = lambda: {f.path for f in FIELDS if form.row(f.path).display}  # noqa: E731
+            assert pane.config()["method"] == "sft" and "training.packing" in shown()
+            assert not {p for p in shown() if p.split(".")[0] in P.METHOD_SETTINGS}
+
+            set_field(pane, "method", "dpo")
+            await until(pilot, lambda: "dpo.beta" in shown(), "DPO's settings")
+            assert {p for p in shown() if p.split(".")[0] in P.METHOD_SETTINGS} == {
+                "dpo.beta", "dpo.loss_type", "dpo.label_smoothing", "dpo.malformed", "dpo.start_adapter"}
+            assert "training.packing" not in shown() and "data.loss" not in shown()
+            set_field(pane, "dpo.beta", "0.05")
+            set_field(pane, "dpo.loss_type", "ipo")
+            set_field(pane, "dpo.start_adapter", "/missing/adapter")
+            await pilot.pause()
+            config = pane.config()
+            assert config["method"] == "dpo" and config["dpo"] == {
+                "beta": 0.05, "start_adapter": "/missing/adapter", "malformed": "skip", "loss_type": "ipo",
+                "label_smoothing": 0.0}
+            P.build(P.DPOSettings, config["dpo"], "dpo")
+            await until(pilot, lambda: error_at(pane, "dpo.start_adapter") == "/missing holds no LoRA adapter",
+                        "the backend's error at the field")
+            assert not start_enabled(pane)
+            # A local range error of a hidden method's field does not block this one.
+            set_field(pane, "dpo.beta", "0")
+            await pilot.pause()
+            assert error_at(pane, "dpo.beta") == "out of range: a number above 0"
+
+            imported = copy.deepcopy(config)
+            imported.update(method="kto")
+            imported["kto"].update(desirable_weight=1.33)
+            form.set_values(flatten(imported))
+            await until(pilot, lambda: "kto.desirable_weight" in shown(), "KTO's settings")
+            assert "dpo.beta" not in shown() and pane.config()["kto"]["desirable_weight"] == 1.33
+            assert "dpo.beta" not in form.local_errors()  # DPO's typed beta is not KTO's concern
+
+    asyncio.run(body())
+
+
 def test_a_setting_that_would_hide_the_loss_table_is_said_at_its_field(qlw_home):
     """The backend's warning for logging_steps (issue 15: 2 steps with logging_steps 10 gave
     a one-row table) shows at the field, beside an enabled Start, and goes with the change."""
@@ -510,7 +575,7 @@ def test_field_checks():
     r, lr, steps = FIELD_BY_PATH["lora.r"], FIELD_BY_PATH["training.learning_rate"], FIELD_BY_PATH["training.max_steps"]
     assert parse(r, "16") == (16, "") and parse(r, "1_024") == (1024, "")
     assert parse(r, "1.5")[1] == "not a whole number: '1.5'; a whole number of at least 1"
-    assert parse(lr, "0")[1] == "out of range: a number above 0 and below 1"
+    assert parse(lr, "0")[1] == "out of range: a number above 0 and below 1"  # as the backend's check says
     assert parse(lr, "2e-4") == (2e-4, "") and parse(lr, "nan")[1] == "must be a finite number"
     assert parse(steps, "-1") == (-1, "") and parse(steps, "0")[1] == "out of range: a whole number of at least 1 or -1"
     assert parse(FIELD_BY_PATH["training.num_train_epochs"], "0")[1] == "out of range: a number above 0"

@@ -134,6 +134,43 @@ def test_table_merges_evaluation_rows_and_the_line_follows(qlw_home):
     asyncio.run(body())
 
 
+def test_the_columns_follow_the_method_and_the_curve_shows_the_margin(qlw_home):
+    """A DPO run's table has its rewards, margin and accuracy beside the losses (from each row's
+    ``metrics``, evaluation values completing the row); an SFT run after it has SFT's columns."""
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(160, 30)) as pilot:
+            await show_train_tab(pilot)
+            tp = pane(app)
+            run = Run()
+            events = run.start(total_steps=10)
+            events[1].payload["config"] = {"name": "dpo run", "method": "dpo"}
+            send(app, events)
+            await until(pilot, lambda: tp.state == "running", "the run's start")
+            send(app, [run.log(1, total=10, loss=0.6931, learning_rate=5e-6, grad_norm=0.5, tokens_per_s=900.0,
+                               metrics={"rewards/chosen": 0.0125, "rewards/rejected": -0.0031,
+                                        "rewards/margins": 0.0156, "rewards/accuracies": 0.75}),
+                       run.log(1, total=10, eval_loss=0.69, metrics={"eval_rewards/margins": 0.01})])
+            await until(pilot, lambda: tp.table.row_count == 1 and "0.6900" in str(rows(tp.table)), "the DPO row")
+            assert [str(c.label) for c in tp.table.columns.values()] == [
+                "Step", "Training Loss", "Validation Loss", "Rewards/chosen", "Rewards/rejected", "Margin",
+                "Accuracy", "Learning rate", "Grad norm", "Tokens/s"]
+            assert rows(tp.table) == [["1", "0.6931", "0.6900", "0.0125", "-0.0031", "0.0156", "0.75", "5.000e-06",
+                                       "0.5000", "900"]]
+            await until(pilot, lambda: tp.curve.margin == [(1, 0.0156)], "the margin on the curve")
+
+            send(app, run.start(job_id="j2", total_steps=10))  # an SFT run (no method: sft)
+            await until(pilot, lambda: tp.job_id == "j2" and tp.table.row_count == 0, "the SFT run")
+            assert [str(c.label) for c in tp.table.columns.values()] == [
+                "Step", "Training Loss", "Validation Loss", "Learning rate", "Grad norm", "Tokens/s"]
+            send(app, [run.log(1, job_id="j2", total=10, loss=2.5)])
+            await until(pilot, lambda: tp.table.row_count == 1, "the SFT row")
+            assert rows(tp.table)[0][:2] == ["1", "2.5000"] and tp.curve.margin == []
+
+    asyncio.run(body())
+
+
 def test_replay_of_2000_rows_is_drawn_in_a_few_batches(qlw_home):
     """A terminal attaching to a long run gets every row again (the replay) and then the live
     ones: one table row and one curve point per logging step, drawn a few times, not per event."""

@@ -25,6 +25,9 @@ ROLE_HELP = {
     "system": "a system prompt per row",
     "messages": "a conversation: role/content or from/value",
     "text": "plain text, trained as it is",
+    "chosen": "the preferred answer of a pair (DPO, ORPO): text or messages",
+    "rejected": "the dispreferred answer of a pair (DPO, ORPO): text or messages",
+    "label": "KTO: true when the response is desirable",
 }
 TEMPLATE_LABELS = {
     "chat": "chat template (the tokenizer's)",

@@ -1,6 +1,7 @@
 """PreviewView: the exact training text of the highlighted row, tokens in the loss highlighted.
 
-It shows a ``data.preview`` result: what trl will train on (the trl row's form and the loss),
+It shows a ``data.preview`` result: what trl will train on (the trl row's form and the loss; for a
+preference row, the chosen and the rejected side one after the other),
 the text the tokens decode to, split into segments that count in the loss, that do not, and that
 ``max_length`` cuts off; warnings (truncation, a row trl drops) and errors (a null value, a
 missing column) say what is wrong and where.
@@ -16,6 +17,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 FORMS = {"messages": "chat messages", "prompt_completion": "prompt/completion", "text": "plain text"}
+#: A preference row's preview shows each side (chosen and rejected, or KTO's completion) in turn.
 LOSSES = {"assistant_only": "assistant tokens", "completion_only": "the completion", "all": "every token"}
 
 
@@ -67,6 +69,19 @@ class PreviewView(VerticalScroll, can_focus=True):
         for warning in pv.get("warnings", []):
             head.append(f"\n⚠ {warning}", style=f"bold {self.app.theme_variables.get('warning', 'yellow')}")
         body = Text(overflow="fold")
+        sides = pv.get("sides") or {}
+        if sides:  # a preference row: each side's training text (prompt, then the answer in the loss)
+            for name, side in sides.items():
+                label = f" (label {str(pv.get('label')).lower()})" if "label" in pv else ""
+                body.append(f"── {name}{label} · {side['tokens']:,} tokens, {side['loss_tokens']:,} in the loss ──\n",
+                            style="bold")
+                for seg in side["segments"]:
+                    body.append(seg["text"], style=styles["cut"] if seg.get("cut") else
+                                styles["loss"] if seg.get("loss") else styles["context"])
+                body.append("\n\n")
+            self.query_one("#preview-head", Static).update(head)
+            self.query_one("#preview-text", Static).update(body)
+            return
         for seg in pv.get("segments", []):
             if seg.get("cut"):
                 style = styles["cut"]

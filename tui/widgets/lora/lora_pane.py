@@ -179,6 +179,7 @@ class LoraPane(BackendRequests, Vertical):
             self.read_job()
             self.read_inspection()
             self.read_checkpoints()
+            self.read_adapters()
         self.check()
 
     def on_backend(self, ev: P.Event) -> None:
@@ -203,6 +204,8 @@ class LoraPane(BackendRequests, Vertical):
                 self.check()
         elif ev.kind in ("train.checkpoint", "train.finished"):
             self.read_checkpoints()
+            if ev.kind == "train.finished":
+                self.read_adapters()
 
     @work(name="read the training presets", group="train.presets", exclusive=True, exit_on_error=False)
     async def read_presets(self) -> None:
@@ -246,6 +249,15 @@ class LoraPane(BackendRequests, Vertical):
         except RequestFailed:
             return  # nothing to resume from; Start still works
         self.show_checkpoints(result.get("checkpoints") or [])
+
+    @work(name="list the adapters", group="merge.adapters", exclusive=True, exit_on_error=False)
+    async def read_adapters(self) -> None:
+        """Finished runs' adapters, offered to a preference method as the adapter to start from."""
+        try:
+            result = await self.call(P.MergeAdapters())
+        except RequestFailed:
+            return
+        self.form.offer_adapters([a for a in result.get("adapters") or [] if a.get("kind") == "adapter"])
 
     def show_checkpoints(self, checkpoints: list[dict[str, Any]]) -> None:
         """Offer ``train.checkpoints``' checkpoints to resume from (newest first)."""

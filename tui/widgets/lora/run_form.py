@@ -19,8 +19,10 @@ from textual import on
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.message import Message
+from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
+from backend.protocol import METHOD_SETTINGS as METHOD_SECTIONS, settings_catalogue
 from tui.widgets.lora.run_config import (FIELD_BY_PATH, FIELDS, METHOD, TARGET_MODULES, data_line, model_line,
                                          shown_for)
 from tui.widgets.lora.setting_row import SettingRow
@@ -28,14 +30,27 @@ from tui.widgets.lora.target_modules_picker import TargetModulesPicker
 
 #: Errors said by the model and data lines themselves (nothing chosen yet).
 SECTION_SOURCES = ("model.source", "data.source")
+#: A method's settings wide (a folder path) rather than in the two-column grid.
+WIDE_METHOD_SETTINGS = ("start_adapter",)
+
+
+def _method_rows(method: str) -> tuple[Any, ...]:
+    """The form rows of a method's own settings, from the protocol's catalogue: two a row, the
+    wide ones (start_adapter) a row of their own, so a new method needs no change here."""
+    names = [n for n in settings_catalogue(METHOD_SECTIONS[method]) if n not in WIDE_METHOD_SETTINGS]
+    paths = [f"{method}.{n}" for n in names]
+    if len(paths) % 2:
+        *paired, last = paths
+        rows: list[Any] = [tuple(paired[i:i + 2]) for i in range(0, len(paired), 2)] + [last]
+    else:
+        rows = [tuple(paths[i:i + 2]) for i in range(0, len(paths), 2)]
+    return (*rows, *(f"{method}.{n}" for n in WIDE_METHOD_SETTINGS))
+
+
 #: (section title, rows); a row is one path (a full-width row) or a pair (two columns).
 LAYOUT: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("Method · SFT, or preference tuning with trl's DPOTrainer, ORPOTrainer, KTOTrainer", (
-        ("method", None),
-        ("dpo.beta", "dpo.loss_type"), ("dpo.label_smoothing", "dpo.malformed"), "dpo.start_adapter",
-        ("orpo.beta", "orpo.malformed"), "orpo.start_adapter",
-        ("kto.beta", "kto.loss_type"), ("kto.desirable_weight", "kto.undesirable_weight"), "kto.malformed",
-        "kto.start_adapter")),
+        ("method", None), *(row for method in METHOD_SECTIONS for row in _method_rows(method)))),
     ("Data · the prepared dataset's length and loss, and packing", (
         ("data.max_length", "data.loss"), ("training.packing", None))),
     ("LoRA · peft LoraConfig", (
@@ -76,6 +91,8 @@ class RunForm(VerticalScroll):
         #: Errors shown, by dotted path (local and the backend's).
         self.errors: dict[str, str] = {}
         self._sections: tuple[dict[str, Any], str, dict[str, Any], str] = ({}, "", {}, "")
+        #: Finished runs' adapter folders offered as a preference run's start (SFT runs first).
+        self.adapters: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield Static("", id="run-other-errors", classes="setting-error", markup=False)
@@ -162,6 +179,22 @@ class RunForm(VerticalScroll):
                 self.query_one("#run-name", Input).value = name
         self._show_method_fields()
         self.post_message(self.Changed(self))
+
+    def offer_adapters(self, adapters: list[dict[str, Any]]) -> None:
+        """Finished runs' adapters (``merge.adapters``, newest first) as the start adapter's
+        completions, SFT runs' first; the newest SFT adapter is named in the placeholder."""
+        def is_sft(a: dict[str, Any]) -> bool:
+            return ((a.get("run_config") or {}).get("method") or "sft") == "sft"
+
+        ordered = [a for a in adapters if is_sft(a)] + [a for a in adapters if not is_sft(a)]
+        paths = [str(a["path"]) for a in ordered if a.get("path")]
+        self.adapters = paths
+        for method in METHOD_SECTIONS:
+            control = self.row(f"{method}.start_adapter").control
+            if isinstance(control, Input):
+                control.suggester = SuggestFromList(paths, case_sensitive=True) if paths else None
+                control.placeholder = (f"empty: a fresh adapter; type / for e.g. {paths[0]}" if paths
+                                       else "empty: a fresh adapter (no finished run yet)")
 
     def set_groups(self, groups: list[dict[str, Any]]) -> None:
         """The loaded model's linear groups, for ``target_modules``."""
