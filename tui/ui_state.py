@@ -174,14 +174,14 @@ class UiState:
 # Reading and setting a pane's controls ----------------------------------------------------------
 
 #: The controls whose values make up a pane's state, read and set by their ids.
-CONTROLS = "Input, Select, Checkbox, SelectionList, TextArea"
+CONTROLS = "Input, Select, Checkbox, Switch, SelectionList, TextArea"
 
 
 def read_fields(root: Any, ids: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The values of the controls under ``root`` (those in ``ids``, or every one with an id), by
-    id: an Input's text, a Select's value (None when blank), a Checkbox's bool, a SelectionList's
-    picked values, a TextArea's text."""
-    from textual.widgets import Checkbox, Input, Select, SelectionList, TextArea
+    id: an Input's text, a Select's value (None when blank), a Checkbox's or Switch's bool, a
+    SelectionList's picked values, a TextArea's text."""
+    from textual.widgets import Checkbox, Input, Select, SelectionList, Switch, TextArea
 
     out: dict[str, Any] = {}
     for widget in root.query(CONTROLS):
@@ -193,17 +193,51 @@ def read_fields(root: Any, ids: tuple[str, ...] | None = None) -> dict[str, Any]
             out[widget.id] = list(widget.selected)
         elif isinstance(widget, TextArea):
             out[widget.id] = widget.text
-        elif isinstance(widget, (Input, Checkbox)):
+        elif isinstance(widget, (Input, Checkbox, Switch)):
             out[widget.id] = widget.value
     return out
+
+
+def set_control(widget: Any, value: Any) -> bool:
+    """Show ``value`` (as :func:`read_fields` gives it) in one control, posting its Changed only
+    when the value differs; False when it cannot be shown (a Select that does not offer it yet)."""
+    from textual.widgets import Checkbox, Input, Select, SelectionList, Switch, TextArea
+    from textual.widgets.select import InvalidSelectValueError
+
+    try:
+        if isinstance(widget, Select):
+            wanted = Select.NULL if value is None else value
+            if widget.value != wanted:
+                widget.value = wanted
+        elif isinstance(widget, SelectionList):
+            picked = set(value or [])
+            if set(widget.selected) != picked:
+                widget.deselect_all()
+                for option in range(widget.option_count):
+                    candidate = widget.get_option_at_index(option).value
+                    if candidate in picked:
+                        widget.select(candidate)
+            return set(widget.selected) == picked
+        elif isinstance(widget, TextArea):
+            if widget.text != value:
+                widget.text = str(value)
+        elif isinstance(widget, Input):
+            if widget.value != value:
+                widget.value = "" if value is None else str(value)
+        elif isinstance(widget, (Checkbox, Switch)):
+            if widget.value != bool(value):
+                widget.value = bool(value)
+        else:
+            return False
+    except (InvalidSelectValueError, ValueError, TypeError):
+        return False
+    return True
 
 
 def write_fields(root: Any, values: dict[str, Any]) -> list[str]:
     """Set the controls under ``root`` by id (as :func:`read_fields` gave them); the ids that
     could not be set (a Select that does not offer the value yet, a control that is gone)."""
     from textual.css.query import NoMatches
-    from textual.widgets import Checkbox, Input, Select, SelectionList, TextArea
-    from textual.widgets.select import InvalidSelectValueError
 
     missed = []
     for wid, value in values.items():
@@ -212,30 +246,6 @@ def write_fields(root: Any, values: dict[str, Any]) -> list[str]:
         except NoMatches:
             missed.append(wid)
             continue
-        try:
-            if isinstance(widget, Select):
-                wanted = Select.NULL if value is None else value
-                if widget.value != wanted:
-                    widget.value = wanted
-            elif isinstance(widget, SelectionList):
-                picked = set(value or [])
-                if set(widget.selected) != picked:
-                    widget.deselect_all()
-                    for v in picked:
-                        widget.select(v)
-                    if set(widget.selected) != picked:
-                        missed.append(wid)
-            elif isinstance(widget, TextArea):
-                if widget.text != value:
-                    widget.text = str(value)
-            elif isinstance(widget, Input):
-                if widget.value != value:
-                    widget.value = str(value)
-            elif isinstance(widget, Checkbox):
-                if widget.value != bool(value):
-                    widget.value = bool(value)
-            else:
-                missed.append(wid)
-        except (InvalidSelectValueError, ValueError, TypeError):
+        if not set_control(widget, value):
             missed.append(wid)
     return missed
