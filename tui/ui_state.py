@@ -14,6 +14,7 @@ The rules, so that no terminal undoes another's work or its own:
 - Until the first attach has brought the stored state, values set by panes (their defaults while
   they mount) are held; a key the backend has wins over them. After a re-attach (a dropped
   connection, a restarted backend), edits made meanwhile are newer and are sent.
+- A live change from another terminal wins over an edit of the same key not yet sent here.
 - :meth:`flush` sends what is held at once: the app awaits it before quitting.
 
 Import-light: no backend module but the protocol.
@@ -98,9 +99,11 @@ class UiState:
         if p.get("origin") == self.origin:
             return  # our own change coming back: the pane has it (or something newer)
         if key in self.pending:
-            if self._attached_once:
+            if self._attached_once and p.get("replay"):
                 return  # edited here while away: ours is newer and is on its way
-            self.pending.discard(key)  # a pane's default while mounting: the stored state wins
+            # A pane's default while mounting (the stored state wins), or another terminal's edit
+            # made just now: it is the newer one; ours is dropped rather than sent over it.
+            self.pending.discard(key)
         value = p.get("value")
         self.values[key] = value
         self.changed.publish(UiChange(key, value, bool(p.get("replay"))))
@@ -112,7 +115,7 @@ class UiState:
         if connected:
             self._attached_once = True
             if self.pending:
-                self._schedule(0)
+                self._timed_flush()
 
     # From the panes ---------------------------------------------------------------------------------
 
@@ -131,7 +134,9 @@ class UiState:
             self._timer = self.app.set_timer(delay, self._timed_flush, name="send the ui state")
 
     def _timed_flush(self) -> None:
-        self._timer = None
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
         if self._sending is None or self._sending.done():
             self._sending = asyncio.get_running_loop().create_task(self._send())
 
