@@ -244,6 +244,11 @@ class LoraPane(BackendRequests, Vertical):
             if not write_fields(self, {"lora-resume": self._wanted_resume}):
                 self._wanted_resume = None
 
+    def on_show(self) -> None:
+        # The Model and Data tabs may have changed while this one was hidden.
+        if self.sync_sections():
+            self.check()
+
     # The backend ------------------------------------------------------------------------------------
 
     def on_connection(self, change: ConnectionChanged) -> None:
