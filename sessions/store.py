@@ -1,4 +1,5 @@
-"""The sessions store: every run's config, events, artifacts and errors, in SQLite (WAL).
+"""The sessions store: every run's config, events, artifacts and errors, and what the user typed
+and chose in each pane (``ui_state``, one row per key: it outlives sessions), in SQLite (WAL).
 
 One backend writes (it holds the data home's lock); any number of readers (tools, a replay in a
 worker thread) open their own connections. Each event is its own committed transaction, so a

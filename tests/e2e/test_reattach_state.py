@@ -52,9 +52,16 @@ def open_qlw(tmux: Tmux, name: str, home) -> None:
     tmux.wait_for(name, "connected", timeout=120)
 
 
+def press(tmux: Tmux, name: str, *keys: str) -> None:
+    """Each key on its own: a key sent at once after one that moves the focus may get lost."""
+    for key in keys:
+        tmux.keys(name, key)
+        time.sleep(0.3)
+
+
 def clear_and_type(tmux: Tmux, name: str, text: str) -> None:
     time.sleep(0.3)  # keys typed at once after the focus moved or a field was cleared get lost
-    tmux.keys(name, "End", "C-u")  # Textual's Input: delete everything left of the cursor
+    press(tmux, name, "End", "C-u")  # Textual's Input: delete everything left of the cursor
     time.sleep(0.3)
     tmux.keys(name, "-l", text)
     time.sleep(0.3)
@@ -62,48 +69,49 @@ def clear_and_type(tmux: Tmux, name: str, text: str) -> None:
 
 def set_everything(tmux: Tmux, name: str, data_path, toml_path) -> None:
     # Data: a file of the user's, opened by typing its path.
-    tmux.keys(name, "3")
+    press(tmux, name, "3")
     tmux.wait_for(name, "No dataset open")
     time.sleep(0.5)  # the tab's focus settles (the Open button)
-    tmux.keys(name, "Tab")  # the path box
+    press(tmux, name, "Tab")  # the path box
     clear_and_type(tmux, name, str(data_path))
-    tmux.keys(name, "Enter")
+    press(tmux, name, "Enter")
     tmux.wait_for(name, "mine.jsonl · 30 rows", timeout=120)
 
     # LoRA: a run config file read into the form, then the run's name typed.
-    tmux.keys(name, "Escape", "4")
+    press(tmux, name, "Escape", "4")
     tmux.wait_for(name, "LoRA · peft LoraConfig")
     time.sleep(1)  # the first preset button has the focus
-    tmux.keys(name, "Tab", "Tab")  # the run config file's path box
+    press(tmux, name, "Tab", "Tab")  # the run config file's path box
     time.sleep(0.3)
     tmux.keys(name, "-l", str(toml_path))
-    tmux.keys(name, "C-o")
+    tmux.wait_for(name, toml_path.name)
+    press(tmux, name, "C-o")
     tmux.wait_for(name, "imported run.toml", timeout=30)
-    tmux.keys(name, "Tab", "Tab", "Tab")  # Export, Import, then the name box
+    press(tmux, name, "Tab", "Tab", "Tab")  # Export, Import, then the name box
     time.sleep(0.3)
     clear_and_type(tmux, name, "my run")
     tmux.wait_for(name, "my run")
-    tmux.keys(name, "Escape")
+    press(tmux, name, "Escape")
 
     # Model: the embedded tiny model filled in (f4 builds it the first time).
-    tmux.keys(name, "2")
+    press(tmux, name, "2")
     tmux.wait_for(name, "Load")
     time.sleep(0.5)
-    tmux.keys(name, "F4")
+    press(tmux, name, "F4")
     tmux.wait_for(name, "qlw-tiny-llama", timeout=300)
 
     # Chat: a generation setting.
-    tmux.keys(name, "6")
+    press(tmux, name, "6")
     tmux.wait_for(name, "settings (f2)")
     time.sleep(0.5)
-    tmux.keys(name, "F2")  # the settings open with the cursor in max_new_tokens
+    press(tmux, name, "F2")  # the settings open with the cursor in max_new_tokens
     tmux.wait_for(name, "max_new_tokens")
     time.sleep(0.3)
     clear_and_type(tmux, name, "77")
-    tmux.keys(name, "Escape", "F2")  # and close them again
+    press(tmux, name, "Escape")  # the settings stay open
     time.sleep(0.5)
 
-    tmux.keys(name, "4")  # the tab last shown
+    press(tmux, name, "4")  # the tab last shown
     tmux.wait_for(name, "LoRA · peft LoraConfig")
     time.sleep(0.5)
 
@@ -118,18 +126,14 @@ def check_everything(tmux: Tmux, name: str) -> None:
     assert _field(screen, "max_length") == "256" and _field(screen, "r") == "8", screen
     assert _field(screen, "lora_alpha") == "32", screen
 
-    tmux.keys(name, "3")
+    press(tmux, name, "3")
     tmux.wait_for(name, "mine.jsonl · 30 rows", timeout=120)
-    tmux.keys(name, "2")
+    press(tmux, name, "2")
     tmux.wait_for(name, "qlw-tiny-llama", timeout=30)
-    tmux.keys(name, "6")
-    tmux.wait_for(name, "settings (f2)")
-    time.sleep(0.5)
-    tmux.keys(name, "F2")
-    screen = tmux.wait_for(name, "max_new_tokens")
+    press(tmux, name, "6")
+    screen = tmux.wait_for(name, "max_new_tokens")  # the settings open, as they were left
     assert _field(screen, "max_new_tokens") == "77", screen
-    tmux.keys(name, "Escape", "F2")
-    tmux.keys(name, "4")
+    press(tmux, name, "4")
     tmux.wait_for(name, "LoRA · peft LoraConfig")
 
 
@@ -148,7 +152,7 @@ def stop_backend(home) -> None:
 
 
 def quit_qlw(tmux: Tmux, name: str) -> None:
-    tmux.keys(name, "Escape", "q")
+    press(tmux, name, "Escape", "q")
     deadline = time.monotonic() + 60
     while name in tmux.tmux("list-sessions", "-F", "#{session_name}", check=False).split():
         assert time.monotonic() < deadline, tmux.screen(name)
@@ -177,17 +181,12 @@ def test_every_value_comes_back_after_q_and_after_a_backend_restart(tmux, qlw_ho
     # A second terminal attached at the same time: the same values, and a change made in the first.
     open_qlw(tmux, "d", qlw_home)
     check_everything(tmux, "d")
-    tmux.keys("c", "6")
-    tmux.wait_for("c", "settings (f2)")
-    time.sleep(0.5)
-    tmux.keys("c", "F2")
+    press(tmux, "c", "6")
     tmux.wait_for("c", "max_new_tokens")
-    time.sleep(0.3)
+    press(tmux, "c", "F2", "F2")  # closed, and open again with the cursor in max_new_tokens
+    tmux.wait_for("c", "max_new_tokens")
     clear_and_type(tmux, "c", "55")
-    tmux.keys("d", "6")
-    tmux.wait_for("d", "settings (f2)")
-    time.sleep(0.5)
-    tmux.keys("d", "F2")
+    press(tmux, "d", "6")
     deadline = time.monotonic() + 60
     while _field(tmux.screen("d"), "max_new_tokens") != "55":
         assert time.monotonic() < deadline, tmux.screen("d")
