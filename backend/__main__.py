@@ -6,6 +6,8 @@
 
 `python -m backend merge ADAPTER OUT` (what `qlw merge` runs) merges an adapter into its base here.
 
+`python -m backend export MODEL OUT` (what `qlw export` runs) writes a GGUF (and a Modelfile) here.
+
 `qlw serve` (without --foreground) and `qlw` itself start this detached from the terminal.
 """
 
@@ -62,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
                     "it (token from HF_TOKEN or `hf auth login`, never printed). Exit status: 0 done, 1 failed, "
                     "2 refused (bad input, existing output without --yes), 130 stopped with ctrl+c.")
     merge_room.add_cli_arguments(merge_cmd)
+    # `qlw export MODEL OUT` runs this: the Merge wizard's Export step in this process (backend/export.py).
+    from backend import export as export_room
+
+    export_cmd = sub.add_parser(
+        "export", help="write a merged model (or an adapter, merged first) as a GGUF file, with an Ollama Modelfile",
+        description="Write a merged Llama, Mistral or Qwen2 model folder (or an adapter, merged first into the data "
+                    "home's merged/) as one GGUF file for llama.cpp, Ollama and LM Studio: weights at --quant "
+                    "(f16, bf16, q8_0 written in Python; q4_k_m, q5_k_m by llama.cpp's quantizer, which needs "
+                    "pip install \"qlw[gguf]\"), the tokenizer, chat template and stop tokens inside; through a "
+                    "temporary file renamed into place. --ollama writes a Modelfile beside it; --verify reads the "
+                    "file back and compares it with the merged model. Exit status: 0 done, 1 failed, 2 refused "
+                    "(bad input, unsupported architecture, missing extra, existing file without --yes), 130 "
+                    "stopped with ctrl+c.")
+    export_room.add_cli_arguments(export_cmd)
     # `qlw eval` runs this: base, tuned and merged side by side, the Markdown table on stdout
     # (backend/evaluate.py).
     from backend import evaluate as eval_room
@@ -89,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
                             format="%(levelname)s %(name)s: %(message)s")
         return train_room.cli(args)
+    if args.cmd == "export":
+        logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return export_room.cli(args)
     if args.cmd == "merge":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,

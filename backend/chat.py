@@ -424,6 +424,16 @@ def forget_compiled() -> None:
         log.exception("resetting torch.compile's caches failed")
 
 
+def apply_compile_override(model) -> None:
+    """:data:`COMPILE_OVERRIDE` into ``model``'s generation config (the tests' CPU compile)."""
+    if COMPILE_OVERRIDE is not None:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(**COMPILE_OVERRIDE)
+        compile_config._compile_all_devices = True
+        model.generation_config.compile_config = compile_config
+
+
 class FastPathUnavailable(Exception):
     """Why the fast path cannot serve this model or adapter (said in ``fast_path``: "off: ...")."""
 
@@ -567,12 +577,7 @@ class DecodeCopy:
         if leftover:
             raise FastPathUnavailable(f"could not fill {leftover[0]} of the copy")
         model.generation_config = copy.deepcopy(plain_src.generation_config)
-        if COMPILE_OVERRIDE is not None:
-            from transformers import CompileConfig
-
-            compile_config = CompileConfig(**COMPILE_OVERRIDE)
-            compile_config._compile_all_devices = True
-            model.generation_config.compile_config = compile_config
+        apply_compile_override(model)
         model.eval()
         self.model = model
         self.state = ""  # what the weights hold now: "base" or "tuned:<adapter>"
@@ -638,22 +643,49 @@ class DecodeCopy:
     def static_cache(self, need: int):
         """A static KV cache of at least ``need`` tokens (reused while big enough, so the compiled
         decode step is reused), reset for a new answer; None where transformers lacks one."""
+        self.cache, self.cache_len, cache = reuse_static_cache(self.model, self.cache, getattr(self, "cache_len", 0), need)
+        return cache
+
+
+def reuse_static_cache(model, cache, cache_len: int, need: int):
+    """``(cache, its length, the cache to pass or None)``: ``cache`` reset when it holds ``need``
+    tokens, else a new static cache of ``need`` rounded up to ``CACHE_BUCKET`` tokens (at least
+    ``CACHE_MIN``), so that the compiled decode step sees the same shapes answer after answer."""
+    try:
+        from transformers import StaticCache
+    except ImportError:  # pragma: no cover
+        return cache, cache_len, None
+    size = -(-need // CACHE_BUCKET) * CACHE_BUCKET
+    positions = getattr(model.config, "max_position_embeddings", None) or CACHE_MIN
+    size = max(size, min(CACHE_MIN, positions))
+    if cache is None or cache_len < size:
         try:
-            from transformers import StaticCache
-        except ImportError:  # pragma: no cover
-            return None
-        size = -(-need // CACHE_BUCKET) * CACHE_BUCKET
-        positions = getattr(self.model.config, "max_position_embeddings", None) or CACHE_MIN
-        size = max(size, min(CACHE_MIN, positions))
-        if self.cache is None or self.cache_len < size:
-            try:
-                self.cache = StaticCache(config=self.model.config, max_cache_len=size)
-            except TypeError:
-                return None
-            self.cache_len = size
-        else:
-            self.cache.reset()
-        return self.cache
+            cache = StaticCache(config=model.config, max_cache_len=size)
+        except TypeError:
+            return None, 0, None
+        cache_len = size
+    else:
+        cache.reset()
+    return cache, cache_len, cache
+
+
+def merged_fast_allowed(model) -> str:
+    """"" when a merged (plain 16-bit) model may decode with a static cache and the compiled
+    decode step, as the decode copy does; else why not."""
+    import torch
+
+    env = os.environ.get(FAST_ENV, "").strip()
+    if env == "0":
+        return f"{FAST_ENV}=0"
+    if quantized_linears(model) or getattr(model, "is_quantized", False):
+        return "it is quantized: it decodes as loaded"
+    dtype = getattr(model, "dtype", None)
+    if dtype not in (torch.bfloat16, torch.float16) and env != "1":
+        return f"it is in {str(dtype).replace('torch.', '')}: the compiled decode step is for 16-bit weights"
+    device = _device_of(model)
+    if getattr(device, "type", str(device)) != "cuda" and env != "1":
+        return "the model is on the CPU"
+    return ""
 
 
 def fast_allowed(model) -> str:
@@ -779,9 +811,15 @@ class ChatEngine:
         t0 = time.perf_counter()
         if target.kind == "merged":
             held = self._ensure_merged(target, home, ctx)
+            t_load = time.perf_counter()
+            fast = held["fast"]
+            if not fast and not held.get("warmed"):
+                fast = self._warm_up(target, report)
             return {"target": target.id, "load_s": round(time.perf_counter() - t0, 3),
-                    "fast_path": f"off: a merged model decodes as loaded ({held['precision']})", "path": "plain",
-                    "precision": held["precision"], "note": held["note"]}
+                    "fast_path": "on" if not fast else f"off: {fast}", "path": "fast" if not fast else "plain",
+                    "precision": held["precision"], "note": held["note"],
+                    "steps": {"base_s": round(t_load - t0, 3), "adapter_s": 0.0,
+                              "fast_s": round(time.perf_counter() - t_load, 3)}}
         if target.kind == "tuned":
             from backend import adapters
 
@@ -896,15 +934,27 @@ class ChatEngine:
     def _warm_up(self, target: Target, report=lambda *a: None) -> str:
         """A short answer on the fast path, so that compiling the decode step happens while
         loading, not in the first answer (and a failure turns the fast path off here)."""
-        dc = self.decode_copy()
-        if dc is None or id(dc) in self.warmed:
-            return ""
+        if target.kind == "merged":
+            held = HOLDINGS.get(HOLD_MERGED)
+            if held is None or held["fast"] or held["warmed"]:
+                return held["fast"] if held is not None else "not loaded"
+        else:
+            dc = self.decode_copy()
+            if dc is None or id(dc) in self.warmed:
+                return ""
         report("compiling the decode step")
         t0 = time.perf_counter()
-        tokenizer = self.tokenizer()
+        tokenizer = self.tokenizer_for(target)
         ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0] * 4
         result = self.answer(target, ids, P.ChatSettings(max_new_tokens=4, do_sample=False),
                              extra={"min_new_tokens": 4})
+        if target.kind == "merged":
+            held = HOLDINGS.get(HOLD_MERGED)
+            if result["path"] != "fast":
+                return held["fast"] if held is not None and held["fast"] else "the fast path failed"
+            held["warmed"] = True
+            log.info("merged fast path warmed up in %.1f s", time.perf_counter() - t0)
+            return ""
         if result["path"] != "fast":
             return self.fast_reason or "the fast path failed"
         self.warmed.add(id(dc))
@@ -932,8 +982,10 @@ class ChatEngine:
             progress=(lambda st, d, t, u="", m="": ctx.progress(st, d, t, u, m)) if ctx is not None else None,
             cancelled=(lambda: ctx.cancelled) if ctx is not None else None)
         tokenizer = loaded.tokenizer or self.tokenizer()
+        apply_compile_override(loaded.model)
         held = {"path": target.path, "model": loaded.model, "tokenizer": tokenizer, "choice": self.merged_precision,
                 "precision": models.describe_precision(settings), "note": note,
+                "fast": merged_fast_allowed(loaded.model), "cache": None, "cache_len": 0, "warmed": False,
                 "load_s": loaded.info["load_seconds"], "info": {k: loaded.info[k] for k in ("source", "device", "measured")}}
         HOLDINGS.put(HOLD_MERGED, held, "model", f"merged model {folder.name} ({held['precision']})")
         return held
@@ -977,7 +1029,7 @@ class ChatEngine:
             held = HOLDINGS.get(HOLD_MERGED)
             if held is None or held["path"] != target.path:
                 raise JobError(f"{target.label} is not loaded", where=target.id, hint="send chat.load first")
-            yield held["model"], held["tokenizer"], nullcontext, "plain"
+            yield held["model"], held["tokenizer"], nullcontext, "fast" if fast and not held["fast"] else "plain"
             return
         base, tokenizer = self.base(), self.tokenizer()
         if base is None:
@@ -1005,7 +1057,15 @@ class ChatEngine:
         """Generate one answer; the result of :func:`stream_generate` plus ``path``."""
         with self.model_for(target, fast) as (model, tokenizer, context, path):
             extra = dict(extra or {})
-            if path == "fast":
+            if path == "fast" and target.kind == "merged":
+                held = HOLDINGS.get(HOLD_MERGED)
+                held["cache"], held["cache_len"], cache = reuse_static_cache(
+                    model, held["cache"], held["cache_len"], len(input_ids) + settings.max_new_tokens)
+                if cache is not None:
+                    extra["past_key_values"] = cache
+                else:
+                    extra["cache_implementation"] = "static"
+            elif path == "fast":
                 cache = self.decode_copy().static_cache(len(input_ids) + settings.max_new_tokens)
                 if cache is not None:
                     extra["past_key_values"] = cache
@@ -1016,8 +1076,12 @@ class ChatEngine:
         result["path"] = path
         if path == "fast" and result["error"] and not result["tokens"]:
             # The compiled decode failed before any text: stay on the plain path from now on.
-            self.fast_reason = f"the fast path failed ({result['error'][:200]})"
-            HOLDINGS.drop(HOLD_DECODE)
+            if target.kind == "merged":
+                held = HOLDINGS.get(HOLD_MERGED)
+                held.update(fast=f"the fast path failed ({result['error'][:200]})", cache=None, cache_len=0)
+            else:
+                self.fast_reason = f"the fast path failed ({result['error'][:200]})"
+                HOLDINGS.drop(HOLD_DECODE)
             result = self.answer(target, input_ids, settings, cancelled=cancelled, on_delta=on_delta, fast=False,
                                  extra={k: v for k, v in (extra or {}).items()
                                         if k not in ("past_key_values", "cache_implementation")})

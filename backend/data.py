@@ -83,8 +83,13 @@ SHAPES = {
     "messages": "conversations: messages with role/content",
     "sharegpt": "ShareGPT conversations with from/value",
     "text": "plain text",
+    "preference": "prompt/chosen/rejected preference pairs (DPO, ORPO)",
+    "preference_messages": "chosen/rejected conversations (HH-RLHF, UltraFeedback)",
+    "unpaired_preference": "prompt/completion/label rows (KTO)",
     "unknown": "not recognised: map the roles by hand",
 }
+#: Shapes that train a preference method (DPO, ORPO, KTO), not SFT.
+PREFERENCE_SHAPES = ("preference", "preference_messages", "unpaired_preference")
 
 #: Column names that suggest a role (lower case), best first.
 ROLE_NAMES = {
@@ -93,6 +98,9 @@ ROLE_NAMES = {
     "response": ("response", "output", "completion", "answer", "target", "assistant", "reply", "output_text"),
     "system": ("system", "system_prompt", "system_message"),
     "text": ("text", "content", "body", "document_text", "raw_text", "sentence"),
+    "chosen": ("chosen", "preferred", "chosen_response", "response_chosen", "winner"),
+    "rejected": ("rejected", "dispreferred", "rejected_response", "response_rejected", "loser"),
+    "label": ("label", "desirable", "is_desirable", "kto_label"),
 }
 #: Speaker names of conversation datasets -> the chat roles of a template.
 SPEAKERS = {
@@ -889,6 +897,21 @@ def detect_shape(columns: list[str], sample: list[dict[str, Any]],
             if name in lower and lower[name] not in exclude and lower[name] not in mapping.values():
                 return lower[name]
         return ""
+
+    chosen, rejected = pick("chosen"), pick("rejected")
+    if chosen and rejected:  # preference pairs (before conversations: their sides may be message lists)
+        mapping.update(chosen=chosen, rejected=rejected)
+        conversational = any(_conversation_keys(r.get(chosen)) for r in sample)
+        mapping["instruction"] = pick("instruction")
+        mapping["system"] = pick("system")
+        if conversational:
+            notes.append("chosen/rejected conversations: the messages both sides share are the prompt")
+        return ("preference_messages" if conversational else "preference"), mapping, notes
+    label = pick("label")
+    if label and "completion" in lower and "prompt" in lower:
+        mapping.update(instruction=lower["prompt"], response=lower["completion"], label=label)
+        mapping["system"] = pick("system")
+        return "unpaired_preference", mapping, notes
 
     for column in columns:  # a conversation column wins over everything else
         kind = next((k for k in (_conversation_keys(r.get(column)) for r in sample) if k), None)

@@ -189,7 +189,9 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
             load_s = held["load_s"]
             size = weights_bytes(target.path)
             note.append(held["note"] or f"loaded in {held['precision']}")
-        if ready.get("path") == "fast":
+        if ready.get("path") == "fast" and target.kind == "merged":
+            note.append(f"fast path: static cache, decode step compiled in {steps.get('fast_s', 0):.1f} s")
+        elif ready.get("path") == "fast":
             if steps.get("fast_s", 0) >= 0.5:
                 note.append(f"fast path: decode copy and compile ready in {steps['fast_s']:.1f} s (once per base)")
             copy_bytes = engine.decode_copy().nbytes() if engine.decode_copy() is not None else 0  # no reference kept

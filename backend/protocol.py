@@ -422,13 +422,56 @@ class DiagTick:
 # :class:`PreparedData`): the Data pane builds it, the LoRA/Train panes send it back unchanged,
 # and ``backend.data.load_prepared`` turns it into the rows trl's ``SFTTrainer`` consumes. The
 # preview, the token statistics and training all go through the one formatter in backend/data.py.
+#
+# Settings of a run config carry their catalogue entry (help, range, choices) as field metadata,
+# made by :func:`setting`: the LoRA form, backend/train_config.py's checks and the TOML export
+# read it from there.
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+            minimum: float | None = None, maximum: float | None = None, low_open: bool = False,
+            open_max: bool = False, also: float | None = None, choices: tuple[str, ...] = (),
+            what: str = "", kind: str = "") -> Any:
+    """A setting of a run config: a dataclass field whose metadata is the one catalogue entry the
+    LoRA form's field, the backend's check and the TOML export are made from (as trl's configs
+    carry their help). ``minimum``/``maximum`` bound a number (``low_open``/``open_max``: the bound
+    itself is out); ``also`` is one more allowed value outside the range (max_steps' -1);
+    ``choices`` the allowed texts; ``what`` how the backend's error names the allowed values;
+    ``kind`` overrides the kind read from the type (see :func:`setting_kind`)."""
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "low_open": low_open, "open_max": open_max,
+            "also": also, "choices": tuple(choices), "what": what, "kind": kind}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def setting_kind(f: dataclasses.Field) -> str:
+    """A setting's kind: int, float, bool, tristate (``bool | None``), choice, names (a list of
+    module names), text, or the kind its metadata names."""
+    if f.metadata.get("kind"):
+        return f.metadata["kind"]
+    if f.metadata.get("choices"):
+        return "choice"
+    tp = str(f.type).replace(" ", "")
+    return {"int": "int", "float": "float", "bool": "bool", "bool|None": "tristate", "str": "text",
+            "list[str]": "names"}.get(tp, "text")
+
+
+def settings_catalogue(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of a settings dataclass that carry catalogue metadata, by name, in order."""
+    return {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
+
 
 #: Templates of a prepared dataset: the tokenizer's chat template, Mistral's ``[INST]`` format,
 #: the Alpaca prompt, or the columns' text as it is.
 DATA_TEMPLATES = ("chat", "mistral", "alpaca", "raw")
 #: Roles a column can be mapped to; ``messages`` is a conversation column (role/content or
 #: ShareGPT's from/value), ``text`` a plain-text column.
-DATA_ROLES = ("instruction", "context", "response", "system", "messages", "text")
+DATA_ROLES = ("instruction", "context", "response", "system", "messages", "text", "chosen", "rejected", "label")
+#: The roles of preference rows: ``instruction`` is the prompt; ``chosen``/``rejected`` the two
+#: answers (text, or message lists as in HH-RLHF and UltraFeedback); KTO's rows are ``instruction``
+#: (prompt), ``response`` (completion) and ``label`` (true: desirable).
+PREFERENCE_ROLES = ("chosen", "rejected", "label")
 #: ``auto``: assistant-only for chat rows, completion-only for prompt/completion rows, else all.
 DATA_LOSSES = ("auto", "assistant_only", "completion_only", "all")
 #: Validation rows: none, a seeded random fraction, or another split of the source.
@@ -464,13 +507,15 @@ class PreparedData:
     source: dict[str, Any]
     mapping: dict[str, Any] = field(default_factory=dict)
     template: str = "chat"
-    loss: str = "auto"
+    loss: str = setting("auto", help="Which tokens count in the loss: auto, assistant_only (chat rows), "
+                        "completion_only (prompt/completion rows) or all (SFT only).", choices=DATA_LOSSES)
     system_prompt: str = ""
     split_mode: str = "ratio"
     validation_ratio: float = 0.1
     validation_split: str = ""
     seed: int = 42
-    max_length: int = 1024
+    max_length: int = setting(1024, help="trl's max_length in tokens: longer rows are cut (keeping the start).",
+                              minimum=1)
 
 
 @request("data.open")
@@ -666,10 +711,23 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 #: transformers' ``optim`` values offered by the form (bitsandbytes ones need it installed).
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch",
               "adamw_torch_fused", "adafactor", "sgd")
+#: ``training.speed``: how the run picks its speed levers (backend/speed.py).
+SPEEDS = ("fast", "lean", "manual")
 #: peft's ``bias``.
 LORA_BIASES = ("none", "all", "lora_only")
 #: Presets of ``train.presets``.
 TRAIN_PRESETS = ("qlora-paper", "small-gpu")
+#: Training methods (``RunConfig.method``), one module each in ``backend/methods/``: supervised
+#: fine-tuning, and the preference methods DPO, ORPO and KTO (trl's trainers of those names).
+TRAINING_METHODS = ("sft", "dpo", "orpo", "kto")
+#: What a preference run does with a malformed pair (an empty side, identical sides, no prompt):
+#: leave it out (each is reported by line) or refuse to train.
+MALFORMED_PAIRS = ("skip", "refuse")
+#: trl's ``DPOConfig.loss_type`` values offered (sigmoid: the DPO paper's loss).
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair",
+                  "apo_zero", "apo_down", "sigmoid_norm")
+#: trl's ``KTOConfig.loss_type`` values.
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 @dataclass
@@ -677,14 +735,20 @@ class LoraSettings:
     """peft ``LoraConfig`` fields. ``target_modules``: ``"all-linear"`` or a list of module names
     (from ``model.inspect``'s ``linear_groups``)."""
 
-    r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    r: int = setting(16, help="LoRA rank: the width of the low-rank update (8-64 typical).", minimum=1)
+    lora_alpha: int = setting(16, help="LoRA scaling numerator: the update is scaled by lora_alpha/r "
+                              "(by lora_alpha/sqrt(r) with use_rslora).", minimum=1)
+    lora_dropout: float = setting(0.05, help="Dropout on the LoRA input, 0 to below 1 (0.05 in QLoRA).",
+                                  minimum=0, maximum=1, open_max=True,
+                                  what="a probability from 0 up to (not including) 1")
     target_modules: list[str] | str = "all-linear"
-    bias: str = "none"
-    use_rslora: bool = False
-    use_dora: bool = False
-    modules_to_save: list[str] = field(default_factory=list)
+    bias: str = setting("none", help="Which biases train: none, all, or those of the LoRA layers.",
+                        choices=LORA_BIASES)
+    use_rslora: bool = setting(False, help="Rank-stabilised LoRA: scale by lora_alpha/sqrt(r).")
+    use_dora: bool = setting(False, help="DoRA: weight-decomposed LoRA (slower, sometimes better).")
+    modules_to_save: list[str] = setting(help="Modules trained in full and saved with the adapter, "
+                                         "comma-separated (e.g. lm_head, embed_tokens after adding tokens).",
+                                         default_factory=list)
 
 
 @dataclass
@@ -693,6 +757,8 @@ class TrainingSettings:
     the loss mask live in the prepared dataset: ``PreparedData.max_length`` / ``loss``).
     ``max_steps`` > 0 overrides ``num_train_epochs``. ``eval_steps``/``save_steps`` 0: only at
     the end. ``bf16``/``fp16`` ``None``: chosen from the model's compute dtype and the device.
+    The preference methods (DPO, ORPO, KTO) take these too (their trl configs are
+    ``TrainingArguments``); ``packing`` is SFT's only.
 
     Speed and memory (bench/train_speed.py measures them against the plain trl recipe):
     ``packing`` puts several rows into one ``max_length`` sequence (trl's best-fit-decreasing
@@ -701,36 +767,127 @@ class TrainingSettings:
     flash-attention reads the boundaries); ``per_device_train_batch_size`` then counts packed
     sequences. ``use_liger_kernel``: Liger's fused RMSNorm/SwiGLU/RoPE kernels (needs the
     liger-kernel package and a CUDA GPU; off otherwise, with a warning). ``activation_offloading``:
-    the activations kept for the backward pass wait in CPU memory (less GPU memory, some speed)."""
+    the activations kept for the backward pass wait in CPU memory (less GPU memory, some speed).
+    ``speed`` (backend/speed.py): ``fast`` takes the fastest levers whose memory estimate fits
+    ``memory_budget`` (GiB; 0: 90% of what the device has for the run): compiled decoder layers,
+    checkpointing off, a bf16 copy of 4-bit weights; ``lean`` the smallest footprint (compiled,
+    checkpointing, one sequence per micro-step); ``manual`` the switches as set. None changes the
+    math; on the CPU the switches are taken as set."""
 
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    learning_rate: float = 2e-4
-    lr_scheduler_type: str = "constant"
-    warmup_ratio: float = 0.03
-    warmup_steps: int = 0
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
-    auto_find_batch_size: bool = False
-    packing: bool = True
-    gradient_checkpointing: bool = True
-    optim: str = "paged_adamw_8bit"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.3
-    logging_steps: int = 10
-    eval_steps: int = 0
-    save_steps: int = 0
-    save_total_limit: int = 3
-    seed: int = 42
-    bf16: bool | None = None
-    fp16: bool | None = None
-    use_liger_kernel: bool = False
-    activation_offloading: bool = False
+    num_train_epochs: float = setting(1.0, help="Passes over the training rows (used when max_steps is -1).",
+                                      minimum=0, low_open=True, what="a positive number of epochs")
+    max_steps: int = setting(-1, help="Optimizer steps in all; -1: run num_train_epochs instead.",
+                             minimum=1, also=-1, what="-1 (train num_train_epochs) or a positive number of steps")
+    learning_rate: float = setting(2e-4, help="Peak learning rate (2e-4 in QLoRA; DPO usually 5e-7 to 5e-6 "
+                                   "for a full model, 5e-6 to 5e-5 with LoRA).", minimum=0, low_open=True,
+                                   maximum=1, open_max=True, what="a positive number below 1 (e.g. 2e-4)")
+    lr_scheduler_type: str = setting("constant", help="How the learning rate moves after warmup.",
+                                     choices=LR_SCHEDULERS)
+    warmup_ratio: float = setting(0.03, help="Fraction of the steps spent warming up, 0 to below 1.",
+                                  minimum=0, maximum=1, open_max=True,
+                                  what="a fraction from 0 up to (not including) 1")
+    warmup_steps: int = setting(0, help="Warmup in steps; overrides warmup_ratio when above 0.", minimum=0)
+    per_device_train_batch_size: int = setting(4, help="Rows per forward pass (preference methods: pairs).",
+                                               minimum=1)
+    gradient_accumulation_steps: int = setting(4, help="Forward passes per optimizer step "
+                                               "(effective batch = batch size × this).", minimum=1)
+    auto_find_batch_size: bool = setting(False, help="Halve the batch size and retry on CUDA out-of-memory.")
+    packing: bool = setting(True, help="Pack several short rows into one max_length sequence (SFT only).")
+    gradient_checkpointing: bool = setting(True, help="Recompute activations in the backward pass: "
+                                           "much less memory, about 30% slower.")
+    optim: str = setting("paged_adamw_8bit", help="Optimizer; paged_adamw_8bit is QLoRA's (needs bitsandbytes).",
+                         choices=OPTIMIZERS)
+    weight_decay: float = setting(0.0, help="Decoupled weight decay (0 in QLoRA).", minimum=0, what="a number >= 0")
+    max_grad_norm: float = setting(0.3, help="Gradient clipping norm (0.3 in QLoRA); 0: no clipping.", minimum=0,
+                                   what="a number >= 0 (0: no clipping)")
+    logging_steps: int = setting(10, help="A row of the loss table every this many steps.", minimum=1)
+    eval_steps: int = setting(0, help="Validation loss every this many steps; 0: only at the end.", minimum=0,
+                              what="0 (only at the end) or a number of steps")
+    save_steps: int = setting(0, help="A checkpoint every this many steps; 0: only at the end.", minimum=0,
+                              what="0 (only at the end) or a number of steps")
+    save_total_limit: int = setting(3, help="Checkpoints kept (older ones are deleted); 0: keep every one.",
+                                    minimum=0, what="0 (keep every checkpoint) or how many to keep")
+    seed: int = setting(42, help="Seed of the run (shuffling, dropout, LoRA init).", minimum=0)
+    bf16: bool | None = setting(None, help="bf16 mixed precision; auto: from the model's compute dtype "
+                                "and the device.")
+    fp16: bool | None = setting(None, help="fp16 mixed precision; auto: from the model's compute dtype "
+                                "and the device.")
+    use_liger_kernel: bool = setting(False, help="Liger's fused kernels (CUDA and the liger-kernel package).")
+    activation_offloading: bool = setting(False, help="Keep the activations for the backward pass in CPU memory.")
+    speed: str = setting("fast", help="fast: the fastest levers that fit memory_budget (compiled layers, "
+                         "checkpointing off, a bf16 weight copy); lean: the smallest footprint; manual: the switches "
+                         "as set. The same math either way; the CPU takes the switches as set.", choices=SPEEDS)
+    memory_budget: float = setting(0.0, help="GiB the run may take on the GPU, for speed fast; 0: 90% of what the "
+                                   "device has.", minimum=0, what="GiB for the run (0: 90% of what the device has)")
+
+
+@dataclass
+class PreferenceSettings:
+    """What every preference method shares: where it starts and what it does with bad pairs.
+    ``start_adapter``: the adapter folder of an earlier (SFT) run to continue training (empty: a
+    fresh LoRA adapter from the ``lora`` section); with ``ref_model=None`` trl then takes a frozen
+    copy of that adapter as the reference (DPO, KTO), never a second copy of the model."""
+
+    LOG_COLUMNS: ClassVar[tuple[str, ...]] = ()
+
+    beta: float = setting(0.1, help="trl's beta: how far the tuned model may move from the reference "
+                          "(higher: less).", minimum=0, low_open=True, what="a positive number (e.g. 0.1)")
+    start_adapter: str = setting("", help="An SFT run's adapter folder to start from (empty: a fresh "
+                                 "adapter); it is also the reference.")
+    malformed: str = setting("skip", help="Pairs with an empty side, identical sides or no prompt: skip "
+                             "them (each reported by line) or refuse to train.", choices=MALFORMED_PAIRS)
+
+
+@dataclass
+class DPOSettings(PreferenceSettings):
+    """trl ``DPOConfig`` fields (the rest comes from ``TrainingSettings``; ``max_length`` is the
+    prepared dataset's)."""
+
+    LOG_COLUMNS: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/margins",
+                                              "rewards/accuracies")
+
+    loss_type: str = setting("sigmoid", help="trl's DPO loss (sigmoid: the DPO paper's; ipo, hinge, robust, ...).",
+                             choices=DPO_LOSS_TYPES)
+    label_smoothing: float = setting(0.0, help="Robust DPO's flip probability, 0 to below 0.5 (0: plain DPO).",
+                                     minimum=0, maximum=0.5, open_max=True,
+                                     what="a probability from 0 up to (not including) 0.5")
+
+
+@dataclass
+class ORPOSettings(PreferenceSettings):
+    """trl ``ORPOConfig`` fields (``trl.experimental.orpo``): ``beta`` is the paper's lambda, the
+    weight of the odds-ratio term beside the chosen side's NLL. ORPO has no reference model."""
+
+    LOG_COLUMNS: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/margins",
+                                              "rewards/accuracies", "nll_loss", "log_odds_ratio")
+
+
+@dataclass
+class KTOSettings(PreferenceSettings):
+    """trl ``KTOConfig`` fields: unpaired rows (prompt, completion, label true/false)."""
+
+    LOG_COLUMNS: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl")
+
+    loss_type: str = setting("kto", help="trl's KTO loss (kto, or apo_zero_unpaired).", choices=KTO_LOSS_TYPES)
+    desirable_weight: float = setting(1.0, help="Weight of desirable (label true) rows' losses.", minimum=0,
+                                      low_open=True, what="a positive number")
+    undesirable_weight: float = setting(1.0, help="Weight of undesirable (label false) rows' losses.", minimum=0,
+                                        low_open=True, what="a positive number")
+
+
+#: The settings section of each method (SFT has none beyond ``training``); its name in the run
+#: config is the method's.
+METHOD_SETTINGS: dict[str, type] = {"dpo": DPOSettings, "orpo": ORPOSettings, "kto": KTOSettings}
+#: What each method's ``train.log`` rows carry beside loss, eval_loss, learning_rate, grad_norm
+#: and tokens_per_s (trl's log names, in ``TrainLog.metrics``).
+METHOD_LOG_COLUMNS: dict[str, tuple[str, ...]] = {"sft": (), **{m: c.LOG_COLUMNS for m, c in METHOD_SETTINGS.items()}}
 
 
 @dataclass
 class RunConfig:
-    """A whole run, as plain data (sections are dicts of the classes above)."""
+    """A whole run, as plain data (sections are dicts of the classes above). ``method``: one of
+    ``TRAINING_METHODS``; the preference methods' settings are in the section of their name
+    (``dpo``: :class:`DPOSettings`, ``orpo``, ``kto``)."""
 
     model: dict[str, Any]
     data: dict[str, Any]
@@ -738,6 +895,10 @@ class RunConfig:
     training: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     version: int = RUN_CONFIG_VERSION
+    method: str = "sft"
+    dpo: dict[str, Any] = field(default_factory=dict)
+    orpo: dict[str, Any] = field(default_factory=dict)
+    kto: dict[str, Any] = field(default_factory=dict)
 
 
 @request("train.presets")
@@ -827,6 +988,9 @@ class TrainLog:
     tokens_per_s: float | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = None
+    #: The method's own columns (``METHOD_LOG_COLUMNS``, trl's names: ``rewards/margins``), and
+    #: their validation values as ``eval_<name>``.
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @event("train.checkpoint")
@@ -1375,3 +1539,83 @@ class UiChanged:
     time: float
     origin: str = ""
     replay: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF and Ollama export (backend/export.py, backend/gguf_convert.py, backend/ollama.py; the
+# Merge wizard's Export step). A merged folder (or an adapter, merged first) becomes one GGUF file
+# with its tokenizer, chat template and stop tokens, optionally an Ollama Modelfile beside it, and
+# is checked against the merged model it came from.
+
+#: f16/bf16/q8_0 are written in Python (gguf); q4_k_m/q5_k_m need llama-cpp-python (``qlw[gguf]``).
+EXPORT_LEVELS = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m")
+
+
+@request("export.plan")
+class ExportPlan:
+    """What an export will take, without loading a model: ``{"model": {"kind": "merged" |
+    "adapter", "path", "merged_folder", "architecture", "gguf_architecture", "parameters"},
+    "quant", "out" (the .gguf path), "out_exists", "modelfile" (path or ""), "disk": {"need_bytes",
+    "free_bytes"}, "size_bytes" (the file's estimated size), "llama_cpp" (the extra installed),
+    "refusal" (why it cannot run, "" when it can), "warnings": [str]}``. ``out``: a .gguf path, or
+    a folder (the file is named after the model and level); relative paths are under the data
+    home's exports/; empty: exports/<model>-<level>.gguf."""
+
+    model: str
+    out: str = ""
+    quant: str = "q8_0"
+    ollama: bool = True
+
+
+@request("export.start")
+class StartExport:
+    """Job: (an adapter is merged first, as ``merge.start`` does, into merged/) write the GGUF at
+    ``quant`` through a temporary file renamed into place, the Modelfile beside it with
+    ``ollama``, then verify with ``verify`` (``export.verified``). Refused with code ``confirm``
+    when the file exists and ``overwrite`` is false, and with the command that adds the extra for
+    a k-quant without llama-cpp-python. Progress stages: the merge's, ``writing`` (tensors),
+    ``quantizing``, ``modelfile``, ``verifying``. Result: ``{"path", "size_bytes", "quant",
+    "modelfile", "merged_folder", "verify": export.verified payload or None}``."""
+
+    model: str
+    out: str = ""
+    quant: str = "q8_0"
+    ollama: bool = True
+    verify: bool = True
+    overwrite: bool = False
+    prompts: list[str] = field(default_factory=list)
+
+
+@event("export.saved")
+class ExportSaved:
+    """The GGUF is complete at ``path`` (and the Modelfile, when asked): size, time, notes (e.g.
+    tensors kept in f16)."""
+
+    path: str
+    size_bytes: int
+    quant: str
+    write_s: float
+    tensors: int = 0
+    modelfile: str = ""
+    merged_folder: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@event("export.verified")
+class ExportVerified:
+    """The GGUF read back (transformers' ``gguf_file=`` path, dequantised) against the merged
+    model: ``rows`` of ``{"model": "merged" | "gguf <level>", "perplexity", "max_abs_logit_diff",
+    "top1_agreement", "greedy_same", "size_bytes"}``; ``noise_floor``: max |logit diff| of the
+    merged model with its matrices rounded to ``noise_dtype`` (what a 16-bit file costs at best);
+    ``checks``: ``{"chat_template", "eos", "conversation_tokens", "modelfile_template"}`` each
+    true/false (or None when not applicable); ``texts``: where the perplexity rows came from."""
+
+    path: str
+    quant: str
+    rows: list[dict[str, Any]]
+    noise_floor: float
+    noise_dtype: str
+    checks: dict[str, Any]
+    texts: str = ""
+    prompts: int = 0
+    dtype: str = "fp32"

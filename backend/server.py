@@ -304,6 +304,9 @@ class BackendServer:
         from backend import merge as merge_room
 
         merge_room.register(self)
+        from backend import export as export_room
+
+        export_room.register(self)
         # Chat and evaluation (backend/chat.py, backend/evaluate.py): chat.*, eval.* requests and jobs.
         from backend import chat as chat_room
 

@@ -102,6 +102,18 @@ def sample_dataset_path() -> Path:
     return Path(__file__).resolve().parent / "samples" / "dolly_sample.jsonl"
 
 
+def preference_sample_path() -> Path:
+    """The shipped preference pairs (prompt, chosen, rejected; English with Korean and Japanese),
+    made from the sample dataset by ``backend/samples/make_preference_sample.py``: the default
+    data of a DPO, ORPO or KTO run."""
+    return Path(__file__).resolve().parent / "samples" / "preference_sample.jsonl"
+
+
+def sample_for(method: str) -> Path:
+    """The shipped sample a run of ``method`` trains on when no data is chosen."""
+    return sample_dataset_path() if method == "sft" else preference_sample_path()
+
+
 def load_sample_dataset(split: str = "train") -> datasets.Dataset:
     """The sample dataset as a ``datasets.Dataset``, loaded the way real local data is
     (``load_dataset("json", data_files=...)``; it caches under ``HF_HOME``)."""

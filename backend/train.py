@@ -1,16 +1,18 @@
-"""Training: trl's ``SFTTrainer`` with a peft LoRA adapter on the held base model, in the job thread.
+"""Training: a method's trl trainer (:mod:`backend.methods`: SFT, DPO, ORPO, KTO) with a peft LoRA
+adapter on the held base model, in the job thread.
 
 One function, :func:`run_training`, serves the ``train.start`` job and ``qlw train``; it adds
-nothing to what trl computes (``tests/backend/test_train_equality.py`` holds it to a plain trl
-script, loss for loss):
+nothing to what trl computes (``tests/backend/test_train_equality.py`` and
+``tests/backend/test_preference.py`` hold it to plain trl scripts, step for step):
 
 - the run config is checked (:mod:`backend.train_config`) and adapted to the device (CPU: no
   paged/8-bit optimizer, fp32), errors keyed by field before anything heavy happens;
 - the model is the one the backend holds when it is the one the config names, else it is loaded
   through :mod:`backend.models` (``model.source`` empty: the embedded tiny model, built first);
-- the rows are :func:`backend.data.load_prepared`'s (the one formatter) with its ``SFTConfig``
-  settings (``max_length``, truncation, completion-only / assistant-only loss);
-- ``LoraConfig`` takes the ``lora`` section as peft names it; ``SFTConfig`` the ``training`` section;
+- the method (``method`` in the config) turns the prepared dataset into its trl rows, builds its
+  trl config from the ``training`` section and its own section, and its trainer; everything else
+  below is the same for every method;
+- ``LoraConfig`` takes the ``lora`` section as peft names it;
 - callbacks turn trl's logs into ``train.log`` rows (a step's training and evaluation logs merged:
   the training row first, the same step again when its ``eval_loss`` arrives), checkpoints into
   ``train.checkpoint``, and a stop request into a checkpoint and a clean end;
@@ -44,11 +46,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from backend import protocol as P, train_config as TC
+from backend import methods, protocol as P, speed, train_config as TC
 from backend.holdings import HOLDINGS, Holdings
 from backend.jobs import JobCancelled, JobError, print_job_error
+from backend.methods import base as methods_base
 
-FAULT_ENV = "QLW_TRAIN_FAULT"
+FAULT_ENV = methods_base.FAULT_ENV
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
@@ -132,15 +135,17 @@ def model_settings(model: dict[str, Any], home: Path, build: bool = False, progr
     return P.ModelSettings(**{**model, "source": source})
 
 
-def data_settings(data: dict[str, Any], home: Path, progress=None, cancelled=None) -> tuple[dict[str, Any], list[str]]:
-    """The prepared-data settings of a config's data section: the shipped sample dataset for an
-    empty path, and the detected column mapping when no role is mapped. Returns notes too."""
+def data_settings(data: dict[str, Any], home: Path, progress=None, cancelled=None,
+                  method: str = "sft") -> tuple[dict[str, Any], list[str]]:
+    """The prepared-data settings of a config's data section: the shipped sample of the method
+    (instructions for SFT, preference pairs otherwise) for an empty path, and the detected column
+    mapping when no role is mapped. Returns notes too."""
     from backend import data as D, tiny
 
     notes = []
     settings = json.loads(json.dumps(data))
     if not settings["source"].get("path"):
-        settings["source"] = {"path": str(tiny.sample_dataset_path()), "config": "", "split": ""}
+        settings["source"] = {"path": str(tiny.sample_for(method)), "config": "", "split": ""}
     if not any((settings.get("mapping") or {}).values()):
         opened = D.open_source(settings["source"], home, progress, cancelled)
         settings["mapping"] = dict(opened.summary["mapping"])
@@ -199,6 +204,13 @@ def preflight(config: dict[str, Any], home: Path) -> dict[str, str]:
             models.resolve_source(P.ModelSettings(**config["model"]))
         except JobError as exc:
             errors["model.source"] = str(exc) + (f": {exc.hint}" if exc.hint else "")
+    method = config.get("method", "sft")
+    if method in P.METHOD_SETTINGS:
+        from backend.methods.preference import check_start_adapter
+
+        why = check_start_adapter(config[method]["start_adapter"])
+        if why:
+            errors[f"{method}.start_adapter"] = why
     if config["data"]["source"].get("path"):
         try:
             D.resolve_source(config["data"]["source"])
@@ -447,6 +459,25 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
                     warnings["lora.target_modules"] = (f"{', '.join(missing)} match(es) no layer of this model: "
                                                        "only the others get an adapter")
             out["memory"] = estimate_memory(eff, est, trainable)
+            quantized = eff["model"]["precision"] == "4bit"
+            copy_bytes = 2 * int(est.get("quantized_parameters") or 0) if quantized else 0
+            plan = speed.plan(
+                eff["training"], device, tokens_per_sequence=int(eff["data"]["max_length"]),
+                estimate=lambda t: estimate_memory({**eff, "training": t}, est, trainable)["total_bytes"],
+                budget=speed.budget_bytes(eff["training"]["memory_budget"], int(est["free_bytes"])),
+                copy_bytes=copy_bytes, quantized_4bit=quantized)
+            out["speed"] = {**plan.as_dict(), "text": plan.describe()}
+            if plan.estimate_bytes is not None:  # the footprint of the levers the run will take
+                planned = {**eff["training"], "gradient_checkpointing": plan.gradient_checkpointing,
+                           "per_device_train_batch_size": plan.per_device_train_batch_size,
+                           "gradient_accumulation_steps": plan.gradient_accumulation_steps}
+                out["memory"] = estimate_memory({**eff, "training": planned}, est, trainable)
+                if plan.bf16_base:
+                    out["memory"]["parts"]["bf16_weight_copy"] = copy_bytes
+                    out["memory"]["total_bytes"] += copy_bytes
+                    from backend import models
+
+                    out["memory"]["verdict"] = models.verdict(out["memory"]["total_bytes"], out["memory"]["free_bytes"])
             if out["memory"]["verdict"] == "will not fit":
                 warnings["memory"] = (f"about {out['memory']['total_bytes'] / GIB:.1f} GiB needed, "
                                       f"{out['memory']['free_bytes'] / GIB:.1f} GiB free on {device}: lower "
@@ -455,7 +486,7 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
     if not data["source"].get("path"):
         from backend import tiny
 
-        data["source"] = {"path": str(tiny.sample_dataset_path()), "config": "", "split": ""}
+        data["source"] = {"path": str(tiny.sample_for(eff["method"])), "config": "", "split": ""}
     if not any(data["mapping"].values()):
         warnings["data.mapping"] = "no column is mapped: the mapping detected from the columns is used"
     rows = train_rows(data, home)
@@ -471,127 +502,15 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
 
 
 def lora_config(lora: dict[str, Any]):
-    """peft's ``LoraConfig`` of the lora section (its field names are peft's)."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
-        target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora["use_rslora"],
-        use_dora=lora["use_dora"], modules_to_save=list(lora["modules_to_save"]) or None, task_type="CAUSAL_LM")
-
-
-def sft_config(eff: dict[str, Any], sft_kwargs: dict[str, Any], output_dir: Path, device: str, has_eval: bool):
-    """trl's ``SFTConfig`` of the training section plus the prepared dataset's settings."""
-    import dataclasses
-
-    from trl import SFTConfig
-
-    t = eff["training"]
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    kwargs: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        num_train_epochs=t["num_train_epochs"], max_steps=t["max_steps"], learning_rate=t["learning_rate"],
-        lr_scheduler_type=t["lr_scheduler_type"], per_device_train_batch_size=t["per_device_train_batch_size"],
-        per_device_eval_batch_size=t["per_device_train_batch_size"],
-        gradient_accumulation_steps=t["gradient_accumulation_steps"], auto_find_batch_size=t["auto_find_batch_size"],
-        packing=t["packing"], optim=t["optim"], weight_decay=t["weight_decay"], max_grad_norm=t["max_grad_norm"],
-        logging_strategy="steps", logging_steps=t["logging_steps"],
-        eval_strategy="steps" if has_eval and t["eval_steps"] > 0 else "no",
-        save_strategy="steps" if t["save_steps"] > 0 else "no",
-        save_total_limit=t["save_total_limit"] or None, seed=t["seed"], bf16=bool(t["bf16"]), fp16=bool(t["fp16"]),
-        use_cpu=device == "cpu", report_to="none", disable_tqdm=True,
-        **sft_kwargs,
-    )
-    if t["eval_steps"] > 0:
-        kwargs["eval_steps"] = t["eval_steps"]
-    if t["save_steps"] > 0:
-        kwargs["save_steps"] = t["save_steps"]
-    # transformers 5.x: warmup_steps takes a ratio when below 1 (warmup_ratio is gone); older: both.
-    if "warmup_ratio" in names:
-        kwargs.update(warmup_ratio=t["warmup_ratio"], warmup_steps=t["warmup_steps"])
-    else:
-        kwargs["warmup_steps"] = t["warmup_steps"] if t["warmup_steps"] > 0 else t["warmup_ratio"]
-    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name: a warning).
-    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    kwargs[key] = t["gradient_checkpointing"]
-    for name in ("use_liger_kernel", "activation_offloading"):  # speed options; off: trl's defaults
-        if t.get(name) and name in names:
-            kwargs[name] = True
-    return SFTConfig(**kwargs)
-
-
-_TRAINER_CLASS = None
-#: What trl's padding-free collator adds for varlen kernels; a stacked batch does not need it.
-_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+    """peft's ``LoraConfig`` of the lora section (see :mod:`backend.methods.base`)."""
+    return methods_base.lora_config(lora)
 
 
 def stack_equal_rows(inputs: dict[str, Any]) -> dict[str, Any]:
-    """A padding-free batch (trl's packing: rows flattened into one sequence, position ids
-    restarting at each row) whose rows all have the same length, as a plain batch of those rows
-    with an all-ones attention mask. The same computation (each row attends to itself only), but
-    sdpa runs its causal kernel instead of a dense block-diagonal mask, which costs ~8x the
-    attention work on rows that fill max_length. Other batches are returned as they are."""
-    pos = inputs.get("position_ids")
-    if pos is None or "attention_mask" in inputs or pos.dim() != 2 or pos.shape[0] != 1:
-        return inputs
-    import torch
+    """SFT's stacking of equal-length packed rows (see :mod:`backend.methods.sft`)."""
+    from backend.methods.sft import stack_equal_rows as stack
 
-    total = pos.shape[1]
-    starts = (pos[0] == 0).nonzero().flatten()
-    k = starts.numel()
-    if k < 2 or total % k:
-        return inputs
-    n = total // k
-    row = torch.arange(n, device=pos.device, dtype=pos.dtype)
-    if not torch.equal(pos[0].view(k, n), row.expand(k, n)):
-        return inputs
-    out = {key: value for key, value in inputs.items() if key not in _VARLEN_KEYS}
-    for key in ("input_ids", "labels", "position_ids"):
-        if key in out:
-            out[key] = out[key].reshape(k, n)
-    out["attention_mask"] = torch.ones_like(out["input_ids"])
-    return out
-
-
-def trainer_class():
-    """trl's ``SFTTrainer``, watching each micro-step's loss (NaN/inf at once) and carrying the
-    test seam; it changes nothing that is computed (a packed batch of equal-length rows is
-    handed to the model as those rows: :func:`stack_equal_rows`)."""
-    global _TRAINER_CLASS
-    if _TRAINER_CLASS is not None:
-        return _TRAINER_CLASS
-    import torch
-    from trl import SFTTrainer
-
-    class QlwSFTTrainer(SFTTrainer):
-        qlw_fault: tuple[str, int] | None = None
-        qlw_step: int | None = None
-        qlw_watch: Callable[[int, Any], None] | None = None
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            inputs = stack_equal_rows(inputs)
-            step = self.qlw_step = self.state.global_step + 1
-            fault = self.qlw_fault
-            hook = None
-            if fault and fault[1] == step:
-                if fault[0] == "oom":
-                    self.qlw_fault = None
-                    raise torch.OutOfMemoryError(
-                        f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step {step} by {FAULT_ENV})")
-                value = float("nan") if fault[0] == "nan" else float("inf")
-                hook = self.model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out * value)
-            try:
-                loss = super().training_step(model, inputs, *args, **kwargs)
-            finally:
-                if hook is not None:
-                    hook.remove()
-            self.qlw_step = None  # out of the step: an OOM now is in evaluation or saving
-            if self.qlw_watch is not None:
-                self.qlw_watch(step, loss)
-            return loss
-
-    _TRAINER_CLASS = QlwSFTTrainer
-    return QlwSFTTrainer
+    return stack(inputs)
 
 
 # Reporting ---------------------------------------------------------------------------------------------------
@@ -610,8 +529,10 @@ class Reporter:
     """Turns the trainer's callbacks into ``train.*`` events and ``job.progress``."""
 
     def __init__(self, ctx, *, has_eval: bool, record_artifact: Callable[[str, str], None], config: dict[str, Any],
-                 resumed_from: str, output_dir: Path):
+                 resumed_from: str, output_dir: Path, columns: tuple[str, ...] = ()):
         self.ctx = ctx
+        #: The method's own log columns (trl's names), carried in each row's ``metrics``.
+        self.columns = tuple(columns)
         self.has_eval = has_eval
         self.record_artifact = record_artifact
         self.config = config
@@ -678,8 +599,12 @@ class Reporter:
         if row is None:
             row = {"job_id": self.ctx.job_id, "step": step, "total_steps": self.total_steps, "epoch": 0.0,
                    "loss": None, "eval_loss": None, "learning_rate": None, "grad_norm": None,
-                   "tokens_per_s": None, "elapsed_s": 0.0, "eta_s": None}
+                   "tokens_per_s": None, "elapsed_s": 0.0, "eta_s": None, "metrics": {}}
             self.rows[step] = row
+        for name in self.columns:
+            for key in (name, f"eval_{name}"):
+                if key in logs:
+                    row["metrics"][key] = _num(logs[key])
         row["epoch"] = round(_num(logs.get("epoch")) or row["epoch"] or 0.0, 4)
         if "eval_loss" in logs:
             row["eval_loss"] = _num(logs["eval_loss"])
@@ -702,7 +627,7 @@ class Reporter:
         done = step - self.start_step
         if done > 0 and self.total_steps:
             row["eta_s"] = round((now - self.t_begin) / done * max(self.total_steps - step, 0), 1)
-        self.ctx.emit("train.log", dict(row))
+        self.ctx.emit("train.log", {**row, "metrics": dict(row["metrics"])})
         if "loss" in logs:
             self._progress()
 
@@ -892,6 +817,42 @@ def oom_hint(eff: dict[str, Any]) -> str:
     return "; ".join(tips)
 
 
+def plan_speed(eff: dict[str, Any], settings: P.ModelSettings, model, device: str) -> speed.SpeedPlan:
+    """The run's speed levers (:mod:`backend.speed`) for the loaded ``model``, by the memory
+    estimate the form shows; the levers that go through the trainer's arguments (checkpointing,
+    micro-batch) are written into ``eff``'s training section."""
+    t = eff["training"]
+    estimate, budget, copy_bytes = None, None, 0
+    if device.startswith("cuda"):
+        import torch
+
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        model_bytes = int(model.get_memory_footprint())
+        free, _total = torch.cuda.mem_get_info(device)
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        est = {"total_bytes": model_bytes, "hidden_size": getattr(text, "hidden_size", 0) or 0,
+               "layers": getattr(text, "num_hidden_layers", 0) or 0, "vocab_size": getattr(text, "vocab_size", 0) or 0,
+               "free_bytes": int(free), "device": device, "context_bytes": 0}
+        try:
+            trainable = count_trainable(settings, eff["lora"])[0]
+        except Exception:
+            trainable = None
+        estimate = lambda training: estimate_memory({**eff, "training": training}, est, trainable)["total_bytes"]  # noqa: E731
+        budget = speed.budget_bytes(t.get("memory_budget", 0.0), int(free) + unused + model_bytes)
+        copy_bytes = 2 * speed.four_bit_params(model)
+    p = speed.plan(t, device, tokens_per_sequence=int(eff["data"]["max_length"]), estimate=estimate, budget=budget,
+                   copy_bytes=copy_bytes, quantized_4bit=eff["model"]["precision"] == "4bit")
+    t.update(gradient_checkpointing=p.gradient_checkpointing, per_device_train_batch_size=p.per_device_train_batch_size,
+             gradient_accumulation_steps=p.gradient_accumulation_steps)
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.2x's name
+    if on is None:
+        on = getattr(model, "is_gradient_checkpointing", False)
+    if not p.gradient_checkpointing and on:
+        # A held model keeps it on from an earlier run (transformers 5.2x renamed the method).
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    return p
+
+
 def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = "",
                  record_artifact: Callable[[str, str], None] | None = None,
                  set_config: Callable[[dict[str, Any]], None] | None = None,
@@ -924,10 +885,12 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     ctx.progress("preparing data", 0, 0)
     from backend import data as D, models
 
-    data, notes = data_settings(eff["data"], home, progress, cancelled)
+    data, notes = data_settings(eff["data"], home, progress, cancelled, method=eff["method"])
     for note in notes:
         ctx.emit("log", {"level": "info", "message": note})
-    prepared = D.load_prepared(data, home, progress, cancelled)
+    method = methods.get(eff["method"])
+    prepared = method.prepare(data, eff, home, progress, cancelled,
+                              log=lambda level, message: ctx.emit("log", {"level": level, "message": message}))
     if len(prepared.train) == 0:
         raise D.DataError("no training row could be formatted", where="data.mapping",
                           hint="check the mapping and the template in the Data pane (qlw data shows why rows fail)")
@@ -951,20 +914,21 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     import torch
 
     has_eval = prepared.validation is not None and len(prepared.validation) > 0
-    args = sft_config(eff, prepared.sft_config, output_dir, device, has_eval)
+    speed_plan = plan_speed(eff, settings, model, device)
+    ctx.emit("log", {"level": "info", "message": speed_plan.describe()})
+    args = method.trl_config(eff, prepared, output_dir, device, has_eval)
     reporter = Reporter(ctx, has_eval=has_eval, record_artifact=record, config=eff, resumed_from=resume,
-                        output_dir=output_dir)
+                        output_dir=output_dir, columns=method.log_columns)
     box = Holdings()  # what this run allocated; freed at the end, whatever happens
-    status, oom, failure = "done", None, None
+    status, oom, failure, applied = "done", None, None, None
     t0 = time.monotonic()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     try:
         ctx.progress("building the trainer", 0, 0)
-        trainer = trainer_class()(
-            model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.validation if has_eval else None,
-            processing_class=tokenizer, peft_config=lora_config(eff["lora"]),
-            callbacks=[make_callback(reporter, ctx, has_eval), *(callbacks or ())])
+        trainer = method.build_trainer(
+            model, tokenizer, eff, prepared, args, [make_callback(reporter, ctx, has_eval), *(callbacks or ())],
+            log=lambda level, message: ctx.emit("log", {"level": level, "message": message}))
         box.put("trainer", trainer, "trainer", "training run")
         HOLDINGS.put("trainer", trainer, "trainer", f"training run {ctx.job_id}")
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -973,6 +937,7 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
             trainer.remove_callback(cb)
         trainer.qlw_fault = fault
         trainer.qlw_watch = reporter.watch
+        applied = speed.apply(trainer.model, speed_plan)
         reporter.trainable, reporter.total_params = (int(x) for x in trainer.model.get_nb_trainable_parameters())
         del trainer
         ctx.check_cancelled()
@@ -997,7 +962,10 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     if trainer is not None and oom is None and failure is None and reporter.started:
         adapter_dir = folder / "adapter"
         try:
-            trainer.model.save_pretrained(str(adapter_dir))  # safetensors
+            # Only the trained adapter: a preference run from an earlier adapter also holds trl's
+            # frozen "ref" copy of it, which is no part of the result.
+            extra = {"selected_adapters": ["default"]} if len(getattr(trainer.model, "peft_config", {})) > 1 else {}
+            trainer.model.save_pretrained(str(adapter_dir), **extra)  # safetensors
             tokenizer.save_pretrained(str(adapter_dir))
             adapter_path = str(adapter_dir)
             record("adapter", adapter_path)
@@ -1015,6 +983,9 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     # Give the base model back as it was loaded, and free everything the run allocated.
     restored = False
     try:
+        if applied is not None:  # the weight copy and the compiled layers go before the adapter does
+            applied.restore()
+            applied = None
         if trainer is not None and hasattr(trainer.model, "unload"):
             trainer.model.unload()
         restored = _restore_base(model)
@@ -1033,7 +1004,7 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
         "job_id": ctx.job_id, "status": status, "step": reporter.step, "total_steps": reporter.total_steps,
         "final_loss": reporter.final("loss"), "final_eval_loss": reporter.final("eval_loss"),
         "adapter_path": adapter_path, "checkpoint_path": reporter.last_checkpoint, "elapsed_s": elapsed,
-        "tokens_per_s": reporter.tokens_per_s(), "peak_memory": peak,
+        "tokens_per_s": reporter.tokens_per_s(), "peak_memory": peak, "speed": speed_plan.as_dict(),
     }
     if oom is not None:
         hint = oom_hint(eff)

@@ -1,8 +1,10 @@
 """The run config: typed, versioned, plain data; checked field by field; TOML and environment.
 
 A *run config* (``backend.protocol.RunConfig`` as a dict) is everything a training run needs:
-``{"version": 1, "name": ..., "model": ModelSettings, "data": PreparedData, "lora": LoraSettings,
-"training": TrainingSettings}``. Field names are those of transformers (``ModelSettings`` mirrors
+``{"version": 1, "name": ..., "method": "sft", "model": ModelSettings, "data": PreparedData,
+"lora": LoraSettings, "training": TrainingSettings, "dpo": DPOSettings, "orpo": ..., "kto": ...}``
+(``method`` picks the module of ``backend/methods/``; its section holds its own settings). The
+checks of catalogued settings are made from their metadata (``protocol.setting``). Field names are those of transformers (``ModelSettings`` mirrors
 ``from_pretrained``/``BitsAndBytesConfig``), peft's ``LoraConfig`` and trl's ``SFTConfig``, so users
 recognise their settings. This module is pure Python (stdlib, ``tomli_w`` for writing) and cheap
 to import: the server, the LoRA form's validation and ``qlw train`` all use it.
@@ -20,7 +22,7 @@ to import: the server, the LoRA form's validation and ``qlw train`` all use it.
 - :func:`env_overrides`: ``QLW_<SECTION>__<FIELD>=value`` (nested: ``QLW_DATA__SOURCE__PATH``)
   overrides a field of a config read by ``qlw train``. Values are read as JSON where they parse
   (``2e-4``, ``true``, ``[\"q_proj\", \"v_proj\"]``, ``null``), else as plain text
-  (``QLW_MODEL__SOURCE=mistralai/Mistral-7B-v0.3``). Sections: model, data, lora, training; an
+  (``QLW_MODEL__SOURCE=mistralai/Mistral-7B-v0.3``). Sections: model, data, lora, training, dpo, orpo, kto; an
   unknown section or field is an error naming the variable. The backend daemon does not read
   them (a long-lived process should not train differently because of how it was started).
 """
@@ -44,8 +46,9 @@ SECTIONS: dict[str, type] = {
     "data": P.PreparedData,
     "lora": P.LoraSettings,
     "training": P.TrainingSettings,
+    **P.METHOD_SETTINGS,  # dpo, orpo, kto: the settings of the method of that name
 }
-TOP_LEVEL = ("version", "name", *SECTIONS)
+TOP_LEVEL = ("version", "name", "method", *SECTIONS)
 #: The optimizers that need CUDA (bitsandbytes' paged and 8-bit ones).
 GPU_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
 #: Attention implementations that keep packed rows apart: transformers turns the packed position ids
@@ -92,8 +95,9 @@ def defaults() -> dict[str, Any]:
     model = _section_defaults(P.ModelSettings, source="")
     data = _section_defaults(P.PreparedData, source={"path": "", "config": "", "split": ""},
                              mapping={role: "" for role in P.DATA_ROLES})
-    return {"version": VERSION, "name": "", "model": model, "data": data,
-            "lora": _section_defaults(P.LoraSettings), "training": _section_defaults(P.TrainingSettings)}
+    return {"version": VERSION, "name": "", "method": "sft", "model": model, "data": data,
+            "lora": _section_defaults(P.LoraSettings), "training": _section_defaults(P.TrainingSettings),
+            **{m: _section_defaults(cls) for m, cls in P.METHOD_SETTINGS.items()}}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -271,6 +275,31 @@ def data_mapping(value):
     return out, None
 
 
+def rule_for(f: dataclasses.Field):
+    """The check of a catalogued setting (``protocol.setting``), from its metadata."""
+    meta, kind = f.metadata, P.setting_kind(f)
+    if kind == "int":
+        inner = int_at_least(int(meta["minimum"] or 0), meta["what"])
+        if meta["also"] is None:
+            return inner
+        also = int(meta["also"])
+        return lambda v: (v, None) if _int(v) == also else inner(v)
+    if kind == "float":
+        return float_range(meta["minimum"] if meta["minimum"] is not None else -math.inf, meta["maximum"],
+                           low_open=meta["low_open"], high_open=meta["open_max"], what=meta["what"])
+    if kind == "choice":
+        return choice(tuple(meta["choices"]))
+    return {"bool": boolean, "tristate": optional_bool, "names": module_list}.get(kind, text)
+
+
+def _catalogued(cls: type, **custom) -> dict[str, Any]:
+    """Rules for every field of ``cls``: ``custom`` ones, else the catalogue's."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        out[f.name] = custom[f.name] if f.name in custom else rule_for(f)
+    return out
+
+
 RULES: dict[str, dict[str, Any]] = {
     "model": {
         "source": text, "revision": text, "trust_remote_code": boolean,
@@ -284,30 +313,9 @@ RULES: dict[str, dict[str, Any]] = {
         "validation_ratio": float_range(0, 1, low_open=True, what="a fraction between 0 and 1 (e.g. 0.1)"),
         "validation_split": text, "seed": int_at_least(0), "max_length": int_at_least(1),
     },
-    "lora": {
-        "r": int_at_least(1), "lora_alpha": int_at_least(1),
-        "lora_dropout": float_range(0, 1, what="a probability from 0 up to (not including) 1"),
-        "target_modules": target_modules, "bias": choice(P.LORA_BIASES), "use_rslora": boolean,
-        "use_dora": boolean, "modules_to_save": module_list,
-    },
-    "training": {
-        "num_train_epochs": float_range(0, None, low_open=True, what="a positive number of epochs"),
-        "max_steps": lambda v: (v, None) if _int(v) == -1 else int_at_least(
-            1, "-1 (train num_train_epochs) or a positive number of steps")(v),
-        "learning_rate": float_range(0, 1, low_open=True, what="a positive number below 1 (e.g. 2e-4)"),
-        "lr_scheduler_type": choice(P.LR_SCHEDULERS),
-        "warmup_ratio": float_range(0, 1, what="a fraction from 0 up to (not including) 1"),
-        "warmup_steps": int_at_least(0), "per_device_train_batch_size": int_at_least(1),
-        "gradient_accumulation_steps": int_at_least(1), "auto_find_batch_size": boolean,
-        "packing": boolean, "gradient_checkpointing": boolean, "optim": choice(P.OPTIMIZERS),
-        "weight_decay": float_range(0, None, what="a number >= 0"),
-        "max_grad_norm": float_range(0, None, what="a number >= 0 (0: no clipping)"),
-        "logging_steps": int_at_least(1), "eval_steps": int_at_least(0, "0 (only at the end) or a number of steps"),
-        "save_steps": int_at_least(0, "0 (only at the end) or a number of steps"),
-        "save_total_limit": int_at_least(0, "0 (keep every checkpoint) or how many to keep"),
-        "seed": int_at_least(0), "bf16": optional_bool, "fp16": optional_bool,
-        "use_liger_kernel": boolean, "activation_offloading": boolean,
-    },
+    "lora": _catalogued(P.LoraSettings, target_modules=target_modules),
+    "training": _catalogued(P.TrainingSettings),
+    **{m: _catalogued(cls) for m, cls in P.METHOD_SETTINGS.items()},
 }
 for _section, _cls in SECTIONS.items():  # every protocol field has a rule, and no rule lacks a field
     assert set(RULES[_section]) == {f.name for f in dataclasses.fields(_cls)}, _section
@@ -346,7 +354,7 @@ def normalise(raw: Any) -> tuple[dict[str, Any], Errors]:
     errors: Errors = {}
     config = defaults()
     if not isinstance(raw, Mapping):
-        return config, {"config": f"a run config is a table of sections (model, data, lora, training), got {_show(raw)}"}
+        return config, {"config": f"a run config is a table of sections (model, data, lora, training, ...), got {_show(raw)}"}
     for key in raw:
         if key not in TOP_LEVEL:
             close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)
@@ -363,6 +371,10 @@ def normalise(raw: Any) -> tuple[dict[str, Any], Errors]:
         errors["name"] = f"must be text, got {_show(name)}"
     else:
         config["name"] = name
+    method, error = choice(P.TRAINING_METHODS)(raw.get("method", "sft"))
+    config["method"] = method
+    if error:
+        errors["method"] = error
     for section, rules in RULES.items():
         given = raw.get(section, {})
         if given is None:
@@ -384,6 +396,10 @@ def normalise(raw: Any) -> tuple[dict[str, Any], Errors]:
 
 def _cross_checks(c: dict[str, Any], errors: Errors) -> None:
     t, d = c["training"], c["data"]
+    kto = c.get("kto") or {}
+    if c.get("method") == "kto" and kto.get("loss_type") == "kto" and t.get("per_device_train_batch_size") == 1:
+        errors["training.per_device_train_batch_size"] = ("KTO estimates its KL term from the other rows of a batch: "
+                                                          "use a batch of 2 or more (or loss_type apo_zero_unpaired)")
     if t.get("bf16") is True and t.get("fp16") is True and "training.fp16" not in errors:
         errors["training.fp16"] = "bf16 and fp16 cannot both be on: choose one mixed precision"
     if d.get("split_mode") == "split" and not d.get("validation_split") and "data.validation_split" not in errors:
@@ -396,6 +412,8 @@ def warnings_for(config: dict[str, Any]) -> Errors:
     """Things that are allowed but probably not meant, keyed like errors."""
     out: Errors = {}
     t, d, lora = config["training"], config["data"], config["lora"]
+    if config.get("method", "sft") != "sft" and t.get("packing"):
+        out["training.packing"] = f"packing is SFT's: a {config['method']} run keeps each pair apart (packing is off)"
     lr = _float(t.get("learning_rate"))
     if lr is not None and lr > 1e-2:
         out["training.learning_rate"] = f"{lr:g} is very high for LoRA (usual: 1e-5 to 5e-4); expect a diverging loss"
@@ -501,9 +519,12 @@ def _strip_none(value: Any) -> Any:
 
 def dumps_toml(config: Mapping[str, Any]) -> str:
     """A run config as TOML (unset fields such as ``bf16 = None`` are left out: absent means unset)."""
-    ordered = _strip_none({k: config[k] for k in TOP_LEVEL if k in config})
+    method = config.get("method", "sft")
+    ordered = _strip_none({k: config[k] for k in TOP_LEVEL
+                           if k in config and (k not in P.METHOD_SETTINGS or k == method)})
     head = ("# qlw run config: `qlw train THIS_FILE.toml` runs it; the Train pane imports it.\n"
-            "# Field names are those of peft's LoraConfig, trl's SFTConfig and transformers.\n")
+            "# Field names are those of peft's LoraConfig, trl's SFTConfig/DPOConfig/KTOConfig/ORPOConfig\n"
+            "# and transformers; method = \"sft\", \"dpo\", \"orpo\" or \"kto\".\n")
     try:
         import tomli_w
     except ImportError:  # an environment without it (a bare GPU image): the run config's shape is simple

@@ -80,8 +80,17 @@ DEFAULT_MODEL = Path("/tmp/qlw-7b")
 
 #: name -> what the process runs; ``datasets``: where it runs (default both).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "A": {"kind": "plain", "label": "plain trl recipe"},
-    "B": {"kind": "qlw", "label": "qlw defaults", "options": {}},
+    "A": {"kind": "plain", "label": "plain trl recipe", "datasets": ("fixed", "mix")},
+    "B": {"kind": "qlw", "label": "qlw defaults (speed fast)", "options": {}, "datasets": ("fixed", "mix", "big")},
+    # speed fast with memory_budget = A's peak on fixed in this run (6.0 GiB until A has run).
+    "M": {"kind": "qlw", "label": "qlw fast within A's peak", "options": {"memory_budget": "A"},
+          "datasets": ("fixed",)},
+    "N": {"kind": "qlw", "label": "qlw speed lean", "options": {"speed": "lean"}, "datasets": ("fixed",)},
+    # Unsloth (FastLanguageModel + its SFT trainer) in a process of its own with its own site.
+    "U": {"kind": "unsloth", "label": "Unsloth", "datasets": ("fixed", "mix", "big")},
+    # qlw's path before the levers (speed manual: the switches as set), once.
+    "P": {"kind": "qlw", "label": "qlw speed manual", "options": {"speed": "manual"}, "datasets": ("fixed", "mix"),
+          "once": True},
     "C": {"kind": "qlw", "label": "qlw all speed options", "options": {"packing": True, "use_liger_kernel": True}},
     "L": {"kind": "qlw", "label": "qlw low memory", "options": {"activation_offloading": True}, "halve": True,
           "datasets": ("fixed",), "once": True},
@@ -91,16 +100,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "S": {"kind": "served", "label": "qlw defaults, served", "options": {}, "datasets": ("mix",), "once": True},
 }
 #: Rough seconds per variant process on an H100 (imports, loads and steps), until pass 1 measures them.
-GPU_ESTIMATE = {"A": 65, "B": 50, "C": 50, "L": 35, "L1": 40, "S": 50}
+GPU_ESTIMATE = {"A": 65, "B": 110, "C": 50, "L": 35, "L1": 40, "S": 50, "M": 55, "N": 55, "U": 110, "P": 60}
 
 
 def dataset_specs(smoke: bool) -> dict[str, dict[str, Any]]:
     """The two datasets and the plain recipe's batch on each (rows per micro-step, accumulation)."""
     if smoke:
         return {"fixed": {"rows": 48, "length": 64, "max_length": 64, "batch": 4, "ga": 1},
-                "mix": {"rows": 160, "length": None, "max_length": 128, "batch": 4, "ga": 2}}
+                "mix": {"rows": 160, "length": None, "max_length": 128, "batch": 4, "ga": 2},
+                "big": {"rows": 160, "length": None, "max_length": 128, "batch": 4, "ga": 2, "packed_batch": 8,
+                        "same_rows_as": "mix"}}
+    # big: the mix's rows with about as many tokens a step as Unsloth's packing takes at A's batch
+    # (batch 4 x accumulation 2 packed by Unsloth: ~15,500); qlw packs 8 sequences of 2,048.
     return {"fixed": {"rows": 256, "length": 1024, "max_length": 1024, "batch": 4, "ga": 1},
-            "mix": {"rows": 1000, "length": None, "max_length": 2048, "batch": 4, "ga": 2}}
+            "mix": {"rows": 1000, "length": None, "max_length": 2048, "batch": 4, "ga": 2},
+            "big": {"rows": 1000, "length": None, "max_length": 2048, "batch": 4, "ga": 2, "packed_batch": 8,
+                    "same_rows_as": "mix"}}
 
 
 # Data --------------------------------------------------------------------------------------------------
@@ -137,6 +152,8 @@ def make_datasets(tokenizer, folder: Path, smoke: bool) -> dict[str, dict[str, A
     specs = dataset_specs(smoke)
     folder.mkdir(parents=True, exist_ok=True)
     for name, spec in specs.items():
+        if spec.get("same_rows_as"):
+            continue
         rng = random.Random(f"{SEED}-{name}")
         lengths = [spec["length"]] * spec["rows"] if spec["length"] else mix_lengths(spec["rows"], spec["max_length"], rng)
         rows = ["".join(" " + rng.choice(words) for _ in range(n - special)) for n in lengths]
@@ -147,6 +164,10 @@ def make_datasets(tokenizer, folder: Path, smoke: bool) -> dict[str, dict[str, A
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
         spec.update(name=name, path=str(path), tokens=sum(lengths), mean=sum(lengths) / len(lengths),
                     p50=sorted(lengths)[len(lengths) // 2], longest=max(lengths))
+    for name, spec in specs.items():
+        if spec.get("same_rows_as"):
+            same = specs[spec["same_rows_as"]]
+            spec.update({k: same[k] for k in ("path", "tokens", "mean", "p50", "longest")}, name=name)
     return specs
 
 
@@ -166,9 +187,18 @@ def plan(variant: str, ds: dict[str, Any]) -> dict[str, Any]:
     if v["kind"] == "plain":
         return {"packing": False, "use_liger_kernel": False, "activation_offloading": False,
                 "gradient_checkpointing": True, "batch": ds["batch"], "ga": ds["ga"], "attention": padded}
-    t = {**qlw_training_defaults(), **v.get("options", {})}
+    if v["kind"] == "unsloth":
+        # fixed: padded (nothing to pad); mix: its padding-free default; big: its packing.
+        return {"packing": ds["name"] == "big", "padding_free": None if ds["name"] == "mix" else False,
+                "use_liger_kernel": False, "activation_offloading": False, "gradient_checkpointing": "unsloth",
+                "batch": ds["batch"], "ga": ds["ga"],
+                "attention": {"fixed": "padded batch", "mix": "its padding-free default",
+                              "big": "its packing"}[ds["name"]]}
+    t = {**qlw_training_defaults(), **{k: v for k, v in v.get("options", {}).items() if v != "A"}}
     batch, ga = ds["batch"], ds["ga"]
-    if t["packing"]:
+    if t["packing"] and ds.get("packed_batch"):
+        batch, ga = ds["packed_batch"], 1
+    elif t["packing"]:
         # Packed sequences per optimizer step holding the tokens of A's rows on average.
         per_step = ds["batch"] * ds["ga"] * ds["mean"]
         batch, ga = max(1, round(per_step / ds["max_length"])), 1
@@ -177,7 +207,8 @@ def plan(variant: str, ds: dict[str, Any]) -> dict[str, Any]:
     if v.get("quarter") and batch > 1:
         batch, ga = max(1, batch // 4), ga * (batch // max(1, batch // 4))
     return {"packing": bool(t["packing"]), "use_liger_kernel": bool(t["use_liger_kernel"]),
-            "activation_offloading": bool(t["activation_offloading"]),
+            "activation_offloading": bool(t["activation_offloading"]), "speed": t["speed"],
+            "memory_budget": v.get("options", {}).get("memory_budget", t["memory_budget"]),
             "gradient_checkpointing": bool(t["gradient_checkpointing"]), "batch": batch, "ga": ga,
             "attention": padded if not t["packing"] else ("sdpa, causal (equal rows stacked: train.stack_equal_rows)"
                                                           if ds.get("length") else "sdpa, block-diagonal mask (packed)")}
@@ -327,7 +358,7 @@ def event_figures(rows: dict[int, dict[str, Any]], warmup: int, last: int) -> di
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger_kernel"):
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger_kernel", "unsloth", "datasets"):
         try:
             from importlib.metadata import version
 
@@ -353,7 +384,9 @@ def qlw_config(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any]) -> d
                           mapping={**{r: "" for r in P.DATA_ROLES}, "text": "text"}, template="raw", loss="auto",
                           split_mode="none", seed=SEED, max_length=ds["max_length"])
     config["lora"].update(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=list(SEVEN), bias="none")
-    options = {k: s[k] for k in ("packing", "use_liger_kernel", "activation_offloading")}
+    options = {k: s[k] for k in ("packing", "use_liger_kernel", "activation_offloading", "speed")}
+    budget = s.get("memory_budget") or 0.0
+    options["memory_budget"] = float(spec.get("a_peak_gib") or 6.0) if budget == "A" else float(budget)
     config["training"].update(max_steps=spec["warmup"] + spec["steps"], per_device_train_batch_size=s["batch"],
                               gradient_accumulation_steps=s["ga"], learning_rate=LEARNING_RATE,
                               lr_scheduler_type="constant", warmup_ratio=0.0, warmup_steps=0, weight_decay=0.0,
@@ -406,6 +439,118 @@ def run_plain(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workd
     return out
 
 
+def run_unsloth(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Variant U: Unsloth's recipe (``FastLanguageModel`` in 4-bit, its LoRA and its patched SFT
+    trainer) with A's data, batch, optimizer and LoRA settings. Runs in a process whose path starts
+    with Unsloth's own site (``--unsloth-site``: trl 1.15, datasets 4.x), never beside qlw."""
+    import unsloth  # noqa: F401  (first: it patches transformers and trl as it is imported)
+    from unsloth import FastLanguageModel
+
+    import datasets
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=spec["model"], max_seq_length=ds["max_length"], dtype=torch.bfloat16, load_in_4bit=True,
+        use_exact_model_name=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=16, lora_dropout=0.05, target_modules=list(SEVEN), bias="none",
+        use_gradient_checkpointing="unsloth", random_state=SEED)
+    rows = datasets.load_dataset("json", data_files=ds["path"], split="train")
+    extra: dict[str, Any] = {"packing": bool(s["packing"])}
+    if s["padding_free"] is not None:
+        extra["padding_free"] = s["padding_free"]
+    args = SFTConfig(
+        output_dir=str(workdir / "unsloth-out"), max_steps=spec["warmup"] + spec["steps"],
+        per_device_train_batch_size=s["batch"], gradient_accumulation_steps=s["ga"], learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant", warmup_steps=0, optim="paged_adamw_8bit", weight_decay=0.0, max_grad_norm=0.3,
+        logging_steps=1, save_strategy="no", seed=SEED, bf16=True, max_length=ds["max_length"],
+        dataset_text_field="text", report_to="none", disable_tqdm=True, **extra)
+    timer = step_timer(True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, callbacks=[timer])
+    t0 = time.perf_counter()
+    trainer.train()
+    out = {"train_s": round(time.perf_counter() - t0, 2), "timer": timer}
+    del trainer, model
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def profiler_callback(at_step: int, label: str):
+    """A TrainerCallback that profiles optimizer step ``at_step`` (CPU and CUDA) and prints where its
+    time went: GPU kernel time by kind, the GPU's idle share of the step, the top kernels."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfile(TrainerCallback):
+        def __init__(self):
+            self.prof = None
+            self.summary: dict[str, Any] | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == at_step and self.prof is None:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and self.summary is None:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+                self.summary = summarise_profile(self.prof, wall)
+                emit("PROFILE", {"label": label, **self.summary})
+
+    return StepProfile()
+
+
+#: Kernel names by kind, first match wins (lower case).
+KERNEL_KINDS = (
+    ("4-bit dequantise", ("dequantize", "kdequant", "dequant")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "splitk", "cublas", "_mm", "matmul")),
+    ("optimizer", ("adam", "optimizer", "multi_tensor", "foreach", "8bit_blockwise", "optimizer32bit")),
+    ("loss / LM head", ("cross_entropy", "log_softmax", "logsumexp", "nll")),
+    ("norms", ("rms", "norm")),
+    ("copies", ("copy", "memcpy", "memset", "cat", "clone")),
+    ("compiled fused (triton)", ("triton",)),
+    ("elementwise / other", ("",)),
+)
+
+
+def summarise_profile(prof, wall_s: float) -> dict[str, Any]:
+    import torch
+
+    kinds: dict[str, float] = {k: 0.0 for k, _ in KERNEL_KINDS}
+    kernels: dict[str, float] = {}
+    busy = 0.0
+    launches = 0
+    for e in prof.events():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        us = float(getattr(e, "self_device_time_total", 0) or getattr(e, "device_time_total", 0) or 0)
+        busy += us
+        launches += 1
+        name = e.name.lower()
+        kernels[e.name[:90]] = kernels.get(e.name[:90], 0.0) + us
+        for kind, keys in KERNEL_KINDS:
+            if any(k in name for k in keys):
+                kinds[kind] += us
+                break
+    wall_us = wall_s * 1e6
+    return {"wall_s": round(wall_s, 4), "gpu_busy_s": round(busy / 1e6, 4),
+            "gpu_idle_share": round(max(0.0, 1 - busy / wall_us), 3) if wall_us else None, "kernels": launches,
+            "by_kind_s": {k: round(v / 1e6, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v},
+            "top_kernels_s": {k: round(v / 1e6, 4) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]}}
+
+
 def run_qlw(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Variants B, C, L: ``backend.train.run_training``, as ``train.start`` and ``qlw train`` run it."""
     import torch
@@ -434,8 +579,11 @@ def run_qlw(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workdir
 
     run = train.LocalRun(store, store.create_session(f"speed-{spec['variant']}-{ds['name']}").id, on_event)
     timer = step_timer(cuda)
+    # The last warm-up step (after the first has compiled), so that the timed steps stay untouched.
+    extra = ([profiler_callback(max(spec["warmup"], 1), f"{spec['variant']} {ds['name']}")]
+             if spec.get("profile") and cuda and ds["name"] == "fixed" else [])
     t0 = time.perf_counter()
-    result = train.run_training(qlw_config(spec, ds, s), home, run, callbacks=[timer])
+    result = train.run_training(qlw_config(spec, ds, s), home, run, callbacks=[timer, *extra])
     out = {"train_s": round(time.perf_counter() - t0, 2), "timer": timer, "result": result, "logs": logs,
            **event_figures(_event_rows(rows, timer), spec["warmup"], spec["warmup"] + spec["steps"])}
     store.close()
@@ -550,8 +698,9 @@ def run_one(spec: dict[str, Any], ds: dict[str, Any], workdir: Path) -> dict[str
         import torch
 
         cuda = torch.cuda.is_available() and not spec["smoke"]
+        runner = {"plain": run_plain, "qlw": run_qlw, "unsloth": run_unsloth}[kind]
         with NvmlPeak() as nvml:
-            out = run_plain(spec, ds, s, workdir) if kind == "plain" else run_qlw(spec, ds, s, workdir)
+            out = runner(spec, ds, s, workdir)
         timer = out["timer"]
         row.update(timed_figures(timer.t, timer.tokens, warm, last))
         losses = timer.loss
@@ -560,7 +709,7 @@ def run_one(spec: dict[str, Any], ds: dict[str, Any], workdir: Path) -> dict[str
                    peak_reserved_gib=round(timer.peak_reserved / GIB, 3) if timer.peak_reserved else None)
         if kind == "qlw":
             row.update(event_tokens_per_s=out["event_tokens_per_s"], event_s_per_step=out["event_s_per_step"],
-                       notes=out["logs"])
+                       notes=out["logs"], speed_plan=out["result"].get("speed"))
             if out["result"].get("status") != "done":
                 raise RuntimeError(f"the qlw run ended {out['result'].get('status')}")
     row["losses"] = [round(losses[k], 5) for k in sorted(losses)]
@@ -580,7 +729,9 @@ def run_variant(spec: dict[str, Any]) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if not spec.get("in_process"):
         note_nvml_base()
-    info = {"versions": versions()}
+    if VARIANTS[spec["variant"]]["kind"] == "unsloth":
+        import unsloth  # noqa: F401  (before transformers, in its own process)
+    info = {"versions": versions(), "host": platform.node()}
     try:
         import torch
 
@@ -627,7 +778,7 @@ HEADER = "  ".join(f"{name:>{width}}" for name, width, _ in COLUMNS)
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over the passes, ratios against A, and the issue's targets."""
+    """Means over the passes, ratios against A and U, and issue 14's targets."""
     def mean(variant, dataset, key):
         vals = [r[key] for r in rows if r["variant"] == variant and r["dataset"] == dataset and r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
@@ -641,6 +792,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         key = f"{r['variant']}/{r['dataset']}"
         if key not in out["means"]:
             out["means"][key] = {"useful_tokens_per_s": mean(r["variant"], r["dataset"], "useful_tokens_per_s"),
+                                 "tokens_per_step": mean(r["variant"], r["dataset"], "tokens_per_step"),
                                  "peak_alloc_gib": peak(r["variant"], r["dataset"], "peak_alloc_gib"),
                                  "nvml_gib": peak(r["variant"], r["dataset"], "nvml_gib"),
                                  "final_loss": mean(r["variant"], r["dataset"], "final_loss")}
@@ -648,22 +800,35 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def ratio(a, b):
         return round(a / b, 3) if a is not None and b else None
 
+    def speed(v, ds):
+        return mean(v, ds, "useful_tokens_per_s")
+
+    def mem(v, ds):
+        return peak(v, ds, "peak_alloc_gib")
+
     def target(what, value, ok):
         out["targets"].append({"target": what, "value": value, "met": None if value is None else bool(ok(value))})
 
-    for ds, speed, mem in (("mix", 4.0, 1.25), ("fixed", 1.3, 1.0)):
-        target(f"{ds}: B tokens/s >= {speed}x A", ratio(mean("B", ds, "useful_tokens_per_s"),
-                                                      mean("A", ds, "useful_tokens_per_s")), lambda v, s=speed: v >= s)
-        target(f"{ds}: B peak alloc <= {mem}x A", ratio(peak("B", ds, "peak_alloc_gib"), peak("A", ds, "peak_alloc_gib")),
-               lambda v, m=mem: v <= m)
-        target(f"{ds}: C tokens/s vs A (info)", ratio(mean("C", ds, "useful_tokens_per_s"),
-                                                      mean("A", ds, "useful_tokens_per_s")), lambda v: True)
-    target("fixed: L peak alloc <= 0.75x A", ratio(peak("L", "fixed", "peak_alloc_gib"), peak("A", "fixed", "peak_alloc_gib")),
-           lambda v: v <= 0.75)
-    target("fixed: L tokens/s >= 0.9x A", ratio(mean("L", "fixed", "useful_tokens_per_s"),
-                                               mean("A", "fixed", "useful_tokens_per_s")), lambda v: v >= 0.9)
+    target("fixed: B (fast) tokens/s >= 2.0x A", ratio(speed("B", "fixed"), speed("A", "fixed")), lambda v: v >= 2.0)
+    target("fixed: B (fast) tokens/s >= 1.4x U", ratio(speed("B", "fixed"), speed("U", "fixed")), lambda v: v >= 1.4)
+    target("fixed: M (fast within A's peak) peak alloc <= 1.0x A", ratio(mem("M", "fixed"), mem("A", "fixed")),
+           lambda v: v <= 1.0)
+    target("fixed: M tokens/s >= 1.4x A", ratio(speed("M", "fixed"), speed("A", "fixed")), lambda v: v >= 1.4)
+    target("fixed: M tokens/s >= 1.0x U", ratio(speed("M", "fixed"), speed("U", "fixed")), lambda v: v >= 1.0)
+    target("fixed: N (lean) peak alloc <= 0.75x A", ratio(mem("N", "fixed"), mem("A", "fixed")), lambda v: v <= 0.75)
+    target("fixed: N (lean) tokens/s >= 1.0x A", ratio(speed("N", "fixed"), speed("A", "fixed")), lambda v: v >= 1.0)
+    target("mix: B tokens/s >= 5x A (same tokens a step)", ratio(speed("B", "mix"), speed("A", "mix")),
+           lambda v: v >= 5.0)
+    target("mix: B tokens/s >= 2.5x U's padding-free default", ratio(speed("B", "mix"), speed("U", "mix")),
+           lambda v: v >= 2.5)
+    target("big: B tokens/s >= 1.0x U's packing (~15,500 tokens a step)", ratio(speed("B", "big"), speed("U", "big")),
+           lambda v: v >= 1.0)
+    target("fixed: U peak alloc vs A (info)", ratio(mem("U", "fixed"), mem("A", "fixed")), lambda v: True)
+    target("fixed: P (qlw before the levers) tokens/s vs A (info)", ratio(speed("P", "fixed"), speed("A", "fixed")),
+           lambda v: True)
     target("mix: S (served) tokens/s >= 0.98x B, both from train.log events",
            ratio(mean("S", "mix", "event_tokens_per_s"), mean("B", "mix", "event_tokens_per_s")), lambda v: v >= 0.98)
+    out["targets"] = [t for t in out["targets"] if t["value"] is not None or "(info)" not in t["target"]]
     return out
 
 
@@ -700,6 +865,13 @@ class Bench:
             print(f"  {s['variant']} on {s['dataset']}: packing={s['packing']} attention={s['attention']} "
                   f"checkpointing={s['gradient_checkpointing']} batch={s['batch']} x grad_accum={s['ga']} "
                   f"liger={s['use_liger_kernel']} offloading={s['activation_offloading']}", flush=True)
+        elif line.startswith("@@PROFILE "):
+            prof = json.loads(line[len("@@PROFILE "):])
+            self.meta.setdefault("profiles", []).append(prof)
+            print(f"  profile of one step of {prof['label']}: {prof['wall_s']:.3f} s wall, GPU busy "
+                  f"{prof['gpu_busy_s']:.3f} s (idle {prof['gpu_idle_share']:.0%}), {prof['kernels']} kernels; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in prof["by_kind_s"].items()), flush=True)
+            self.write()
         elif line.startswith("@@RESULT "):
             row = json.loads(line[len("@@RESULT "):])
             row["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -712,7 +884,12 @@ class Bench:
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the backend sets it
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        if VARIANTS[spec["variant"]]["kind"] == "unsloth":
+            # Unsloth's own site first (its trl/datasets), and not qlw's wheels.
+            env["PYTHONPATH"] = os.pathsep.join((str(self.args.unsloth_site), str(ROOT)))
+            env.update(UNSLOTH_DISABLE_STATISTICS="1", HF_DATASETS_OFFLINE="1")
+        else:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
@@ -750,9 +927,18 @@ class Bench:
                     names.reverse()
                 if not names:
                     continue
+                if VARIANTS[name]["kind"] == "unsloth" and not (Path(self.args.unsloth_site) / "unsloth").is_dir():
+                    self.skipped.append(f"{name} pass {p}: no Unsloth site at {self.args.unsloth_site} "
+                                        "(../shared/gpu/unsloth-site.sh builds it)")
+                    print(f"  skipped: {self.skipped[-1]}", flush=True)
+                    continue
+                a_peak = [r.get("peak_alloc_gib") for r in self.rows
+                          if r["variant"] == "A" and r["dataset"] == "fixed" and r.get("peak_alloc_gib")]
                 spec = {"variant": name, "pass": p, "datasets": [specs[d] for d in names], "model": model,
                         "smoke": self.args.smoke, "warmup": self.args.warmup, "steps": self.args.steps,
-                        "workdir": str(workdir), "in_process": self.args.in_process}
+                        "workdir": str(workdir), "in_process": self.args.in_process,
+                        "profile": self.args.profile and p == 1 and name in ("B", "P"),
+                        "a_peak_gib": max(a_peak) if a_peak else None}
                 estimate = self.durations.get(name, 0 if self.args.smoke else GPU_ESTIMATE.get(name, 60))
                 if self.remaining() < estimate:
                     self.skipped.append(f"{name} pass {p} ({', '.join(names)}): {self.remaining():.0f} s of budget left, "
@@ -805,6 +991,25 @@ def build_model(folder: Path) -> None:
     print(f"model: built {folder} in {time.monotonic() - t:.0f} s", flush=True)
 
 
+def equality_report(bench: "Bench", args) -> int:
+    """A's and B's logged losses step by step (the same seed, rows and batches)."""
+    by = {r["variant"]: r for r in bench.rows if not r.get("error")}
+    if "A" not in by or "B" not in by:
+        print("equality: A or B has no row")
+        return 1
+    a, b = by["A"]["losses"], by["B"]["losses"]
+    n = min(len(a), len(b))
+    diffs = [abs(x - y) for x, y in zip(a[:n], b[:n])]
+    doc = {"steps": n, "max_abs_diff": round(max(diffs), 5) if diffs else None, "tolerance": 2e-2,
+           "met": bool(diffs) and max(diffs) <= 2e-2 and n == args.steps, "a_losses": a, "b_losses": b,
+           "b_speed_plan": by["B"].get("speed_plan"), "device": by["A"].get("device"), "host": by["A"].get("host")}
+    bench.meta["equality"] = doc
+    bench.write()
+    print(f"\nequality over {n} steps: max |loss A - loss B| = {doc['max_abs_diff']} (tolerance 2e-2: "
+          f"{'met' if doc['met'] else 'NOT met'}); first {a[:3]} / {b[:3]}, last {a[-1:]} / {b[-1:]}", flush=True)
+    return 0 if doc["met"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny model, small datasets, few steps")
@@ -815,8 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for the whole run; variants that would not fit are skipped (default 540)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per run (default 2; smoke 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 6; smoke 2)")
-    parser.add_argument("--variants", default="A,B,C,L,S", help="which variants, in pass-1 order (default A,B,C,L,S)")
-    parser.add_argument("--datasets", default="fixed,mix", help="which datasets (default fixed,mix)")
+    parser.add_argument("--variants", default="A,U,B,M,N,P", help="which variants, in pass-1 order (default A,U,B,M,N,P)")
+    parser.add_argument("--datasets", default="fixed,mix,big", help="which datasets (default fixed,mix,big)")
     parser.add_argument("--passes", type=int, default=2, help="passes; even passes run in the reverse order (default 2)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the variants in this process (the CPU smoke test's shortcut; S's backend is still "
@@ -824,6 +1029,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default bench/results/train_speed.json; --smoke: none)")
     parser.add_argument("--workdir", type=Path, default=None, help="datasets, logs and runs (default: a temp folder)")
+    parser.add_argument("--unsloth-site", type=Path, default=Path("/tmp/usite/site"),
+                        help="Unsloth's unpacked site for variant U (../shared/gpu/unsloth-site.sh; default /tmp/usite/site)")
+    parser.add_argument("--profile", action="store_true", help="profile one step of B and P in pass 1 (torch.profiler)")
+    parser.add_argument("--equality", type=int, default=0, metavar="STEPS",
+                        help="instead of the speed table: A and B on fixed for STEPS steps from one seed, every "
+                             "logged loss compared (written to bench/results/train_equality.json)")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -831,7 +1042,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS] + [d for d in args.datasets if d not in ("fixed", "mix")]
+    if args.equality:
+        args.variants, args.datasets, args.passes, args.warmup, args.steps = ["A", "B"], ["fixed"], 1, 0, args.equality
+        if args.out is None and not args.smoke:
+            args.out = ROOT / "bench" / "results" / "train_equality.json"
+    unknown = [v for v in args.variants if v not in VARIANTS] + [d for d in args.datasets if d not in ("fixed", "mix", "big")]
     if unknown:
         parser.error(f"unknown variant or dataset: {', '.join(unknown)}")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
@@ -877,6 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_row(row))
     for s in bench.skipped:
         print(f"skipped: {s}")
+    if args.equality:
+        return equality_report(bench, args)
     result = summary([r for r in bench.rows if not r.get("error")])
     print("\ntargets (means over the passes; memory: the larger peak):")
     for t in result["targets"]:

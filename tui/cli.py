@@ -44,6 +44,7 @@ HEADLESS = {
     "data": "inspect a dataset as the Data pane would: shape, mapping, columns, token lengths",
     "train": "train a run config (TOML) headless, printing the loss table",
     "merge": "merge a LoRA adapter into its base model and save it (verify, upload): ADAPTER OUT",
+    "export": "write a merged model or an adapter as a GGUF file (Ollama Modelfile, verify): MODEL OUT",
     "eval": "evaluate base, tuned and merged models on the same inputs, printing the table",
 }
 

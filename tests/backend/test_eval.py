@@ -256,3 +256,37 @@ def test_eval_job_scores_the_runs_validation_split(tiny_folder, tmp_path, clean_
     assert rows[1]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
     assert rows[0]["perplexity"] != rows[1]["perplexity"]
     assert "| tuned (s1) |" in result["markdown"]
+
+
+def test_a_merged_folder_decodes_on_the_fast_path_with_one_compile(setup, clean_engine, monkeypatch):
+    """A merged folder gets the decode copy's fast path (a static cache and the compiled decode
+    step, compiled while loading): greedy answers equal the plain path's token for token, and new
+    prompts reuse the compiled step (on the CPU with dynamo's aot_eager backend)."""
+    from torch._dynamo.utils import counters
+
+    from backend import merge
+
+    home, _base, adapter = setup
+    merged = merge.run_merge({"adapter": str(adapter), "out": "eval-merged-fast", "dtype": "fp32", "into": "dequantized",
+                              "max_shard_size": "5GB", "verify": False}, home, chat.QuietContext())["out"]
+    monkeypatch.setenv(chat.FAST_ENV, "1")  # the fast path is for 16-bit weights on a GPU; allowed here
+    monkeypatch.setattr(chat, "COMPILE_OVERRIDE", {"backend": "aot_eager", "mode": None})
+    torch._dynamo.reset()
+    counters.clear()
+    target = chat.parse_target(f"merged:{merged}")
+    ready = clean_engine.prepare(target, home)
+    assert ready["fast_path"] == "on" and ready["path"] == "fast", ready
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # compiled by the warm-up, while loading
+    tokenizer = clean_engine.tokenizer_for(target)
+    greedy = P.ChatSettings(max_new_tokens=8, do_sample=False)
+    for text in ("Name a metal.", "A much longer question about copper, iron, tin and the stars above them."):
+        ids = tokenizer(text)["input_ids"]
+        fast = clean_engine.answer(target, ids, greedy, extra={"min_new_tokens": 8})
+        plain = clean_engine.answer(target, ids, greedy, fast=False, extra={"min_new_tokens": 8})
+        assert fast["path"] == "fast" and plain["path"] == "plain"
+        assert fast["output_ids"] == plain["output_ids"], text
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile
+    monkeypatch.delenv(chat.FAST_ENV)
+    assert "float32" in chat.merged_fast_allowed(chat.HOLDINGS.get(chat.HOLD_MERGED)["model"])  # plain without the override
+    torch._dynamo.reset()

@@ -1,9 +1,10 @@
 """The run config of the LoRA form as plain data: its fields, local checks and formatting.
 
 No widget here. Each :class:`Field` names one setting by its dotted path in the run config
-(``"lora.r"``, ``"training.learning_rate"``, ``"data.max_length"``) and by the name peft, trl and
-transformers give it, with the type and range the form checks as the user types (the backend's
-``train.validate`` checks the rest). :func:`build_config` turns the form's values plus the Model
+(``"lora.r"``, ``"training.learning_rate"``, ``"dpo.beta"``; ``"method"`` at the top) and by the
+name peft, trl and transformers give it, with the type and range the form checks as the user
+types (the backend's ``train.validate`` checks the rest). Help, ranges and choices come from the
+protocol's catalogue (field metadata made by ``protocol.setting``), as the backend's checks do. :func:`build_config` turns the form's values plus the Model
 and Data panes' sections into the ``protocol.RunConfig`` dict that ``train.validate``,
 ``train.start`` and ``train.export`` take.
 """
@@ -21,6 +22,7 @@ LORA_DEFAULTS = P.to_dict(P.LoraSettings())
 TRAINING_DEFAULTS = P.to_dict(P.TrainingSettings())
 DATA_DEFAULTS = P.to_dict(P.PreparedData(source={"path": "", "config": "", "split": ""}))
 MODEL_DEFAULTS = P.to_dict(P.ModelSettings(source=""))
+METHOD_DEFAULTS = {m: P.to_dict(cls()) for m, cls in P.METHOD_SETTINGS.items()}
 
 #: The two ``bool | None`` settings (``bf16``, ``fp16``) as a three-way choice.
 TRISTATE = {"auto": None, "true": True, "false": False}
@@ -30,8 +32,9 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 @dataclass(frozen=True)
 class Field:
     """One setting of the form. ``kind``: int, float, bool, choice, tristate, names (a list of
-    module names) or text. ``minimum``/``maximum`` bound numbers (``open_max``: the maximum
-    itself is out); ``also`` is one more allowed value outside the range (max_steps' -1)."""
+    module names) or text. ``minimum``/``maximum`` bound numbers (``low_open``/``open_max``: the
+    bound itself is out); ``also`` is one more allowed value outside the range (max_steps' -1).
+    ``path`` is dotted (``lora.r``), or a top-level key of the run config (``method``)."""
 
     path: str
     kind: str
@@ -41,77 +44,57 @@ class Field:
     open_max: bool = False
     also: float | None = None
     choices: tuple[str, ...] = ()
+    low_open: bool = False
 
     @property
     def section(self) -> str:
-        return self.path.split(".", 1)[0]
+        return self.path.split(".", 1)[0] if "." in self.path else ""
 
     @property
     def name(self) -> str:
-        return self.path.split(".", 1)[1]
+        return self.path.split(".", 1)[-1]
 
     @property
     def dom_id(self) -> str:
         return "f-" + self.path.replace(".", "-").replace("_", "-")
 
 
-def _f(path, kind, help, **kw) -> Field:
-    return Field(path, kind, help, **kw)
+#: The protocol dataclass of each section the form shows fields of.
+SECTION_CLASSES: dict[str, type] = {"lora": P.LoraSettings, "training": P.TrainingSettings, "data": P.PreparedData,
+                                    **P.METHOD_SETTINGS}
+#: The top-level ``method`` setting: which trainer the run uses.
+METHOD = "method"
+
+
+def catalogued(path: str) -> Field:
+    """The form field of a setting, from its catalogue entry on the protocol dataclass."""
+    section, name = path.split(".", 1)
+    f = P.settings_catalogue(SECTION_CLASSES[section])[name]
+    m = f.metadata
+    return Field(path, P.setting_kind(f), m["help"], minimum=m["minimum"], maximum=m["maximum"],
+                 open_max=m["open_max"], also=m["also"], choices=tuple(m["choices"]), low_open=m["low_open"])
+
+
+def _method_fields(method: str) -> tuple[Field, ...]:
+    return tuple(catalogued(f"{method}.{name}") for name in P.settings_catalogue(P.METHOD_SETTINGS[method]))
 
 
 #: The form's fields in the order shown, section by section (``target_modules`` has its own
-#: picker; the model's quantization is the Model pane's, shown as a line).
+#: picker; the model's quantization is the Model pane's, shown as a line). Help, ranges and
+#: choices are the protocol's catalogue (``protocol.setting``).
 FIELDS: tuple[Field, ...] = (
-    # peft LoraConfig
-    _f("lora.r", "int", "LoRA rank: the width of the low-rank update (8-64 typical).", minimum=1),
-    _f("lora.lora_alpha", "int", "LoRA scaling numerator: the update is scaled by lora_alpha/r "
-       "(by lora_alpha/sqrt(r) with use_rslora).", minimum=1),
-    _f("lora.lora_dropout", "float", "Dropout on the LoRA input, 0 to below 1 (0.05 in QLoRA).",
-       minimum=0, maximum=1, open_max=True),
-    _f("lora.bias", "choice", "Which biases train: none, all, or those of the LoRA layers.",
-       choices=P.LORA_BIASES),
-    _f("lora.use_rslora", "bool", "Rank-stabilised LoRA: scale by lora_alpha/sqrt(r)."),
-    _f("lora.use_dora", "bool", "DoRA: weight-decomposed LoRA (slower, sometimes better)."),
-    _f("lora.modules_to_save", "names", "Modules trained in full and saved with the adapter, "
-       "comma-separated (e.g. lm_head, embed_tokens after adding tokens)."),
-    # trl SFTConfig / TrainingArguments: length of the run
-    _f("training.num_train_epochs", "float", "Passes over the training rows (used when max_steps is -1).",
-       minimum=0, also=None),
-    _f("training.max_steps", "int", "Optimizer steps in all; -1: run num_train_epochs instead.",
-       minimum=1, also=-1),
-    _f("training.per_device_train_batch_size", "int", "Rows per forward pass.", minimum=1),
-    _f("training.gradient_accumulation_steps", "int", "Forward passes per optimizer step "
-       "(effective batch = batch size × this).", minimum=1),
-    _f("training.auto_find_batch_size", "bool", "Halve the batch size and retry on CUDA out-of-memory."),
-    _f("training.gradient_checkpointing", "bool", "Recompute activations in the backward pass: "
-       "much less memory, about 30% slower."),
-    # optimizer and schedule
-    _f("training.learning_rate", "float", "Peak learning rate (2e-4 in QLoRA).", minimum=0, maximum=1),
-    _f("training.lr_scheduler_type", "choice", "How the learning rate moves after warmup.",
-       choices=P.LR_SCHEDULERS),
-    _f("training.warmup_ratio", "float", "Fraction of the steps spent warming up, 0 to below 1.",
-       minimum=0, maximum=1, open_max=True),
-    _f("training.warmup_steps", "int", "Warmup in steps; overrides warmup_ratio when above 0.", minimum=0),
-    _f("training.optim", "choice", "Optimizer; paged_adamw_8bit is QLoRA's (needs bitsandbytes).",
-       choices=P.OPTIMIZERS),
-    _f("training.weight_decay", "float", "Decoupled weight decay (0 in QLoRA).", minimum=0),
-    _f("training.max_grad_norm", "float", "Gradient clipping norm (0.3 in QLoRA); 0: no clipping.", minimum=0),
-    # logging, evaluation, saving, precision
-    _f("training.logging_steps", "int", "A row of the loss table every this many steps.", minimum=1),
-    _f("training.eval_steps", "int", "Validation loss every this many steps; 0: only at the end.", minimum=0),
-    _f("training.save_steps", "int", "A checkpoint every this many steps; 0: only at the end.", minimum=0),
-    _f("training.save_total_limit", "int", "Checkpoints kept (older ones are deleted).", minimum=1),
-    _f("training.seed", "int", "Seed of the run (shuffling, dropout, LoRA init).", minimum=0),
-    _f("training.bf16", "tristate", "bf16 mixed precision; auto: from the model's compute dtype "
-       "and the device."),
-    _f("training.fp16", "tristate", "fp16 mixed precision; auto: from the model's compute dtype "
-       "and the device."),
-    # the prepared dataset's settings shown here
-    _f("data.max_length", "int", "trl's max_length in tokens: longer rows are cut (keeping the start).",
-       minimum=1),
-    _f("data.loss", "choice", "Which tokens count in the loss: auto, assistant_only (chat rows), "
-       "completion_only (prompt/completion rows) or all.", choices=P.DATA_LOSSES),
-    _f("training.packing", "bool", "Pack several short rows into one max_length sequence."),
+    Field(METHOD, "choice", "Training method: sft (supervised), or preference tuning with dpo, orpo or kto "
+          "(trl's trainers; the data then needs chosen/rejected answers, or labels for kto).",
+          choices=P.TRAINING_METHODS),
+    *(catalogued(f"lora.{name}") for name in P.settings_catalogue(P.LoraSettings)),
+    *(catalogued(f"training.{name}") for name in (
+        "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+        "auto_find_batch_size", "gradient_checkpointing", "speed", "memory_budget", "learning_rate",
+        "lr_scheduler_type", "warmup_ratio",
+        "warmup_steps", "optim", "weight_decay", "max_grad_norm", "logging_steps", "eval_steps", "save_steps",
+        "save_total_limit", "seed", "bf16", "fp16")),
+    catalogued("data.max_length"), catalogued("data.loss"), catalogued("training.packing"),
+    *(f for method in P.METHOD_SETTINGS for f in _method_fields(method)),
 )
 FIELD_BY_PATH = {f.path: f for f in FIELDS}
 #: Paths with their own widget rather than a :class:`Field` row.
@@ -120,9 +103,11 @@ TARGET_MODULES = "lora.target_modules"
 
 def default_value(path: str) -> Any:
     """A field's default, from the protocol's dataclasses."""
+    if path == METHOD:
+        return "sft"
     section, name = path.split(".", 1)
     return {"lora": LORA_DEFAULTS, "training": TRAINING_DEFAULTS, "data": DATA_DEFAULTS,
-            "model": MODEL_DEFAULTS}[section][name]
+            "model": MODEL_DEFAULTS, **METHOD_DEFAULTS}[section][name]
 
 
 def default_text(path: str) -> Any:
@@ -184,9 +169,7 @@ def parse(field: Field, raw: Any) -> tuple[Any, str]:
     if field.also is not None and value == field.also:
         return value, ""
     low, high = field.minimum, field.maximum
-    # num_train_epochs, learning_rate: above 0 (a zero would train nothing).
-    strict_low = kind == "float" and low == 0 and field.name in ("num_train_epochs", "learning_rate")
-    if low is not None and (value < low or (strict_low and value <= low)):
+    if low is not None and (value < low or (field.low_open and value <= low)):
         return value, "out of range: " + _range_text(field)
     if high is not None and (value > high or (field.open_max and value >= high)):
         return value, "out of range: " + _range_text(field)
@@ -195,16 +178,39 @@ def parse(field: Field, raw: Any) -> tuple[Any, str]:
 
 def _range_text(field: Field) -> str:
     low, high = field.minimum, field.maximum
-    strict_low = field.kind == "float" and low == 0 and field.name in ("num_train_epochs", "learning_rate")
     what = "a whole number" if field.kind == "int" else "a number"
     if low is not None and high is not None:
+        if field.low_open:
+            return (f"{what} above {format_number(low)} and {'below' if field.open_max else 'at most'} "
+                    f"{format_number(high)}")
         return f"{what} from {format_number(low)} to {'below ' if field.open_max else ''}{format_number(high)}"
     parts = []
     if low is not None:
-        parts.append(f"{what} {'above' if strict_low else 'of at least'} {format_number(low)}")
+        parts.append(f"{what} {'above' if field.low_open else 'of at least'} {format_number(low)}")
     if field.also is not None:
         parts.append(f"or {format_number(field.also)}")
     return " ".join(parts) or what
+
+
+def method_of(path: str) -> str:
+    """The method a field belongs to ("" for the fields every method has)."""
+    section = path.split(".", 1)[0] if "." in path else ""
+    return section if section in P.METHOD_SETTINGS else ""
+
+
+def shown_for(path: str, method: str) -> bool:
+    """Whether the form shows field ``path`` for a run of ``method``: a method's own fields for
+    that method only; SFT's (packing, the loss mask) for SFT only."""
+    own = method_of(path)
+    if own:
+        return own == method
+    if path in SFT_ONLY:
+        return method == "sft"
+    return True
+
+
+#: Settings only SFT uses (a preference run trains on whole pairs, prompt masked).
+SFT_ONLY = ("training.packing", "data.loss")
 
 
 def cross_errors(config: dict[str, Any]) -> dict[str, str]:
@@ -231,19 +237,23 @@ def build_config(values: dict[str, Any], model: dict[str, Any] | None, data: dic
         "data": {**DATA_DEFAULTS, **(data or {})},
         "lora": dict(LORA_DEFAULTS),
         "training": dict(TRAINING_DEFAULTS),
+        **{m: dict(d) for m, d in METHOD_DEFAULTS.items()},
     }
+    method = values.get(METHOD) or "sft"
     for path, value in values.items():
+        if path == METHOD:
+            continue
         section, key = path.split(".", 1)
         if value is None and FIELD_BY_PATH.get(path, Field(path, "", "")).kind in ("int", "float"):
             continue  # unparseable: the default stands in; the field shows its error
         sections[section][key] = value
-    return {"version": P.RUN_CONFIG_VERSION, "name": name, **sections}
+    return {"version": P.RUN_CONFIG_VERSION, "name": name, "method": method, **sections}
 
 
 def flatten(config: dict[str, Any]) -> dict[str, Any]:
     """The form's values (by dotted path) of a run config (an imported file, a preset)."""
-    out: dict[str, Any] = {}
-    for section in ("lora", "training", "data"):
+    out: dict[str, Any] = {METHOD: config.get(METHOD) or "sft"}
+    for section in ("lora", "training", "data", *P.METHOD_SETTINGS):
         for key, value in (config.get(section) or {}).items():
             path = f"{section}.{key}"
             if path in FIELD_BY_PATH or path == TARGET_MODULES:
@@ -290,6 +300,19 @@ def memory_text(memory: dict[str, Any]) -> str:
     if memory.get("device"):
         text += f" on {memory['device']}"
     return f"{text} → {VERDICT_MARKS.get(verdict, verdict)}" if verdict else text
+
+
+def speed_text(plan: dict[str, Any]) -> str:
+    """The speed levers the run will take on a GPU (``train.validate``'s ``speed``), in short;
+    nothing where none is taken (the CPU, speed manual)."""
+    if not plan or not plan.get("compile"):
+        return ""
+    parts = [plan.get("speed", ""), "compiled"]
+    parts.append("checkpointing" if plan.get("gradient_checkpointing") else "no checkpointing")
+    if plan.get("bf16_base"):
+        parts.append("bf16 weight copy")
+    parts.append(f"micro-batch {plan.get('per_device_train_batch_size')}×{plan.get('gradient_accumulation_steps')}")
+    return ": ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
 
 def model_line(model: dict[str, Any], origin: str) -> str:

@@ -1,9 +1,11 @@
 """RunForm: every setting of a LoRA/QLoRA run, named as peft, trl and transformers name them.
 
-Sections: the base model and the prepared dataset (from the Model and Data tabs, one line each,
-with the dataset's ``max_length`` and loss shown here and sent back in the run config's data
-section), peft's ``LoraConfig``, then trl's ``SFTConfig`` (length, batch, optimizer, schedule,
-logging, saving, precision). Each value is checked as it is typed (:meth:`local_errors`), and
+Sections: the training method (SFT, DPO, ORPO or KTO, with the chosen method's own settings: beta,
+its loss, the adapter of an earlier run to start from, what to do with malformed pairs), the base
+model and the prepared dataset (from the Model and Data tabs, one line each, with the dataset's
+``max_length`` and loss shown here and sent back in the run config's data section), peft's
+``LoraConfig``, then trl's ``SFTConfig`` (length, batch, optimizer, schedule, logging, saving,
+precision). Each value is checked as it is typed (:meth:`local_errors`), and
 errors from the backend's ``train.validate`` are shown at their field by dotted path
 (:meth:`show_errors`). Every change posts :class:`RunForm.Changed`.
 """
@@ -19,7 +21,8 @@ from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
-from tui.widgets.lora.run_config import FIELD_BY_PATH, FIELDS, TARGET_MODULES, data_line, model_line
+from tui.widgets.lora.run_config import (FIELD_BY_PATH, FIELDS, METHOD, TARGET_MODULES, data_line, model_line,
+                                         shown_for)
 from tui.widgets.lora.setting_row import SettingRow
 from tui.widgets.lora.target_modules_picker import TargetModulesPicker
 
@@ -27,6 +30,12 @@ from tui.widgets.lora.target_modules_picker import TargetModulesPicker
 SECTION_SOURCES = ("model.source", "data.source")
 #: (section title, rows); a row is one path (a full-width row) or a pair (two columns).
 LAYOUT: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("Method · SFT, or preference tuning with trl's DPOTrainer, ORPOTrainer, KTOTrainer", (
+        ("method", None),
+        ("dpo.beta", "dpo.loss_type"), ("dpo.label_smoothing", "dpo.malformed"), "dpo.start_adapter",
+        ("orpo.beta", "orpo.malformed"), "orpo.start_adapter",
+        ("kto.beta", "kto.loss_type"), ("kto.desirable_weight", "kto.undesirable_weight"), "kto.malformed",
+        "kto.start_adapter")),
     ("Data · the prepared dataset's length and loss, and packing", (
         ("data.max_length", "data.loss"), ("training.packing", None))),
     ("LoRA · peft LoraConfig", (
@@ -35,7 +44,8 @@ LAYOUT: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("Length and batch · SFTConfig", (
         ("training.num_train_epochs", "training.max_steps"),
         ("training.per_device_train_batch_size", "training.gradient_accumulation_steps"),
-        ("training.auto_find_batch_size", "training.gradient_checkpointing"))),
+        ("training.auto_find_batch_size", "training.gradient_checkpointing"),
+        ("training.speed", "training.memory_budget"))),
     ("Optimizer and schedule", (
         ("training.learning_rate", "training.lr_scheduler_type"),
         ("training.warmup_ratio", "training.warmup_steps"),
@@ -93,6 +103,20 @@ class RunForm(VerticalScroll):
         for error in self.query(".setting-error"):
             if error.parent is self:
                 error.display = False
+        self._show_method_fields()
+
+    @property
+    def method(self) -> str:
+        """The training method chosen."""
+        value = self.row(METHOD).raw
+        return value if isinstance(value, str) else "sft"
+
+    def _show_method_fields(self) -> None:
+        """Show the chosen method's own settings and hide the others' (and SFT's packing and loss
+        mask for a preference method)."""
+        method = self.method
+        for f in FIELDS:
+            self.row(f.path).display = shown_for(f.path, method)
 
     # Reading ------------------------------------------------------------------------------------
 
@@ -117,6 +141,8 @@ class RunForm(VerticalScroll):
         """Type and range errors of what is typed now, by dotted path."""
         errors = {}
         for f in FIELDS:
+            if not shown_for(f.path, self.method):
+                continue  # another method's setting: not sent as typed, not checked
             _, error = self.row(f.path).parsed()
             if error:
                 errors[f.path] = error
@@ -134,6 +160,7 @@ class RunForm(VerticalScroll):
                     self.row(path).set_value(value)
             if name is not None:
                 self.query_one("#run-name", Input).value = name
+        self._show_method_fields()
         self.post_message(self.Changed(self))
 
     def set_groups(self, groups: list[dict[str, Any]]) -> None:
@@ -179,7 +206,7 @@ class RunForm(VerticalScroll):
         """Focus the first field with an error (False when none has one)."""
         for f in FIELDS:
             row = self.row(f.path)
-            if row.error:
+            if row.error and row.display:
                 row.control.focus()
                 return True
         return False
@@ -192,4 +219,5 @@ class RunForm(VerticalScroll):
     @on(TargetModulesPicker.Changed)
     def _on_control_changed(self, event: Message) -> None:
         event.stop()
+        self._show_method_fields()
         self.post_message(self.Changed(self))

@@ -8,7 +8,7 @@ from typing import Any
 
 from textual.widgets import Static
 
-from tui.widgets.lora.run_config import memory_text, trainable_text
+from tui.widgets.lora.run_config import memory_text, speed_text, trainable_text
 
 STATES = ("-ok", "-tight", "-invalid", "-pending", "-error")
 VERDICT_STATES = {"fits": "-ok", "tight": "-tight", "will not fit": "-invalid"}
@@ -47,7 +47,7 @@ class ValidationLine(Static):
     def show_result(self, result: dict[str, Any]) -> None:
         """A clean ``train.validate``: trainable parameters, memory, steps, warnings."""
         self.result = result
-        second = [memory_text(result.get("memory") or {})]
+        second = [memory_text(result.get("memory") or {}), speed_text(result.get("speed") or {})]
         if isinstance(result.get("total_steps"), int):
             second.append(f"{result['total_steps']:,} steps")
         warnings = result.get("warnings") or {}

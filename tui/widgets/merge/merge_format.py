@@ -8,7 +8,7 @@ from typing import Any
 
 from tui.widgets.chat.chat_format import short_session, size
 
-STEPS = ("Adapter", "Precision", "Output", "Verify", "Upload")
+STEPS = ("Adapter", "Precision", "Output", "Verify", "Upload", "Export")
 
 
 def _num(x: Any) -> float | None:

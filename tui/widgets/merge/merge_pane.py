@@ -1,5 +1,5 @@
-"""MergePane: the Merge tab, a five-step wizard from an adapter to a verified merged folder, and
-its upload to the Hub.
+"""MergePane: the Merge tab, a six-step wizard from an adapter to a verified merged folder, its
+upload to the Hub and its export as a GGUF file.
 
 1 Adapter: the adapters and checkpoints (``merge.adapters``) with their LoRA config, base, step
   and final loss; enter picks one.
@@ -12,6 +12,10 @@ its upload to the Hub.
   size) with the noise floor beside it; f5 verifies again (``merge.verify``).
 5 Upload: ``hub.status`` (offline: local export only; the token's source, never the token), repo
   id, private (on by default), adapter only; f5 dry run lists the files, f6 uploads (``hub.push``).
+6 Export: ``export.plan`` (the file, its size against the free disk, a refusal such as a k-quant
+  without llama-cpp-python with the command that adds it), the level (f16/bf16/q8_0/q4_k_m/q5_k_m),
+  the file, an Ollama Modelfile; f5 exports (``export.start``, asking before replacing a file) and
+  the file is always read back against the merged model (``export.verified``).
 
 ctrl+n / ctrl+b go to the next / previous step. Everything shown comes from replies and events,
 so a terminal that attaches later sees the saved folder and the verification again. The step, the
@@ -41,6 +45,7 @@ from tui.widgets.chat.chat_format import size
 from tui.widgets.chat.chat_pane import failure_text
 from tui.widgets.lora.lora_pane import expand_path
 from tui.widgets.merge.adapter_step import AdapterStep
+from tui.widgets.merge.export_step import ExportStep, plan_line
 from tui.widgets.merge.merge_format import adapter_name, files_text, hub_line, plan_text
 from tui.widgets.merge.output_step import OutputStep
 from tui.widgets.merge.precision_step import PrecisionStep
@@ -49,8 +54,8 @@ from tui.widgets.merge.upload_step import UploadStep
 from tui.widgets.merge.verify_step import VerifyStep
 
 STEP_IDS = ("merge-step-adapter", "merge-step-precision", "merge-step-output", "merge-step-verify",
-            "merge-step-upload")
-ADAPTER, PRECISION, OUTPUT, VERIFY, UPLOAD = range(5)
+            "merge-step-upload", "merge-step-export")
+ADAPTER, PRECISION, OUTPUT, VERIFY, UPLOAD, EXPORT = range(6)
 #: Typing pauses this long before the plan is read again.
 PLAN_DELAY_S = 0.3
 #: Jobs after which the list of adapters may have changed.
@@ -83,11 +88,13 @@ class MergePane(BackendRequests, Vertical):
                 tooltip="List exactly what the upload would send (hub.push with dry_run); sends nothing."),
         Binding("f6", "upload", "Upload", id="hub.push",
                 tooltip="Upload the merged folder (or the adapter only) to the Hub repository."),
+        Binding("f5", "export", "Export", id="export.start",
+                tooltip="Write the merged model as a GGUF file (and a Modelfile), then read it back against it."),
     ]
 
     #: The step's action of each f5 binding.
     STEP_ACTIONS = {"refresh": ADAPTER, "plan": PRECISION, "merge": OUTPUT, "verify": VERIFY, "dry_run": UPLOAD,
-                    "upload": UPLOAD}
+                    "upload": UPLOAD, "export": EXPORT}
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -105,6 +112,12 @@ class MergePane(BackendRequests, Vertical):
         self.merge_job = ""
         self.verify_job = ""
         self.push_job = ""
+        self.export_job = ""
+        #: export.plan's last answer; export.saved's and export.verified's payloads.
+        self.export_plan: dict[str, Any] | None = None
+        self.exported: dict[str, Any] | None = None
+        self.export_verified: dict[str, Any] | None = None
+        self._export_timer = None
         #: merge.saved's payload (the merged folder), merge.verified's, hub.pushed's.
         self.saved: dict[str, Any] | None = None
         self.verified: dict[str, Any] | None = None
@@ -120,6 +133,7 @@ class MergePane(BackendRequests, Vertical):
             yield OutputStep(id=STEP_IDS[OUTPUT])
             yield VerifyStep(id=STEP_IDS[VERIFY])
             yield UploadStep(id=STEP_IDS[UPLOAD])
+            yield ExportStep(id=STEP_IDS[EXPORT])
         yield Static("", id="merge-status", markup=False)
 
     def on_mount(self) -> None:
@@ -161,9 +175,11 @@ class MergePane(BackendRequests, Vertical):
             step = ADAPTER
         elif self.saved is None:
             step = min(step, OUTPUT)
-        self.reached = max(self.reached, min(int(state.get("reached") or step), UPLOAD), step)
+        last = len(STEP_IDS) - 1
+        step = max(ADAPTER, min(step, last))
+        self.reached = max(self.reached, min(int(state.get("reached") or step), last), step)
         # No focus: the Merge tab may be hidden, and focus there would bring it forward.
-        self.go(max(ADAPTER, min(step, UPLOAD)), focus=False)
+        self.go(step, focus=False)
 
     @on(Input.Changed)
     @on(Select.Changed)
@@ -192,6 +208,10 @@ class MergePane(BackendRequests, Vertical):
     @property
     def upload_step(self) -> UploadStep:
         return self.query_one(UploadStep)
+
+    @property
+    def export_step(self) -> ExportStep:
+        return self.query_one(ExportStep)
 
     @property
     def merged_out(self) -> str:
@@ -223,8 +243,10 @@ class MergePane(BackendRequests, Vertical):
             if self.upload_step.query_one("#hub-repo", Input).value == "" and self.adapter is not None:
                 self.upload_step.query_one("#hub-repo", Input).placeholder = (
                     f"user/{default_out(self.adapter).removesuffix('-merged')}")
+        if step == EXPORT:
+            self.read_export_plan()
         target = {ADAPTER: "#merge-adapters", PRECISION: "#merge-dtype", OUTPUT: "#merge-out",
-                 VERIFY: "#merge-verify-table", UPLOAD: "#hub-repo"}[step]
+                  VERIFY: "#merge-verify-table", UPLOAD: "#hub-repo", EXPORT: "#export-quant"}[step]
         if focus:
             self.query_one(target).focus()
         self.save_state()
@@ -249,7 +271,7 @@ class MergePane(BackendRequests, Vertical):
         if reason:
             self.status(f"✖ {reason}", bad=True)
             return
-        if self.step < UPLOAD:
+        if self.step < EXPORT:
             self.go(self.step + 1)
 
     def action_back(self) -> None:
@@ -264,11 +286,13 @@ class MergePane(BackendRequests, Vertical):
                 return None
             if action in ("dry_run", "upload") and self.push_job:
                 return None
+            if action == "export" and self.export_job:
+                return None
             return True if self.connected else None
         if action == "back":
             return self.step > ADAPTER
         if action == "next":
-            return self.step < UPLOAD
+            return self.step < EXPORT
         return True
 
     # The backend ------------------------------------------------------------------------------------
@@ -293,6 +317,9 @@ class MergePane(BackendRequests, Vertical):
             elif job_id and job_id == self.push_job:
                 done, total = p.get("done") or 0, p.get("total") or 0
                 self.upload_step.result(f"▶ {p.get('stage') or 'uploading'} {size(done)} of {size(total)}")
+            elif job_id and job_id == self.export_job:
+                self.export_step.progress(p.get("stage", ""), p.get("done") or 0, p.get("total") or 0,
+                                          p.get("unit", ""), p.get("message", ""))
         elif kind == "merge.saved":
             self.saved = dict(p)
             self.save_state()
@@ -308,6 +335,12 @@ class MergePane(BackendRequests, Vertical):
         elif kind == "hub.pushed":
             self.pushed = dict(p)
             self.upload_step.show_files(p.get("files") or [])
+        elif kind == "export.saved":
+            self.exported = dict(p)
+            self.export_step.saved(p)
+        elif kind == "export.verified":
+            self.export_verified = dict(p)
+            self.export_step.show(p)
         elif kind == "job.finished":
             self._on_job_finished(p)
 
@@ -348,6 +381,17 @@ class MergePane(BackendRequests, Vertical):
                                             f"{result.get('url', '')}")
             else:
                 self.upload_step.result(failure_text("the upload", p), bad=True)
+        elif job_id and job_id == self.export_job:
+            self.export_job = ""
+            if status == "done":
+                if result.get("verify") and self.export_verified is None:
+                    self.export_verified = dict(result["verify"])
+                    self.export_step.show(self.export_verified)
+                self.export_step.finished(f"✔ exported in {p.get('elapsed_s', 0):.1f} s: {result.get('path', '')}")
+            else:
+                text = failure_text("the export", p)
+                self.export_step.finished(text)
+                self.status(text, bad=status == "failed")
         if p.get("kind") in ADAPTER_JOBS and self.connected:
             self.read_adapters()
         self.refresh_bindings()
@@ -567,3 +611,84 @@ class MergePane(BackendRequests, Vertical):
 
     def files_summary(self) -> str:
         return files_text((self.pushed or {}).get("files") or [])
+
+    # Step 6 -----------------------------------------------------------------------------------------
+
+    def export_model(self) -> str:
+        """The merged folder (an adapter without one is merged first by the backend)."""
+        return self.merged_out or str((self.adapter or {}).get("path") or "")
+
+    def export_params(self) -> dict[str, Any]:
+        out = self.export_step.out
+        return {"model": self.export_model(), "out": expand_path(out) if out.startswith(("~", "/", ".")) else out,
+                "quant": self.export_step.quant, "ollama": self.export_step.ollama}
+
+    @on(Select.Changed, "#export-quant")
+    @on(Input.Changed, "#export-out")
+    @on(Checkbox.Changed, "#export-ollama")
+    def _export_changed(self, event) -> None:
+        if self.step != EXPORT:
+            return
+        if self._export_timer is not None:
+            self._export_timer.stop()
+        self._export_timer = self.set_timer(PLAN_DELAY_S, self.read_export_plan)
+
+    @work(name="read the export plan", group="export.plan", exclusive=True, exit_on_error=False)
+    async def read_export_plan(self) -> None:
+        if not self.export_model():
+            self.export_step.show_plan("✖ nothing to export: merge first (step 3)", bad=True)
+            return
+        try:
+            plan = await self.call(by_method("export.plan", **self.export_params()))
+        except RequestFailed as exc:
+            self.export_plan = None
+            self.export_step.show_plan(f"✖ {exc.reply.reason or exc.reply.code}", bad=True)
+            return
+        self.export_plan = plan
+        text = plan_line(plan)
+        if plan.get("refusal"):
+            text = f"✖ {plan['refusal']}\n{text}"
+        self.export_step.show_plan(text, bad=bool(plan.get("refusal")))
+
+    @on(Button.Pressed, "#export-start")
+    def _export_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.action_export()
+
+    def action_export(self) -> None:
+        if not self.export_model():
+            self.status("✖ nothing to export: merge first (step 3)", bad=True)
+            return
+        if not self.export_job:
+            self.start_export(overwrite=False)
+
+    @work(name="start the export", group="export.start", exclusive=True, exit_on_error=False)
+    async def start_export(self, overwrite: bool) -> None:
+        # Verification is always on here: the table is the point of this step.
+        params = {**self.export_params(), "verify": True, "overwrite": overwrite, "prompts": []}
+        before = self.exported, self.export_verified
+        self.exported = self.export_verified = None
+        try:
+            result = await self.call(by_method("export.start", **params))
+        except RequestFailed as exc:
+            self.exported, self.export_verified = before
+            if exc.reply.code == "confirm" and not overwrite:
+                out = (exc.reply.result or {}).get("out") or params["out"]
+
+                def answered(yes: bool | None) -> None:
+                    if yes:
+                        self.start_export(overwrite=True)
+                    else:
+                        self.status(f"left {out} as it is: name another file, or export again to replace it")
+
+                self.app.push_screen(ConfirmScreen(f"Replace {out}?", exc.reply.reason, yes="Replace",
+                                                   no="Keep it"), answered)
+                return
+            self.status(f"✖ not exported: {exc.reply.reason or exc.reply.code}", bad=True)
+            return
+        self.export_job = str(result.get("job_id") or "")
+        self.export_step.table.clear()
+        self.export_step.status("")
+        self.export_step.progress("starting", 0, 0)
+        self.status("")
+        self.refresh_bindings()

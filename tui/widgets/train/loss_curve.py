@@ -1,4 +1,4 @@
-"""LossCurve: training and validation loss by step, drawn in braille by plotext
+"""LossCurve: training and validation loss by step (and a preference run's reward margin), drawn in braille by plotext
 (textual-plotext's ``PlotextPlot``).
 
 The pane sets the points in batches (at most a few times a second, however fast rows come); the
@@ -27,11 +27,14 @@ class LossCurve(PlotextPlot):
         #: The points drawn: (step, loss) of training and of validation, in step order.
         self.train: Points = []
         self.eval: Points = []
+        #: A preference run's reward margin (rewards/margins), by step.
+        self.margin: Points = []
 
-    def set_points(self, train: Points, eval: Points) -> None:
+    def set_points(self, train: Points, eval: Points, margin: Points = ()) -> None:
         """Replace the points and draw once."""
         self.train = [(s, v) for s, v in train if math.isfinite(v)]
         self.eval = [(s, v) for s, v in eval if math.isfinite(v)]
+        self.margin = [(s, v) for s, v in margin if math.isfinite(v)]
         self.refresh()
 
     def render(self) -> RenderResult:
@@ -39,7 +42,7 @@ class LossCurve(PlotextPlot):
             return Text(self.EMPTY, style="dim")
         plt = self.plt
         plt.clear_figure()
-        for points, label in ((self.train, "loss"), (self.eval, "eval_loss")):
+        for points, label in ((self.train, "loss"), (self.eval, "eval_loss"), (self.margin, "rewards/margins")):
             if points:
                 steps, values = zip(*points)
                 # A lone validation point would be invisible as a braille dot: mark it.

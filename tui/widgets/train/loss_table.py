@@ -1,5 +1,7 @@
 """LossTable: the table users know from the notebooks' Trainer output, one row per logging step:
-Step | Training Loss | Validation Loss | Learning rate | Grad norm | Tokens/s.
+Step | Training Loss | Validation Loss | Learning rate | Grad norm | Tokens/s; a preference run
+(DPO, ORPO, KTO) adds its own columns after the losses (rewards/chosen, rewards/rejected, margin,
+accuracy, ...): :meth:`LossTable.set_columns`.
 
 Rows are keyed by step, so a later log of a step (its evaluation) completes that row in place.
 The pane hands it a batch of changed rows at a time (a replay of thousands comes as a few
@@ -13,7 +15,7 @@ from typing import Any, Iterable
 from rich.text import Text
 from textual.widgets import DataTable
 
-from tui.widgets.train.train_format import COLUMNS, cell
+from tui.widgets.train.train_format import COLUMNS, cell, columns_for
 
 
 class LossTable(DataTable):
@@ -23,14 +25,30 @@ class LossTable(DataTable):
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         #: The steps shown, in table order.
         self.steps: list[int] = []
+        #: The columns shown: (key, title, row field).
+        self.columns_shown: tuple[tuple[str, str, str], ...] = COLUMNS
+        self.method = "sft"
 
     def on_mount(self) -> None:
-        for key, title, _ in COLUMNS:
+        for key, title, _ in self.columns_shown:
             self.add_column(title, key=key)
 
-    @staticmethod
-    def _cells(row: dict[str, Any]) -> list[Text]:
-        return [Text(cell(key, row.get(field)), justify="right") for key, _, field in COLUMNS]
+    def set_columns(self, method: str) -> bool:
+        """Show the columns of a ``method`` run (rows are cleared when they change); True when
+        they changed."""
+        columns = columns_for(method)
+        self.method = method or "sft"
+        if columns == self.columns_shown:
+            return False
+        self.columns_shown = columns
+        self.clear(columns=True)
+        self.steps = []
+        for key, title, _ in columns:
+            self.add_column(title, key=key)
+        return True
+
+    def _cells(self, row: dict[str, Any]) -> list[Text]:
+        return [Text(cell(key, row.get(field)), justify="right") for key, _, field in self.columns_shown]
 
     def show_rows(self, rows: dict[int, dict[str, Any]], changed: Iterable[int]) -> None:
         """Add or update the rows of ``changed`` steps (``rows``: every row, by step)."""
@@ -48,7 +66,7 @@ class LossTable(DataTable):
                 if row is None:
                     continue
                 if step in shown:
-                    for (key, _, _), value in zip(COLUMNS, self._cells(row)):
+                    for (key, _, _), value in zip(self.columns_shown, self._cells(row)):
                         self.update_cell(str(step), key, value)
                 else:
                     self.add_row(*self._cells(row), key=str(step))

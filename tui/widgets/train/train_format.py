@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from backend import protocol as P
 from tui.widgets.shell.error_notice import error_text
 
 #: The loss table's columns, as the notebooks' Trainer table names them: (key, title, train.log field).
@@ -18,6 +19,28 @@ COLUMNS = (
     ("grad_norm", "Grad norm", "grad_norm"),
     ("tokens_per_s", "Tokens/s", "tokens_per_s"),
 )
+#: Titles of the preference methods' columns (trl's log names, ``protocol.METHOD_LOG_COLUMNS``).
+METRIC_TITLES = {
+    "rewards/chosen": "Rewards/chosen", "rewards/rejected": "Rewards/rejected", "rewards/margins": "Margin",
+    "rewards/accuracies": "Accuracy", "nll_loss": "NLL loss", "log_odds_ratio": "Log odds ratio", "kl": "KL",
+}
+
+
+#: The preference methods' reward margin, drawn on the curve beside the losses.
+MARGIN = "rewards/margins"
+
+
+def columns_for(method: str) -> tuple[tuple[str, str, str], ...]:
+    """The loss table's columns for a run of ``method``: SFT's, or for a preference method the
+    training and validation loss, its own columns (rewards, margin, ...), then learning rate,
+    grad norm and tokens/s."""
+    extra = P.METHOD_LOG_COLUMNS.get(method or "sft", ())
+    if not extra:
+        return COLUMNS
+    own = tuple((name, METRIC_TITLES.get(name, name), name) for name in extra)
+    return COLUMNS[:3] + own + COLUMNS[3:]
+
+
 #: The fields of a train.log that a later log of the same step may complete.
 ROW_FIELDS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch", "elapsed_s",
               "eta_s", "total_steps")
@@ -60,6 +83,10 @@ def cell(key: str, value: Any) -> str:
         return f"{value:.4f}" if math.isfinite(value) else str(value)
     if key == "tokens_per_s":
         return f"{value:,.0f}"
+    if key == "rewards/accuracies":
+        return f"{value:.2f}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
     return str(value)
 
 

@@ -27,7 +27,7 @@ from tui.messages import ConnectionChanged
 from tui.widgets.backend_requests import BackendRequests
 from tui.widgets.train.loss_curve import LossCurve
 from tui.widgets.train.loss_table import LossTable
-from tui.widgets.train.train_format import ROW_FIELDS, alert_text, failed_text, finished_text, live_line
+from tui.widgets.train.train_format import MARGIN, ROW_FIELDS, alert_text, failed_text, finished_text, live_line
 
 #: The most often the table, the curve and the line are redrawn (4 times a second).
 FLUSH_INTERVAL_S = 0.25
@@ -152,6 +152,10 @@ class TrainPane(BackendRequests, Vertical):
         self.state = "running"
         self.started = dict(p)
         self.total_steps = int(p.get("total_steps") or 0)
+        if self.table.set_columns(str((p.get("config") or {}).get("method") or "sft")):
+            self._reset_table = True  # the rows are drawn again in the method's columns
+            self._curve_dirty = True
+            self._schedule_flush()
         self._new_rows(p.get("job_id", ""), int(p.get("start_step") or 0) if p.get("resumed_from") else None)
         self._show_info()
         self._show_line()
@@ -187,6 +191,9 @@ class TrainPane(BackendRequests, Vertical):
             value = p.get(field)
             if value is not None:
                 row[field] = value
+        for name, value in (p.get("metrics") or {}).items():  # a preference method's own columns
+            if value is not None:
+                row[name] = value
         if p.get("total_steps"):
             self.total_steps = int(p["total_steps"])
         if self.latest is None or step >= self.latest["step"]:
@@ -267,7 +274,8 @@ class TrainPane(BackendRequests, Vertical):
             rows = [self.rows[s] for s in steps]
             self.curve.set_points([(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))],
                                   [(r["step"], r["eval_loss"]) for r in rows
-                                   if isinstance(r.get("eval_loss"), (int, float))])
+                                   if isinstance(r.get("eval_loss"), (int, float))],
+                                  [(r["step"], r[MARGIN]) for r in rows if isinstance(r.get(MARGIN), (int, float))])
         self.flushes += 1
         self._show_line()
 
