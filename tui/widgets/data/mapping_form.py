@@ -25,6 +25,9 @@ ROLE_HELP = {
     "system": "a system prompt per row",
     "messages": "a conversation: role/content or from/value",
     "text": "plain text, trained as it is",
+    "chosen": "the preferred answer (preference rows: DPO, ORPO)",
+    "rejected": "the answer preferred less (preference rows)",
+    "label": "KTO: true when the answer is desirable",
 }
 TEMPLATE_LABELS = {
     "chat": "chat template (the tokenizer's)",
