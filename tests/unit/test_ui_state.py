@@ -133,3 +133,54 @@ def test_room_refuses_bad_keys_huge_values_and_too_many_keys(home):
             await server.shutdown(graceful=False)
 
     asyncio.run(body())
+
+
+class _FakeApp:
+    """Enough of an app for tui.ui_state.UiState: timers are noted, never run."""
+
+    def __init__(self):
+        self.timers = []
+
+    def set_timer(self, delay, callback, name=""):
+        self.timers.append((delay, callback))
+
+        class _T:
+            def stop(self_inner):
+                pass
+
+        return _T()
+
+
+def _changed(key, value, rev, origin, replay=False):
+    return P.Event("ui.changed", P.to_dict(P.UiChanged(key=key, value=value, rev=rev, time=0.0, origin=origin,
+                                                       replay=replay)), 0.0)
+
+
+def test_the_app_side_rules_own_changes_stale_revisions_and_unsent_edits():
+    from tui.ui_state import UiState
+
+    state = UiState(_FakeApp())
+    shown = []
+    state.changed.publish = shown.append  # what the panes would be told
+
+    state.set("lora", {"r": "16"})  # a pane's default while mounting, before the first attach
+    assert state.pending == {"lora"} and state.app.timers == []  # held: not connected yet
+    state.on_event(_changed("lora", {"r": "8"}, 5, "other", replay=True))
+    assert [c.value for c in shown] == [{"r": "8"}] and state.pending == set()  # the stored state won
+    state.on_event(_changed("lora", {"r": "4"}, 4, "other"))  # older than what was seen: dropped
+    assert len(shown) == 1
+
+    state.on_connection(True)
+    state.set("lora", {"r": "8"})  # what is shown already: nothing to send
+    assert state.pending == set()
+    state.set("lora", {"r": "32"})
+    assert state.pending == {"lora"} and state.app.timers  # sent after the coalescing delay
+    state.on_event(_changed("lora", {"r": "32"}, 6, state.origin))  # our own change coming back
+    assert len(shown) == 1
+    state.on_event(_changed("lora", {"r": "64"}, 7, "other"))  # another terminal's edit, live: it wins
+    assert shown[-1].value == {"r": "64"} and "lora" not in state.pending
+
+    state.on_connection(False)  # the connection drops; the user edits meanwhile
+    state.set("lora", {"r": "2"})
+    state.on_event(_changed("lora", {"r": "64"}, 8, "other", replay=True))  # the re-attach's replay
+    assert shown[-1].value == {"r": "64"} and state.pending == {"lora"} and state.get("lora") == {"r": "2"}
