@@ -442,3 +442,31 @@ def test_full_disk_is_refused_first_and_a_cancel_leaves_nothing(tiny_folder, tmp
     with pytest.raises(JobCancelled):
         G.write_gguf(tiny_folder, out, "f16", cancelled=lambda: next(calls) >= 5)  # after 5 of 20 tensors
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama-bpe"])
+def test_byte_level_pre_tokenizers_are_named_as_llama_cpp_names_them(name, tiny_folder, tmp_path):
+    """The tiny tokenizer re-split with Qwen2's or Llama 3's regular expression is written with
+    that pre-tokenizer's llama.cpp name, and transformers' loader splits text the same way."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    regex = {v: k for k, v in G._known_splits().items()}[name]
+    tok = AutoTokenizer.from_pretrained(str(tiny_folder))
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder, folder)
+    tok.save_pretrained(folder)
+    written = G.write_gguf(folder, tmp_path / "p.gguf", "f16")
+    assert written["vocab"].pre == name
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="p.gguf")
+    for text in ("It's 2026: 12345 apples,  and\n\nmore!", "한국어와 日本語 mixed 42x"):
+        assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.save_pretrained(folder)
+    with pytest.raises(JobError, match="regular expression llama.cpp's tokenizer is not known"):
+        G.write_gguf(folder, tmp_path / "q.gguf", "f16")
