@@ -24,6 +24,7 @@ from backend import protocol as P
 from tui.client import CONNECTED, CONNECTING, GONE, BackendClient
 from tui.messages import BackendEvent, ConnectionChanged
 from tui.screens.main_screen import MainScreen
+from tui.ui_state import UiState
 from tui.widgets.backend_requests import BackendRequests
 
 
@@ -54,6 +55,8 @@ class QlwApp(BackendRequests, App[None]):
         self.connection = ConnectionChanged(CONNECTING)
         #: Printed to the shell after the app exits (``q``): what keeps running, how to come back.
         self.farewell = ""
+        #: What the user typed and chose in each pane, kept by the backend (tui/ui_state.py).
+        self.ui_state = UiState(self)
         self._client_worker: Worker | None = None
 
     def get_default_screen(self) -> Screen:
@@ -89,6 +92,7 @@ class QlwApp(BackendRequests, App[None]):
 
     @on(BackendEvent)
     def _fan_out_event(self, message: BackendEvent) -> None:
+        self.ui_state.on_event(message.event)
         self.backend_events.publish(message.event)
 
     @on(ConnectionChanged)
@@ -97,6 +101,7 @@ class QlwApp(BackendRequests, App[None]):
             # The header says "gone"; this says why (the socket, the log to read) and what to do.
             self.notify(message.detail, title="No backend", severity="error", markup=False, timeout=10)
         self.connection = message
+        self.ui_state.on_connection(message.state == CONNECTED)
         self.refresh_bindings()
         self.connection_changed.publish(message)
 
@@ -115,7 +120,9 @@ class QlwApp(BackendRequests, App[None]):
             self.backend.restart()
 
     async def action_quit(self) -> None:
-        # Close our connection only: the backend (and its job) outlives the front end.
+        # Close our connection only: the backend (and its job) outlives the front end. What was
+        # typed last is sent first, so that the next qlw shows it.
+        await self.ui_state.flush()
         self.farewell = await self._farewell()
         await self.backend.stop()
         self.exit()

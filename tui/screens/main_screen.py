@@ -1,8 +1,13 @@
 """MainScreen: the shell; one tab per capability, the job line, the footer, and a notification
-for each backend error that no job owns (no pane shows it)."""
+for each backend error that no job owns (no pane shows it).
+
+The tab last shown is the shell's state ``"shell"`` (tui/ui_state.py): the next ``qlw`` opens on
+it. A second terminal attached at the same time keeps its own tab (each terminal looks where its
+user looks); it takes the stored one only when it attaches."""
 
 from __future__ import annotations
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -10,6 +15,7 @@ from textual.widgets import Footer, Input, TabbedContent, TabPane, Tabs, TextAre
 
 from backend import protocol as P
 from tui.client import CONNECTED
+from tui.ui_state import UiChange
 from tui.widgets.chat.chat_pane import ChatPane
 from tui.widgets.data.data_pane import DataPane
 from tui.widgets.gpu.gpu_pane import GpuPane
@@ -33,6 +39,10 @@ TABS = [
     ("merge", "Merge", MergePane, "merge an adapter into its base model and upload it"),
     ("sessions", "Sessions", SessionsPane, "past and present runs"),
 ]
+
+
+#: The key of the shell's state in the backend (tui/ui_state.py).
+STATE_KEY = "shell"
 
 
 class MainScreen(Screen):
@@ -72,12 +82,34 @@ class MainScreen(Screen):
 
     def on_mount(self) -> None:
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            ui_state.changed.subscribe(self, self.on_ui_state)
+
+    def on_ui_state(self, change: UiChange) -> None:
+        if change.key == STATE_KEY and change.replay and isinstance(change.value, dict):
+            tab = change.value.get("tab")
+            if tab in {t for t, *_ in TABS} and self.query_one("#tabs", TabbedContent).active != tab:
+                self.action_show_tab(tab)
+
+    @on(TabbedContent.TabActivated, "#tabs")
+    def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            # The tab shown now: activations may be queued behind one another.
+            ui_state.set(STATE_KEY, {"tab": self.query_one("#tabs", TabbedContent).active})
 
     def on_backend(self, ev: P.Event) -> None:
         """An error no job owns (no pane shows it): a notification, with what to do."""
         text = error_notice(ev)
         if text:
             self.notify(text, title=TITLE, severity="error", markup=False, timeout=15)
+
+    def on_data_pane_settings_changed(self, message: DataPane.SettingsChanged) -> None:
+        # The LoRA tab's data line and check follow the Data tab even while the LoRA tab is the
+        # one shown (a dataset opened again after a re-attach, or in another terminal).
+        for pane in self.query(LoraPane):
+            pane.data_changed()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "free_vram":

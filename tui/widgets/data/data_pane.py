@@ -10,6 +10,11 @@ Everything shown comes from the backend and can be asked for again. The prepared
 plain data (:attr:`DataPane.settings`, a ``backend.protocol.PreparedData`` as a dict): the LoRA
 and Train panes send it back to the backend as it is, and :class:`DataPane.SettingsChanged`
 tells them when it changes.
+
+What the user typed and chose here (the path fields, the dataset opened, its mapping, template,
+loss and split, the filter, the inner tab) is the pane's state ``"data"``, kept by the backend
+(:mod:`tui.ui_state`): after a re-attach, a backend restart or in a second terminal the same
+dataset is opened again (at once when the backend still holds it) with the same choices.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from textual.widgets import Button, DataTable, Input, Static, TabbedContent, Tab
 
 from backend import protocol as P
 from tui.client import RequestFailed
+from tui.ui_state import UiChange, read_fields, write_fields
 from tui.widgets.backend_requests import BackendRequests
 from tui.widgets.data.columns_table import ColumnsTable
 from tui.widgets.data.mapping_form import MappingForm
@@ -47,6 +53,10 @@ CELL_CHARS = 60
 ROW_DELAY_S = 0.12
 FILTER_DELAY_S = 0.35
 SETTINGS_DELAY_S = 0.2
+#: The key of this pane's state in the backend (tui/ui_state.py).
+STATE_KEY = "data"
+#: The fields naming the dataset to open.
+SOURCE_FIELDS = ("data-path", "data-config", "data-split")
 
 
 def sample_dataset_path() -> str:
@@ -106,6 +116,8 @@ class DataPane(BackendRequests, Vertical):
         self._row_timer = None
         self._filter_timer = None
         self._settings_timer = None
+        #: A restored state whose dataset is being opened again (its choices wait for it), or None.
+        self.restoring: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="data-source"):
@@ -143,6 +155,75 @@ class DataPane(BackendRequests, Vertical):
 
     def on_mount(self) -> None:
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            ui_state.changed.subscribe(self, self.on_ui_state)
+
+    # The pane's state, kept by the backend -----------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What the user typed and chose here, as plain data (the pane's ``"data"`` state)."""
+        if self.restoring is not None:
+            return self.restoring  # until its dataset is open again, the restored state stands
+        return {
+            "fields": read_fields(self, SOURCE_FIELDS),
+            "open": self.source or None,
+            "format": {**read_fields(self.query_one(MappingForm)), **read_fields(self.query_one(SplitForm))},
+            "filter": self.query_one("#data-filter", Input).value,
+            "tab": self.query_one("#data-tabs", TabbedContent).active,
+        }
+
+    def save_state(self) -> None:
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None and self._alive():
+            ui_state.set(STATE_KEY, self.state())
+
+    def on_ui_state(self, change: UiChange) -> None:
+        if change.key == STATE_KEY and isinstance(change.value, dict):
+            self.restore(change.value)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Show a state of this pane: its fields at once; its dataset opened again (at once when
+        the backend still holds it), then its mapping, split and filter."""
+        write_fields(self, {k: v for k, v in (state.get("fields") or {}).items() if k in SOURCE_FIELDS})
+        wanted = state.get("open")
+        if isinstance(wanted, dict) and wanted.get("path") and wanted != (self.source or None):
+            self.restoring = state
+            self.reopen(wanted)
+        else:
+            self._restore_choices(state)
+
+    @work(name="open the dataset again", group="data.open", exclusive=True, exit_on_error=False)
+    async def reopen(self, source: dict[str, Any]) -> None:
+        try:
+            summary = await self._open(source)
+            if summary is not None:
+                self.show_summary(summary)
+                if self.restoring is not None:
+                    self._restore_choices(self.restoring)
+        finally:
+            self.restoring = None
+        self.save_state()
+        self.post_message(self.SettingsChanged(self.settings or {}))
+
+    def _restore_choices(self, state: dict[str, Any]) -> None:
+        """The mapping, template, loss, split and filter of ``state`` on the open dataset."""
+        with self.prevent(MappingForm.Changed, SplitForm.Changed):
+            write_fields(self.query_one(MappingForm), state.get("format") or {})
+            write_fields(self.query_one(SplitForm), state.get("format") or {})
+        if isinstance(state.get("filter"), str):
+            self.query_one("#data-filter", Input).value = state["filter"]
+            self._apply_filter()
+        tab = state.get("tab")
+        if isinstance(tab, str) and self.query(f"#{tab}"):
+            self.query_one("#data-tabs", TabbedContent).active = tab
+        if self.summary is not None:
+            self._settings_changed()
+
+    @on(Input.Changed, "#data-path, #data-config, #data-split, #data-filter")
+    @on(TabbedContent.TabActivated, "#data-tabs")
+    def _typed(self, event: Message) -> None:
+        self.save_state()
 
     def _alive(self) -> bool:
         """False once the pane is being taken down (a timer may still fire then)."""
@@ -310,6 +391,7 @@ class DataPane(BackendRequests, Vertical):
                      "error" if summary["shape"] == "unknown" else "")
         self.load_page(0)
         self._settings_changed()
+        self.save_state()
 
     # Pages --------------------------------------------------------------------------------------
 
@@ -411,6 +493,7 @@ class DataPane(BackendRequests, Vertical):
     @on(MappingForm.Changed)
     @on(SplitForm.Changed)
     def _form_changed(self, event: Message) -> None:
+        self.save_state()
         if self._settings_timer is not None:
             self._settings_timer.stop()
         self._settings_timer = self.set_timer(SETTINGS_DELAY_S, self._settings_changed)
