@@ -65,17 +65,22 @@ def _run_folder(path: Path) -> Path | None:
     return None
 
 
-def run_name(run: Path | None) -> str:
-    """The name of the run in ``run`` (its config.toml's ``name``), "" when it has none."""
+def _run_field(run: Path | None, key: str) -> str:
+    """A top-level text field of the run's config.toml ("" when there is none)."""
     if run is None:
         return ""
     import tomllib
 
     try:
-        name = tomllib.loads((run / "config.toml").read_text(encoding="utf-8")).get("name")
+        value = tomllib.loads((run / "config.toml").read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError):
         return ""
-    return name.strip() if isinstance(name, str) else ""
+    return value.strip() if isinstance(value, str) else ""
+
+
+def run_name(run: Path | None) -> str:
+    """The name of the run in ``run`` (its config.toml's ``name``), "" when it has none."""
+    return _run_field(run, "name")
 
 
 def _trainer_state(folder: Path) -> dict[str, Any] | None:
@@ -144,6 +149,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "path": str(folder.resolve()),
         "session": run.name if run is not None else "",
         "name": run_name(run),
+        "method": _run_field(run, "method") or "sft",
         "kind": kind,
         "step": step,
         "base_model": config.get("base_model_name_or_path") or "",
