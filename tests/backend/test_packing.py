@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from backend import train, train_config as TC
+from backend.methods import sft
 from sessions.store import Store
 
 pytestmark = pytest.mark.slow
@@ -126,7 +127,7 @@ def test_equal_length_rows_go_to_the_model_stacked_with_the_same_loss(tiny_folde
     flat = collate([{"input_ids": r} for r in rows])
     stacked = train.stack_equal_rows(flat)
     assert stacked["input_ids"].shape == (3, 12) and int(stacked["attention_mask"].sum()) == flat["input_ids"].shape[1]
-    assert not set(train._VARLEN_KEYS) & set(stacked)
+    assert not set(sft._VARLEN_KEYS) & set(stacked)
     with torch.no_grad():
         a = model(**{k: v for k, v in flat.items()}, use_cache=False)
         b = model(**stacked, use_cache=False)
