@@ -118,8 +118,10 @@ def export_transcript(tmux: Tmux, name: str, home) -> None:
 
 def free_memory(tmux: Tmux, name: str) -> None:
     tmux.keys(name, "C-f")
-    screen = tmux.wait_for(name, "memory freed", timeout=60)
-    assert "base" in screen  # the dropped model is named
+    tmux.wait_for(name, "memory freed", timeout=60)
+    screen = tmux.wait_for(name, "Dropped:", timeout=60)
+    # The dropped base model is named by its kind and source (after the dataset the Data tab opened).
+    assert re.search(r"Dropped:.*\bmodel\b", screen, re.S), screen
     def closed(screen: str) -> bool:  # close the result (esc), once it has the focus
         if "memory freed" in screen:
             time.sleep(0.3)
@@ -150,6 +152,8 @@ def merge_and_verify(tmux: Tmux, name: str, home) -> None:
     assert [p for p in (home / "merged").iterdir() if (p / "config.json").exists()]
     tmux.keys(name, "C-n")  # the upload step: offline, a dry run lists the files
     tmux.wait_for(name, "local export only")
+    tmux.keys(name, "qlw-tests/e2e-loop-adapter")  # the repository field has the focus; the placeholder is no name
+    tmux.wait_for(name, "qlw-tests/e2e-loop-adapter")
     tmux.keys(name, "F5")
     tmux.wait_for(name, "model.safetensors", timeout=60)
 

@@ -88,7 +88,7 @@ def set_everything(tmux: Tmux, name: str, data_path, toml_path) -> None:
     tmux.keys(name, "-l", str(toml_path))
     tmux.wait_for(name, toml_path.name)
     press(tmux, name, "C-o")
-    tmux.wait_for(name, "imported run.toml", timeout=30)
+    tmux.wait_for(name, "imported", timeout=30)  # "imported run.toml" where the status line has room
     press(tmux, name, "Tab", "Tab", "Tab", "Tab")  # Export, Import, the form, then the name box
     time.sleep(0.3)
     clear_and_type(tmux, name, "my run")

@@ -42,7 +42,17 @@ class Tmux:
     def open(self, name: str, cmd: str, size: tuple[int, int]) -> None:
         # A detached session's window can reach its -x/-y size only just after the command starts
         # (tmux 3.3): a program that reads its size at once may keep 80x24. Start it a moment later.
-        self.tmux("new-session", "-d", "-s", name, "-x", str(size[0]), "-y", str(size[1]), f"sleep 0.5; {cmd}")
+        args = ("new-session", "-d", "-s", name, "-x", str(size[0]), "-y", str(size[1]), f"sleep 0.5; {cmd}")
+        for attempt in range(5):
+            try:
+                self.tmux(*args)
+                return
+            except RuntimeError as exc:
+                # The last session was just killed: the server is still exiting, and a new session
+                # asked of it then fails. Once it has gone, the same call starts a new server.
+                if "server exited unexpectedly" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.5)
 
     def screen(self, name: str) -> str:
         return self.tmux("capture-pane", "-p", "-t", name)
