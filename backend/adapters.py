@@ -65,6 +65,20 @@ def _run_folder(path: Path) -> Path | None:
     return None
 
 
+def _run_method(run: Path | None) -> str:
+    """The training method of the run that saved an adapter (its config.toml's ``method``; a
+    config written before methods existed is SFT), "" when the run or its config is unknown."""
+    if run is None:
+        return ""
+    import tomllib
+
+    try:
+        config = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return str(config.get("method") or "sft")
+
+
 def _trainer_state(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
@@ -144,6 +158,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "size_bytes": weights.stat().st_size,
         "mtime": weights.stat().st_mtime,
         "run_config": str(run / "config.toml") if run is not None else None,
+        "method": _run_method(run),
         "final_loss": loss,
         "final_eval_loss": eval_loss,
     }

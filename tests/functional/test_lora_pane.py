@@ -417,9 +417,13 @@ def test_the_method_and_its_settings(qlw_home):
             return {**VALID, "ok": False, "errors": {"dpo.start_adapter": "/missing holds no LoRA adapter"}}
         return VALID
 
-    adapters = [{"path": "/data/qlw/runs/s2/adapter", "kind": "adapter", "run_config": {"method": "dpo"}},
-                {"path": "/data/qlw/runs/s1/adapter", "kind": "adapter", "run_config": {"method": "sft"}},
-                {"path": "/data/qlw/runs/s1/checkpoints/checkpoint-3", "kind": "checkpoint", "run_config": {}}]
+    # As merge.adapters sends them: run_config is the run's config.toml path, method its method.
+    adapters = [{"path": "/data/qlw/runs/s2/adapter", "kind": "adapter", "method": "dpo",
+                 "run_config": "/data/qlw/runs/s2/config.toml"},
+                {"path": "/data/qlw/runs/s1/adapter", "kind": "adapter", "method": "sft",
+                 "run_config": "/data/qlw/runs/s1/config.toml"},
+                {"path": "/data/qlw/runs/s1/checkpoints/checkpoint-3", "kind": "checkpoint", "method": "sft",
+                 "run_config": "/data/qlw/runs/s1/config.toml"}]
     fake = FakeBackend(train_validate=validate, merge_adapters={"adapters": adapters})
 
     async def body():

@@ -184,7 +184,7 @@ class RunForm(VerticalScroll):
         """Finished runs' adapters (``merge.adapters``, newest first) as the start adapter's
         completions, SFT runs' first; the newest SFT adapter is named in the placeholder."""
         def is_sft(a: dict[str, Any]) -> bool:
-            return ((a.get("run_config") or {}).get("method") or "sft") == "sft"
+            return a.get("method") == "sft"
 
         ordered = [a for a in adapters if is_sft(a)] + [a for a in adapters if not is_sft(a)]
         paths = [str(a["path"]) for a in ordered if a.get("path")]
