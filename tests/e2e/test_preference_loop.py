@@ -68,7 +68,7 @@ def import_run(tmux: Tmux, name: str, toml_path, run_name: str) -> None:
     toml_path.write_text(RUN_TOML.format(name=run_name, steps=STEPS))
     tmux.keys(name, "4")
     tmux.wait_for(name, "LoRA · peft LoraConfig")
-    time.sleep(1)  # the tab's focus settles (the first preset button)
+    tmux.wait_for(name, "^o Import")  # the footer has the pane's keys: the focus is on its first button
     tab(tmux, name, 2)  # presets, then the run config file's path box
     clear_field(tmux, name)
     tmux.keys(name, str(toml_path))
@@ -79,11 +79,11 @@ def import_run(tmux: Tmux, name: str, toml_path, run_name: str) -> None:
     assert run_name in screen and "fits" in screen
 
 
-def train(tmux: Tmux, name: str) -> tuple[str, str]:
+def train(tmux: Tmux, name: str, run_name: str) -> tuple[str, str]:
     """Start (f5; the Train tab follows the run) and wait for the end; (the screen, the adapter
     folder). The focus is still in a text field of the form: no number key while it may be."""
     tmux.keys(name, "F5")
-    tmux.wait_for(name, "Stop ■", timeout=60)  # the Train tab
+    tmux.wait_for(name, f"{run_name} · trainable", timeout=120)  # this run's header: the last run's lines are gone
     tmux.wait_for(name, f"finished at step {STEPS}/{STEPS}", timeout=300)
     screen, _ = tmux.wait_match(name, ROW.format(step=STEPS), timeout=30, flags=re.M)
     adapter = re.search(r"adapter: (\S+)", screen)
@@ -98,6 +98,7 @@ def logged_steps(screen: str) -> list[int]:
 def open_preference_sample(tmux: Tmux, name: str) -> None:
     tmux.keys(name, "3")
     tmux.wait_for(name, "dolly_sample.jsonl · 585 rows")
+    tmux.wait_for(name, "^o Open")  # the footer has the pane's keys: the focus is in the Data tab
     tmux.keys(name, "C-o")  # the path box
     time.sleep(0.3)
     clear_field(tmux, name)
@@ -123,13 +124,14 @@ def choose_dpo_from(tmux: Tmux, name: str, sft_adapter: str) -> None:
     assert sft_adapter in screen, screen
     tab(tmux, name, 5)  # beta, malformed, loss_type, label_smoothing, start_adapter
     tmux.keys(name, "/")
-    time.sleep(0.3)
+    # The box takes the "/" (its placeholder goes) and completes it to the SFT adapter.
+    tmux.wait_match(name, rf"^ start_adapter\s+{re.escape(sft_adapter)}(\s|$)", timeout=30, flags=re.M)
     tmux.keys(name, "Right")  # take the completion
     deadline = time.monotonic() + 60
-    while True:  # the backend checked the DPO run (its trainable parameters and memory)
+    while True:  # the backend checked the DPO run from that adapter ("/" alone would be refused: ✖)
         screen = tmux.screen(name)
-        line = next((s for s in screen.splitlines() if "start_adapter" in s), "")
-        if sft_adapter in line and "fits" in screen and "✖" not in screen:
+        checked = re.search(r"^ (⧗ )?memory .*fits", screen, re.M)  # ⧗: the previous settings' result
+        if checked and not checked.group(1) and "✖" not in screen:
             break
         assert time.monotonic() < deadline, f"the start adapter was never taken and checked:\n{screen}"
         time.sleep(0.2)
@@ -145,7 +147,7 @@ def test_sft_then_dpo_from_its_adapter_chat_and_merge(tmux, qlw_home, tmp_path):
     tmux.keys("t", "Enter")  # the Open button has the focus; an empty path is the shipped sample
     tmux.wait_for("t", "dolly_sample.jsonl · 585 rows", timeout=60)
     import_run(tmux, "t", tmp_path / "sft.toml", "e2e sft")
-    screen, sft_adapter = train(tmux, "t")
+    screen, sft_adapter = train(tmux, "t", "e2e sft")
     assert "Validation Loss" in screen and "Rewards" not in screen
     assert logged_steps(screen) == list(range(2, STEPS + 1, 2)), screen
 
@@ -153,19 +155,23 @@ def test_sft_then_dpo_from_its_adapter_chat_and_merge(tmux, qlw_home, tmp_path):
     open_preference_sample(tmux, "t")
     import_run(tmux, "t", tmp_path / "dpo.toml", "e2e dpo")
     choose_dpo_from(tmux, "t", sft_adapter)
-    screen, dpo_adapter = train(tmux, "t")
+    screen, dpo_adapter = train(tmux, "t", "e2e dpo")
     assert dpo_adapter != sft_adapter
     for column in ("Training Loss", "Validation Loss", "Rewards/chosen", "Rewards/rejected", "Margin", "Accuracy"):
         assert column in screen, (column, screen)
     assert logged_steps(screen) == list(range(2, STEPS + 1, 2)), screen
     run_config = (qlw_home / "runs" / dpo_adapter.split("/")[-2] / "config.toml").read_text()
-    assert 'method = "dpo"' in run_config and f'start_adapter = "{sft_adapter}"' in run_config
+    assert 'method = "dpo"' in run_config and f'start_adapter = "{sft_adapter}"' in run_config, (
+        dpo_adapter, sft_adapter, run_config, screen)
 
     # Chat: the base, then the base beside the newest adapter (the DPO run's).
     chat_with_base_then_compare(tmux, "t")
     dpo_session = dpo_adapter.split("/")[-2]
     assert f"tuned {dpo_session[-6:]}/adapter" in tmux.screen("t")
+    tmux.keys("t", "Escape")  # out of the message box, so that the number keys switch tabs
+    time.sleep(0.5)  # a key right after esc would read as alt+key
     free_memory(tmux, "t")
+    time.sleep(0.5)
 
     # Merge the newest adapter (DPO's) and verify it against the model as trained.
     merge_and_verify(tmux, "t", qlw_home)
