@@ -122,6 +122,7 @@ def choose_dpo_from(tmux: Tmux, name: str, sft_adapter: str) -> None:
     assert re.search(r"method\s+dpo", screen) and "beta" in screen
     # The finished SFT run's adapter is offered as the start: its path completes the input.
     assert sft_adapter in screen, screen
+    time.sleep(1)  # the focus settles back on the Select as its list closes
     tab(tmux, name, 5)  # beta, malformed, loss_type, label_smoothing, start_adapter
     tmux.keys(name, "/")
     # The box takes the "/" (its placeholder goes) and completes it to the SFT adapter.
