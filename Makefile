@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned, so that the resolver never swaps it for another build.
 	$(VENV)/bin/python -m pip install -q "torch==2.13.0"
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	# An editable install compiles none of qlw's own modules: the first `qlw` would compile them
+	# before it paints (a cold start). Compile them here, once.
+	$(VENV)/bin/python -m compileall -q tui backend sessions
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -25,7 +25,9 @@ from backend import __version__, protocol as P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend", description="the qlw backend")
+    # `qlw VERB` runs this in its place and says so (QLW_PROG), so that usage lines name the
+    # command the user typed.
+    parser = argparse.ArgumentParser(prog=os.environ.get("QLW_PROG", "python -m backend"), description="the qlw backend")
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="run the backend in the foreground")
     serve.add_argument("--home", type=Path, default=None, help="data home (default: $QLW_HOME or the user data dir)")
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         "data", help="inspect a dataset as the Data pane would: shape, mapping, columns, token lengths",
         description="Print what the Data pane shows for a dataset: the detected shape and mapping, the "
                     "columns, the row count, token-length statistics and the first training example "
-                    "(or the error, with file and line). Exit status 1 on error.")
+                    "(or the error, with file and line). Exit status 1 when the file cannot be read or mapped or any "
+                    "row cannot be formatted (with --no-stats: the row shown); rows are named by their line in a "
+                    "JSON Lines file.")
     data_room.add_cli_arguments(data_cmd)
     # `qlw train CONFIG.toml` runs this: the same training code as the backend's job, in this
     # process (backend/train.py).

@@ -65,18 +65,22 @@ def _run_folder(path: Path) -> Path | None:
     return None
 
 
-def _run_method(run: Path | None) -> str:
-    """The training method of the run that saved an adapter (its config.toml's ``method``; a
-    config written before methods existed is SFT), "" when the run or its config is unknown."""
+def _run_field(run: Path | None, key: str) -> str:
+    """A top-level text field of the run's config.toml ("" when there is none)."""
     if run is None:
         return ""
     import tomllib
 
     try:
-        config = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
+        value = tomllib.loads((run / "config.toml").read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError):
         return ""
-    return str(config.get("method") or "sft")
+    return value.strip() if isinstance(value, str) else ""
+
+
+def run_name(run: Path | None) -> str:
+    """The name of the run in ``run`` (its config.toml's ``name``), "" when it has none."""
+    return _run_field(run, "name")
 
 
 def _trainer_state(folder: Path) -> dict[str, Any] | None:
@@ -144,6 +148,8 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     return {
         "path": str(folder.resolve()),
         "session": run.name if run is not None else "",
+        "name": run_name(run),
+        "method": _run_field(run, "method") or "sft",
         "kind": kind,
         "step": step,
         "base_model": config.get("base_model_name_or_path") or "",
@@ -158,7 +164,6 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "size_bytes": weights.stat().st_size,
         "mtime": weights.stat().st_mtime,
         "run_config": str(run / "config.toml") if run is not None else None,
-        "method": _run_method(run),
         "final_loss": loss,
         "final_eval_loss": eval_loss,
     }

@@ -1230,7 +1230,8 @@ def list_targets(home: Path, engine: "ChatEngine | None" = None) -> dict[str, An
     for a in adapters.list_adapters(home):
         what = f"step {a['step']}" if a["kind"] == "checkpoint" else "adapter"
         targets.append({"id": f"tuned:{a['path']}", "label": f"tuned: {a['session'] or Path(a['path']).parent.name} {what}",
-                        "kind": "tuned", "path": a["path"], "session": a["session"], "step": a["step"],
+                        "kind": "tuned", "path": a["path"], "session": a["session"], "name": a.get("name", ""),
+                        "step": a["step"],
                         "base_source": a["base_model"], "loaded": a["path"] in attached})
     held = HOLDINGS.get(HOLD_MERGED)
     for d in merged_folders(home):

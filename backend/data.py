@@ -429,6 +429,9 @@ def diagnose_file(path: Path, builder: str, sep: str = ",",
         return DataError(f"{path.name} is empty (0 bytes)", where=str(path), hint="choose a file with rows in it")
     with open(path, "rb") as fh:
         head = fh.read(4096)
+    binary = _binary_error(path, head)
+    if binary is not None:
+        return binary
     body = head[3:] if head.startswith(codecs.BOM_UTF8) else head
     first = body.lstrip()[:1]
     if builder == "json" and first in (b"[", b"{") and not _first_line_is_json(path):
@@ -526,7 +529,20 @@ def _csv_fields(line: str, sep: str) -> int | None:
 
 
 def _excerpt(text: str, n: int = 80) -> str:
+    """A piece of a line for a message: control characters escaped (a file's bytes are never
+    echoed raw to a terminal)."""
+    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
     return text if len(text) <= n else text[:n] + "…"
+
+
+def _binary_error(path: Path, head: bytes) -> DataError | None:
+    """A file with NUL bytes in its first 4 KiB is binary, not text: say so (never its bytes)."""
+    at = head.find(b"\0")
+    if at < 0:
+        return None
+    return DataError(f"{path.name} is a binary file (a NUL byte at offset {at}), not text: qlw reads JSON, JSON Lines, "
+                     "CSV, TSV and text files as text, and Parquet and Arrow by their extension",
+                     where=str(path), hint="name the data file itself (e.g. .jsonl, .csv, .parquet), not a binary")
 
 
 # Opened datasets ------------------------------------------------------------------------------
@@ -1772,6 +1788,7 @@ def cli(args) -> int:
             print("\r\033[K", end="", file=sys.stderr)
         summary = opened.summary
         out["dataset"] = summary
+        _file_lines(summary)
         mapping = dict(summary["mapping"])
         for item in args.map:
             role, sep, column = item.partition("=")
@@ -1813,16 +1830,58 @@ def cli(args) -> int:
         if "stats" in out:
             _print_stats(out["stats"])
         _print_preview(preview, out["split"], settings)
+    # The exit status describes the file, not the row shown: with the statistics, 1 when any row
+    # cannot be formatted (training skips it); the preview row's own trouble is then a note.
+    stats = out.get("stats")
+    if stats is not None:
+        if preview["error"]:
+            _print_error(preview["error"], "note")
+        if stats.get("skipped"):
+            print(f"qlw data: error: {stats['skipped']:,} of {stats['rows'] + stats['skipped']:,} rows cannot be "
+                  f"formatted (training skips them); first: {_line_of(stats['errors'][0]['index'])}: "
+                  f"{stats['errors'][0]['message']}" if stats.get("errors") else
+                  f"qlw data: error: {stats['skipped']:,} rows cannot be formatted (training skips them)", file=sys.stderr)
+            return 1
+        return 0
     if preview["error"]:
         _print_error(preview["error"])
         return 1
     return 0
 
 
-def _print_error(error: dict[str, Any]) -> None:
-    print(f"qlw data: error: {error['message']}", file=sys.stderr)
+#: Row index -> the file's line number, for a JSON Lines file (set by :func:`cli`): people look a
+#: row up in their file by its line, not by a 0-based index.
+_FILE_LINES: list[int] = []
+_FILE_NAME = ""
+
+
+def _file_lines(summary: dict[str, Any]) -> None:
+    """Number the rows of a single JSON Lines file by line (blank lines are no rows)."""
+    global _FILE_NAME
+    _FILE_LINES.clear()
+    files = summary.get("files") or []
+    if summary.get("kind") != "file" or len(files) != 1 or not str(files[0]).endswith((".jsonl", ".ndjson")):
+        return
+    with open(files[0], "rb") as fh:
+        _FILE_LINES.extend(n for n, raw in enumerate(fh, 1) if raw.strip())
+    _FILE_NAME = Path(files[0]).name
+
+
+def _line_of(index: int) -> str:
+    """``line 2 of data.jsonl (row 1)`` where the file's lines are known, else ``row 1``."""
+    if 0 <= index < len(_FILE_LINES):
+        return f"line {_FILE_LINES[index]} of {_FILE_NAME} (row {index})"
+    return f"row {index}"
+
+
+def _with_lines(text: str) -> str:
+    return re.sub(r"\brow (\d+)\b", lambda m: _line_of(int(m.group(1))), text) if _FILE_LINES else text
+
+
+def _print_error(error: dict[str, Any], label: str = "error") -> None:
+    print(f"qlw data: {label}: {_with_lines(error['message'])}", file=sys.stderr)
     if error.get("where"):
-        print(f"  where: {error['where']}", file=sys.stderr)
+        print(f"  where: {_with_lines(error['where'])}", file=sys.stderr)
     if error.get("hint"):
         print(f"  hint:  {error['hint']}", file=sys.stderr)
 
@@ -1867,7 +1926,7 @@ def _print_stats(st: dict[str, Any]) -> None:
             bar = "█" * max(1 if c else 0, round(30 * c / (peak * step)))
             print(f"  {lo:>7,}-{hi:<7,} {bar} {c:,}")
     for e in st["errors"]:
-        print(f"  skipped row {e['index']}: {e['message']}")
+        print(f"  skipped {_line_of(e['index'])}: {e['message']}")
     print()
 
 
@@ -1878,7 +1937,7 @@ def _print_preview(pv: dict[str, Any], split: dict[str, int], s: P.PreparedData)
         return
     print(f"template  {s.template}; trl rows are {pv['form']}; loss: {pv['loss']}")
     print()
-    print(f"first training example (row {pv['index']}): the trl row")
+    print(f"first training example ({_line_of(pv['index'])}): the trl row")
     print(json.dumps(pv["example"], ensure_ascii=False, indent=2))
     print()
     print(f"training text ({pv['tokens']:,} tokens, {pv['loss_tokens']:,} in the loss between ⟦ ⟧; cut after "

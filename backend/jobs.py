@@ -82,6 +82,7 @@ class JobContext:
         self.session = info.session
         self._cancel = threading.Event()
         self._last_progress = 0.0
+        self._last_call: tuple[str, float, str] = ("", -1.0, "")
 
     @property
     def cancelled(self) -> bool:
@@ -100,7 +101,11 @@ class JobContext:
         now = time.monotonic()
         self.info.stage, self.info.done, self.info.total = stage, done, total
         last = total and done >= total
-        if not last and done and now - self._last_progress < 1.0 / self.PROGRESS_HZ:
+        # A second call for the step just shown with news (a training step's loss, logged after
+        # the step ended) is not coalesced away: the line would show the step before's loss.
+        completes = (stage, done) == self._last_call[:2] and message != self._last_call[2]
+        self._last_call = (stage, done, message)
+        if not last and not completes and done and now - self._last_progress < 1.0 / self.PROGRESS_HZ:
             return
         self._last_progress = now
         self.emit(

@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -171,6 +172,22 @@ def replace_refusal(out: Path) -> str | None:
             f"{', '.join(shown)}{more}, which replacing it would delete")
 
 
+def write_refusal(out: Path) -> str | None:
+    """Why the merged model could not be written at ``out`` (None: it can): the nearest existing
+    folder on its way is probed by creating (and removing) a folder there, as the merge's
+    temporary folder will be, so a read-only file system or a folder without permission is
+    found before any model is loaded (a check of the mode bits would miss both as root)."""
+    folder = Path(out).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        probe = tempfile.mkdtemp(prefix=".qlw-write-check-", dir=folder)
+        os.rmdir(probe)
+    except OSError as exc:
+        return f"{folder} is not writable ({exc.strerror or exc})"
+    return None
+
+
 def check_replaceable(out: Path, text: str | None = None) -> None:
     """JobError when ``out`` exists and is not a folder a merge may replace."""
     why = replace_refusal(out)
@@ -254,6 +271,18 @@ def check_params(dtype: str, into: str, max_shard_size: str = "5GB") -> None:
                        where="max_shard_size")
 
 
+def _side_files_bytes(folder: Path | str | None) -> int:
+    """The bytes of a local base folder's files other than its weights (tokenizer, configs),
+    which the merged folder gets too; 0 for a Hub model (not downloaded here)."""
+    if not folder or not Path(folder).is_dir():
+        return 0
+    total = 0
+    for f in Path(folder).iterdir():
+        if f.is_file() and not any(f.match(g) for g in MODEL_WEIGHTS):
+            total += f.stat().st_size
+    return total
+
+
 def _base_info(adapter: str | Path, home: Path):
     """(adapter info, base settings as trained, resolved source)."""
     from backend import adapters, models
@@ -304,12 +333,18 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
         warnings.append(f"not enough memory on {chosen}: about {need / GIB:.1f} GiB needed, {free / GIB:.1f} GiB free")
     if trained.precision == "bf16" and dtype == "fp16" or trained.compute_dtype == "bf16" and dtype == "fp16":
         warnings.append("the adapter was trained in bf16: fp16 has a smaller range (values over 65,504 overflow)")
-    disk_need = int(est["parameters"]) * DTYPE_BYTES[dtype] + DISK_MARGIN
+    # What the folder will hold (weights in the merge dtype, plus the base's tokenizer and config
+    # files), and what the free-space check asks for: that plus a margin for the writes' slack.
+    disk_size = int(est["parameters"]) * DTYPE_BYTES[dtype] + _side_files_bytes(src.folder)
+    disk_need = disk_size + DISK_MARGIN
     disk_free = _disk_free(target.parent)
     if disk_need > disk_free:
         warnings.append(f"not enough disk space at {target.parent}: about {disk_need / GIB:.1f} GiB needed, "
                         f"{disk_free / GIB:.1f} GiB free")
     out_exists = target.exists()
+    out_unwritable = write_refusal(target)
+    if out_unwritable:
+        warnings.append(f"the merged model cannot be written to {target}: {out_unwritable}; pick another output folder")
     out_blocked = replace_refusal(target) if out_exists else None
     if out_blocked:
         warnings.append(f"{target} exists and cannot be replaced: {out_blocked}; pick another output folder")
@@ -325,10 +360,11 @@ def plan(adapter: str, out: str, home: Path, dtype: str = "bf16", into: str = "d
         "device": chosen,
         "memory": {"need_bytes": need, "free_bytes": free, "verdict": verdict,
                    "reclaimed_bytes": int(est.get("reclaimed_bytes") or 0) if chosen == est["device"] else 0},
-        "disk": {"need_bytes": disk_need, "free_bytes": disk_free},
+        "disk": {"size_bytes": disk_size, "need_bytes": disk_need, "free_bytes": disk_free},
         "out": str(target),
         "out_exists": out_exists,
         "out_blocked": out_blocked,
+        "out_unwritable": out_unwritable,
         "warnings": warnings,
     }
 
@@ -681,6 +717,9 @@ def _run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] |
     p = plan(adapter, params["out"], home, dtype, into, max_shard, device=params.get("device") or "auto")
     out = Path(p["out"])
     check_replaceable(out, params["out"])
+    if p["out_unwritable"]:
+        raise JobError(f"the merged model cannot be written to {out}: {p['out_unwritable']}", where=f"out = {out}",
+                       hint="choose a folder you can write to (the default is the data home's merged/)")
     if p["out_exists"] and not overwrite:
         raise JobError(f"{out} exists", where=f"out = {out}", hint="confirm to overwrite it, or choose another folder")
     if p["disk"]["need_bytes"] > p["disk"]["free_bytes"]:
@@ -754,6 +793,10 @@ def _run_merge(params: dict[str, Any], home: Path, ctx, fault: tuple[str, str] |
         save_s = time.perf_counter() - t_save
         ctx.check_cancelled()
         _swap_into_place(tmp, out, overwrite)
+    except OSError as exc:  # the disk filled, the folder went read-only: said for people
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise JobError(f"could not write the merged model to {out.parent}: {exc.strerror or exc}",
+                       where=str(exc.filename or out), hint="free disk space, or choose a folder you can write to") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1171,6 +1214,10 @@ def cli(args) -> int:
         _print_plan(p)
         if p.get("out_blocked"):
             print(f"qlw merge: not replacing {p['out']}: {p['out_blocked']}; pick another output folder",
+                  file=sys.stderr)
+            return 2
+        if p.get("out_unwritable"):
+            print(f"qlw merge: cannot write {p['out']}: {p['out_unwritable']}; pick a folder you can write to",
                   file=sys.stderr)
             return 2
         if p["out_exists"] and not args.yes:

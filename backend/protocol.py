@@ -219,8 +219,10 @@ class Attach:
     """Follow the backend: replay ``session``'s events after ``since``, then stream live.
 
     ``session=None`` means the current session (the latest one if none is active). The reply
-    comes after the replay, with ``{"session": id or None, "last_seq": int}``. Live events of
-    every session follow, whichever session was replayed.
+    comes after the replay, with ``{"session": id or None, "last_seq": int}``. After the
+    session's events and before the reply, every key of the front end's state comes as a
+    ``ui.changed`` event with ``replay`` set. Live events of every session follow, whichever
+    session was replayed.
     """
 
     session: str | None = None
@@ -445,7 +447,8 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, default_factory: A
 
 def setting_kind(f: dataclasses.Field) -> str:
     """A setting's kind: int, float, bool, tristate (``bool | None``), choice, names (a list of
-    module names), text, or the kind its metadata names."""
+    module names), text, or the kind its metadata names (``steps``: a whole number of steps, or
+    below 1 a fraction of the run)."""
     if f.metadata.get("kind"):
         return f.metadata["kind"]
     if f.metadata.get("choices"):
@@ -753,8 +756,14 @@ class LoraSettings:
 class TrainingSettings:
     """trl ``SFTConfig`` / transformers ``TrainingArguments`` fields (``max_length``, packing and
     the loss mask live in the prepared dataset: ``PreparedData.max_length`` / ``loss``).
-    ``max_steps`` > 0 overrides ``num_train_epochs``. ``eval_steps``/``save_steps`` 0: only at
-    the end. ``bf16``/``fp16`` ``None``: chosen from the model's compute dtype and the device.
+    ``max_steps`` > 0 overrides ``num_train_epochs``. ``logging_steps``, ``eval_steps`` and
+    ``save_steps`` are whole numbers of steps, or, below 1, a fraction of the run's steps as
+    transformers reads them (0.05: every 5% of the run, rounded up to a whole step), so that
+    by default they follow the run's length: a short run logs every step, a long one about 100
+    rows. ``eval_steps``/``save_steps`` 0: only at the end (the last step is always logged,
+    evaluated and saved). ``bf16``/``fp16`` ``None``: chosen from the model's compute dtype and
+    the device. The run's length defaults are transformers' (3 epochs, no accumulation), so
+    that the shipped sample gives a curve of about 20 steps on the embedded tiny model.
     The preference methods (DPO, ORPO, KTO) take these too (their trl configs are
     ``TrainingArguments``); ``packing`` is SFT's only.
 
@@ -772,7 +781,7 @@ class TrainingSettings:
     checkpointing, one sequence per micro-step); ``manual`` the switches as set. None changes the
     math; on the CPU the switches are taken as set."""
 
-    num_train_epochs: float = setting(1.0, help="Passes over the training rows (used when max_steps is -1).",
+    num_train_epochs: float = setting(3.0, help="Passes over the training rows (used when max_steps is -1).",
                                       minimum=0, low_open=True, what="a positive number of epochs")
     max_steps: int = setting(-1, help="Optimizer steps in all; -1: run num_train_epochs instead.",
                              minimum=1, also=-1, what="-1 (train num_train_epochs) or a positive number of steps")
@@ -787,7 +796,7 @@ class TrainingSettings:
     warmup_steps: int = setting(0, help="Warmup in steps; overrides warmup_ratio when above 0.", minimum=0)
     per_device_train_batch_size: int = setting(4, help="Rows per forward pass (preference methods: pairs).",
                                                minimum=1)
-    gradient_accumulation_steps: int = setting(4, help="Forward passes per optimizer step "
+    gradient_accumulation_steps: int = setting(1, help="Forward passes per optimizer step "
                                                "(effective batch = batch size × this).", minimum=1)
     auto_find_batch_size: bool = setting(False, help="Halve the batch size and retry on CUDA out-of-memory.")
     packing: bool = setting(True, help="Pack several short rows into one max_length sequence (SFT only).")
@@ -798,11 +807,13 @@ class TrainingSettings:
     weight_decay: float = setting(0.0, help="Decoupled weight decay (0 in QLoRA).", minimum=0, what="a number >= 0")
     max_grad_norm: float = setting(0.3, help="Gradient clipping norm (0.3 in QLoRA); 0: no clipping.", minimum=0,
                                    what="a number >= 0 (0: no clipping)")
-    logging_steps: int = setting(10, help="A row of the loss table every this many steps.", minimum=1)
-    eval_steps: int = setting(0, help="Validation loss every this many steps; 0: only at the end.", minimum=0,
-                              what="0 (only at the end) or a number of steps")
-    save_steps: int = setting(0, help="A checkpoint every this many steps; 0: only at the end.", minimum=0,
-                              what="0 (only at the end) or a number of steps")
+    logging_steps: int | float = setting(0.01, help="A row of the loss table every this many steps; below 1: a "
+                                         "fraction of the run (0.01: every 1% of the steps, every step on a short "
+                                         "run).", minimum=1, kind="steps")
+    eval_steps: int | float = setting(0.2, help="Validation loss every this many steps; below 1: a fraction of "
+                                      "the run (0.2: five times); 0: only at the end.", minimum=0, kind="steps")
+    save_steps: int | float = setting(0.25, help="A checkpoint every this many steps; below 1: a fraction of the "
+                                      "run (0.25: four times); 0: only at the end.", minimum=0, kind="steps")
     save_total_limit: int = setting(3, help="Checkpoints kept (older ones are deleted); 0: keep every one.",
                                     minimum=0, what="0 (keep every checkpoint) or how many to keep")
     seed: int = setting(42, help="Seed of the run (shuffling, dropout, LoRA init).", minimum=0)
@@ -1365,7 +1376,7 @@ class MergeAdapters:
     """Adapters to merge: ``{"adapters": [...]}``, each as ``backend.adapters.list_adapters``
     gives it (``path``, ``session``, ``kind`` adapter/checkpoint, ``step``, ``base_model``, ``r``,
     ``lora_alpha``, ``target_modules``, ``size_bytes``, ``mtime``, ``run_config`` (the run's
-    config.toml path), ``method`` (its training method, "" when unknown), ``final_loss``), newest first."""
+    config.toml path), ``method`` (its training method; "sft" when unknown), ``final_loss``), newest first."""
 
 
 @request("merge.plan")
@@ -1484,6 +1495,60 @@ class HubPushed:
     commit_url: str = ""
     offline: bool = False
     token_source: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The front end's state (backend/ui_state.py, tui/ui_state.py).
+#
+# What a user typed or chose in a pane (the LoRA form, the open dataset and its mapping, the chat
+# targets and settings, the merge wizard's step, the tab last shown, ...) belongs to the backend,
+# not to one terminal: each pane keeps its state under one key (``"lora"``, ``"data"``, ...) as
+# plain data, sends it with ``ui.set`` when it changes (coalesced: at most a few a second while
+# typing), and the backend stores it in the data home's store and broadcasts it as ``ui.changed``.
+# On ``attach`` the backend sends every key as ``ui.changed`` with ``replay`` set (after the
+# session's events, so that the state wins over what the replay drew), then the live changes of
+# every client: a second terminal, a terminal that re-attaches after a dropped connection and one
+# started after a backend restart all show the same values. The last writer wins, per key.
+
+#: A key: lower-case words joined by ``.``, ``-`` or ``_`` (``"lora"``, ``"chat"``, ``"shell.tab"``).
+UI_KEY_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"
+#: The most keys the backend keeps, and the largest value (as JSON) one key may hold.
+UI_MAX_KEYS = 64
+UI_MAX_VALUE_BYTES = 256 * 1024
+
+
+@request("ui.set")
+class SetUiState:
+    """Set the front end's state under ``key`` to ``value`` (plain JSON data; the last writer
+    wins). ``origin`` names the client instance that set it, so that it can tell its own changes
+    from another terminal's. The reply: ``{"rev": n}``, the revision the value got (one counter
+    over all keys). Refused for a key that does not match ``UI_KEY_PATTERN``, a value over
+    ``UI_MAX_VALUE_BYTES`` or a new key beyond ``UI_MAX_KEYS``."""
+
+    key: str
+    value: Any
+    origin: str = ""
+
+
+@request("ui.get")
+class GetUiState:
+    """Every key of the front end's state: ``{"state": {key: {"value", "rev", "time",
+    "origin"}}}`` (for tools and tests; an attached client gets them as ``ui.changed``)."""
+
+
+@event("ui.changed")
+class UiChanged:
+    """The front end's state under ``key`` is ``value`` (revision ``rev``, set by client
+    ``origin`` at ``time``). Sent live to every attached client when a client sets it, and for
+    every key after the replay of ``attach`` (``replay`` true). Kept in the store's own table,
+    never among a session's events: the state outlives sessions."""
+
+    key: str
+    value: Any
+    rev: int
+    time: float
+    origin: str = ""
+    replay: bool = False
 
 
 # --------------------------------------------------------------------------------------------

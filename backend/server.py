@@ -275,6 +275,9 @@ class BackendServer:
         }
         # Hooks run in a job's thread before the job of that method starts (see before_job).
         self.before_job_hooks: dict[str, list[Callable[[], None]]] = {}
+        # Functions giving the events a client gets after its session's replay on attach (the
+        # front end's state, backend/ui_state.py): they come after the replay, before live events.
+        self.attach_snapshots: list[Callable[[], list[P.Event]]] = []
         # Data: the dataset browser (backend/data.py). Opening may be a job (the first read
         # builds the Arrow cache); pages, rows and previews are quick requests run in a thread.
         from backend import data as data_room
@@ -308,6 +311,10 @@ class BackendServer:
         from backend import chat as chat_room
 
         chat_room.register(self)
+        # The front end's state (backend/ui_state.py): ui.set, ui.get, and ui.changed on attach.
+        from backend import ui_state
+
+        ui_state.register(self)
 
     # Life cycle ---------------------------------------------------------------------------------
 
@@ -656,8 +663,24 @@ class BackendServer:
                 and train.run_dir(self.home, self.current_session).exists():
             # One training run per session: its folder, config and artifacts stay its own.
             self._create_session(config["name"])
-        self.ensure_session(config["name"])
+        session = self.ensure_session(config["name"])
+        self._name_session(session, config["name"])
         return self._start_job("train.start", params, train.train_job(params, self.home, self.store, checked))
+
+    def _name_session(self, session: str, name: str) -> None:
+        """The session holds this run: a session made before it (by another job) without a name
+        takes the run's name, so that Sessions lists the run by it."""
+        if not name or self.store is None:
+            return
+        info = self.store.get_session(session)
+        if info is None or (info.name and info.name != info.id):
+            return
+        try:
+            self.store.set_name(session, name)
+        except Exception as exc:  # disk full: the run still starts
+            self._store_failed(exc)
+            return
+        self.publish(session, "session.renamed", {"session": session, "name": name})
 
     async def _train_checkpoints(self, client: Client, params: P.ListCheckpoints) -> P.Reply:
         from backend import train
@@ -831,6 +854,9 @@ class BackendServer:
                     if len(rows) < batch:
                         break
                     since = rows[-1].seq
+            for snapshot in self.attach_snapshots:
+                for ev in snapshot():
+                    await client.put_event(ev, encode(ev))
             while client.pending and not client.closed:
                 ev, line = client.pending.pop(0)
                 if client._fresh(ev):

@@ -318,7 +318,10 @@ def checkpoint_info(path: Path, session: str) -> dict[str, Any] | None:
         return None
     loss = next((e["loss"] for e in reversed(state.get("log_history") or []) if "loss" in e), None)
     eval_loss = next((e["eval_loss"] for e in reversed(state.get("log_history") or []) if "eval_loss" in e), None)
-    return {"session": session, "step": int(state.get("global_step") or 0), "path": str(path),
+    from backend.adapters import run_name
+
+    return {"session": session, "name": run_name(path.parent.parent) if session else "",
+            "step": int(state.get("global_step") or 0), "path": str(path),
             "created": state_file.stat().st_mtime, "loss": loss, "eval_loss": eval_loss,
             "max_steps": state.get("max_steps")}
 
@@ -459,6 +462,20 @@ def steps_for(rows: int, t: dict[str, Any]) -> int:
     return math.ceil(t["num_train_epochs"] * per_epoch)
 
 
+def hidden_table_warnings(t: dict[str, Any], total: int | None, at_most: int | None) -> dict[str, str]:
+    """Warnings for a ``logging_steps`` (in whole steps) that leaves the loss table with only the
+    last step's row: the run has fewer steps (``total``, exact; or ``at_most``, its bound before
+    packing makes fewer)."""
+    every = t.get("logging_steps")
+    steps, bound = (total, "") if total is not None else (at_most, "at most ")
+    if not isinstance(every, int) or every < 1 or steps is None or every <= max(steps // 2, 1):
+        return {}
+    return {"training.logging_steps": (
+        f"logging_steps {every} with {bound}{steps} step(s): the loss table gets "
+        f"{'only the last step' if every > steps else 'one row before the last step'} and no curve; "
+        "use a fraction of the run (0.05: a row every 5% of the steps) or a smaller number")}
+
+
 def validate_run(config: Any, home: Path) -> dict[str, Any]:
     """``train.validate``: the checked config, field errors and warnings, trainable parameters as
     peft counts them, a memory estimate against the device, and the number of steps."""
@@ -542,6 +559,8 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
         out["total_steps"] = steps_for(rows, eff["training"])
     elif eff["training"]["max_steps"] > 0:
         out["total_steps"] = eff["training"]["max_steps"]
+    warnings.update(hidden_table_warnings(eff["training"], out["total_steps"],
+                                          steps_for(rows, eff["training"]) if rows is not None else None))
     out.update(ok=not errors, errors=errors, warnings=warnings)
     return out
 
@@ -714,7 +733,9 @@ def make_callback(reporter: Reporter, ctx, has_eval: bool):
                 control.should_save = True
                 control.should_training_stop = True
             elif state.global_step >= state.max_steps:
-                # The last step: a checkpoint to continue from, and the final validation loss.
+                # The last step: its loss row, a checkpoint to continue from, and the final
+                # validation loss, whatever logging_steps, save_steps and eval_steps say.
+                control.should_log = True
                 control.should_save = True
                 if has_eval:
                     control.should_evaluate = True
@@ -1184,7 +1205,10 @@ class LocalRun:
 
 def add_cli_arguments(parser) -> None:
     """The options of ``python -m backend train`` (and so of ``qlw train``)."""
-    parser.add_argument("config", type=Path, help="the run config (TOML, as the Train pane exports it)")
+    parser.add_argument("config", type=Path, nargs="?",
+                        help="the run config (TOML, as the Train pane exports it; examples/ has some to start from)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="write the default run config (TOML) to stdout and exit: a file to start from")
     parser.add_argument("--resume-from", default="", metavar="CHECKPOINT",
                         help="a checkpoint-N folder of an earlier run to continue from")
     parser.add_argument("--name", default="", help="the session's name (default: the config's name)")
@@ -1202,6 +1226,13 @@ def cli(args) -> int:
     """``qlw train CONFIG.toml``: run the config here (no daemon), print the loss table, record a
     session in the data home's store. 0: done; 1: the run failed; 2: the config is invalid;
     130: stopped with ctrl+c (after saving a checkpoint)."""
+    if args.print_config:
+        sys.stdout.write(TC.dumps_toml(TC.defaults(), defaults_note=True))
+        return 0
+    if args.config is None:
+        print("qlw train: name a run config (TOML): `qlw train CONFIG.toml`; `qlw train --print-config > run.toml` "
+              "writes the defaults to start from, and examples/ holds ready ones", file=sys.stderr)
+        return 2
     home = (args.home or P.data_home()).expanduser().resolve()
     config, errors = TC.read_toml(args.config, os.environ)
     if errors:

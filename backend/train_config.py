@@ -178,6 +178,22 @@ def int_at_least(low: int, what: str = ""):
     return rule
 
 
+def steps_or_fraction(low: int):
+    """``logging_steps``/``eval_steps``/``save_steps``: a whole number of steps (at least
+    ``low``), or a fraction of the run below 1 as transformers reads it."""
+    def rule(value):
+        v = _float(value)
+        if v is not None and math.isfinite(v) and not isinstance(value, bool):
+            if 0 < v < 1:
+                return v, None
+            if v >= low and v == int(v):
+                return int(v), None
+        zero = "0 (only at the end), " if low == 0 else ""
+        return value, (f"must be {zero}a whole number of steps of at least 1, or a fraction of the run below 1 "
+                       f"(0.05: every 5% of the steps), got {_show(value)}")
+    return rule
+
+
 def float_range(low: float, high: float | None, *, low_open: bool = False, high_open: bool = True, what: str = ""):
     def rule(value):
         v = _float(value)
@@ -289,6 +305,8 @@ def rule_for(f: dataclasses.Field):
                            low_open=meta["low_open"], high_open=meta["open_max"], what=meta["what"])
     if kind == "choice":
         return choice(tuple(meta["choices"]))
+    if kind == "steps":
+        return steps_or_fraction(int(meta["minimum"] or 0))
     return {"bool": boolean, "tristate": optional_bool, "names": module_list}.get(kind, text)
 
 
@@ -517,14 +535,23 @@ def _strip_none(value: Any) -> Any:
     return value
 
 
-def dumps_toml(config: Mapping[str, Any]) -> str:
-    """A run config as TOML (unset fields such as ``bf16 = None`` are left out: absent means unset)."""
+DEFAULTS_NOTE = (
+    "# The defaults: model.source = \"\" is the embedded tiny model (built on first use) and\n"
+    "# data.source.path = \"\" the shipped sample dataset; name yours (a folder or Hub id, a data file).\n"
+    "# logging_steps, eval_steps and save_steps below 1 are fractions of the run (0.01: every 1% of the steps).\n"
+    "# bf16/fp16 are left out: unset, they follow the model's compute dtype and the device.\n")
+
+
+def dumps_toml(config: Mapping[str, Any], defaults_note: bool = False) -> str:
+    """A run config as TOML (unset fields such as ``bf16 = None`` are left out: absent means unset);
+    ``defaults_note`` adds what the defaults mean (``qlw train --print-config``)."""
     method = config.get("method", "sft")
     ordered = _strip_none({k: config[k] for k in TOP_LEVEL
                            if k in config and (k not in P.METHOD_SETTINGS or k == method)})
     head = ("# qlw run config: `qlw train THIS_FILE.toml` runs it; the Train pane imports it.\n"
             "# Field names are those of peft's LoraConfig, trl's SFTConfig/DPOConfig/KTOConfig/ORPOConfig\n"
-            "# and transformers; method = \"sft\", \"dpo\", \"orpo\" or \"kto\".\n")
+            "# and transformers; method = \"sft\", \"dpo\", \"orpo\" or \"kto\".\n"
+            + (DEFAULTS_NOTE if defaults_note else ""))
     try:
         import tomli_w
     except ImportError:  # an environment without it (a bare GPU image): the run config's shape is simple

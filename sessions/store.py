@@ -1,4 +1,5 @@
-"""The sessions store: every run's config, events, artifacts and errors, in SQLite (WAL).
+"""The sessions store: every run's config, events, artifacts and errors, and what the user typed
+and chose in each pane (``ui_state``, one row per key: it outlives sessions), in SQLite (WAL).
 
 One backend writes (it holds the data home's lock); any number of readers (tools, a replay in a
 worker thread) open their own connections. Each event is its own committed transaction, so a
@@ -65,6 +66,13 @@ CREATE TABLE IF NOT EXISTS errors (
     hint       TEXT NOT NULL DEFAULT '',
     detail     TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS ui_state (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL,
+    rev    INTEGER NOT NULL,
+    time   REAL NOT NULL,
+    origin TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
 """
 
 
@@ -82,6 +90,18 @@ class SessionInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class UiValue:
+    """One key of the front end's state (what a user typed or chose in a pane): the newest
+    value, its revision (one counter over all keys), when and by which client it was set."""
+
+    key: str
+    value: Any
+    rev: int
+    time: float
+    origin: str = ""
 
 
 @dataclass
@@ -173,6 +193,11 @@ class Store:
             self._db.execute(
                 "UPDATE sessions SET status=?, updated=? WHERE id=?", (status, time.time(), session)
             )
+
+    def set_name(self, session: str, name: str) -> None:
+        """Name a session (a run's name, given when the run starts in a session made earlier)."""
+        with self._lock:
+            self._db.execute("UPDATE sessions SET name=?, updated=? WHERE id=?", (name, time.time(), session))
 
     def set_config(self, session: str, config: dict[str, Any]) -> None:
         with self._lock:
@@ -270,6 +295,31 @@ class Store:
             return read_events(conn, session, since, limit)
         finally:
             conn.close()
+
+    # The front end's state -------------------------------------------------------------------
+
+    def set_ui(self, key: str, value: Any, origin: str = "", when: float | None = None) -> UiValue:
+        """Record ``value`` as the newest of ``key`` (the last writer wins) with the next revision."""
+        when = time.time() if when is None else when
+        text = json.dumps(value, ensure_ascii=False, allow_nan=True)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (a file name that is not UTF-8): escape it
+            text = json.dumps(value, ensure_ascii=True, allow_nan=True)
+        with self._lock:
+            rev = (self._db.execute("SELECT MAX(rev) FROM ui_state").fetchone()[0] or 0) + 1
+            self._db.execute(
+                "INSERT INTO ui_state (key, value, rev, time, origin) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value, rev=excluded.rev, "
+                "time=excluded.time, origin=excluded.origin",
+                (key, text, rev, when, origin),
+            )
+        return UiValue(key, value, rev, when, origin)
+
+    def ui_state(self) -> list[UiValue]:
+        """Every key of the front end's state, oldest revision first."""
+        rows = self._db.execute("SELECT key, value, rev, time, origin FROM ui_state ORDER BY rev")
+        return [UiValue(k, json.loads(v), r, t, o) for k, v, r, t, o in rows]
 
     # Artifacts and errors ---------------------------------------------------------------------
 

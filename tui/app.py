@@ -21,9 +21,10 @@ from textual.signal import Signal
 from textual.worker import Worker
 
 from backend import protocol as P
-from tui.client import CONNECTING, GONE, BackendClient
+from tui.client import CONNECTED, CONNECTING, GONE, BackendClient
 from tui.messages import BackendEvent, ConnectionChanged
 from tui.screens.main_screen import MainScreen
+from tui.ui_state import UiState
 from tui.widgets.backend_requests import BackendRequests
 
 
@@ -35,8 +36,6 @@ class QlwApp(BackendRequests, App[None]):
     CSS_PATH = "styles/app.tcss"
 
     BINDINGS = [
-        Binding("q", "quit", "Quit", id="app.quit",
-                tooltip="Quit qlw. The backend keeps running, and any job with it."),
         Binding("ctrl+q", "quit", "Quit", id="app.quit-now", show=False, priority=True,
                 tooltip="Quit qlw from anywhere. The backend keeps running, and any job with it."),
         Binding("ctrl+r", "restart_backend", "Start backend", id="app.restart-backend",
@@ -54,6 +53,10 @@ class QlwApp(BackendRequests, App[None]):
         self.connection_changed: Signal[ConnectionChanged] = Signal(self, "connection-changed")
         #: The latest connection state, for widgets mounted after it changed.
         self.connection = ConnectionChanged(CONNECTING)
+        #: Printed to the shell after the app exits (``q``): what keeps running, how to come back.
+        self.farewell = ""
+        #: What the user typed and chose in each pane, kept by the backend (tui/ui_state.py).
+        self.ui_state = UiState(self)
         self._client_worker: Worker | None = None
 
     def get_default_screen(self) -> Screen:
@@ -89,6 +92,7 @@ class QlwApp(BackendRequests, App[None]):
 
     @on(BackendEvent)
     def _fan_out_event(self, message: BackendEvent) -> None:
+        self.ui_state.on_event(message.event)
         self.backend_events.publish(message.event)
 
     @on(ConnectionChanged)
@@ -97,6 +101,7 @@ class QlwApp(BackendRequests, App[None]):
             # The header says "gone"; this says why (the socket, the log to read) and what to do.
             self.notify(message.detail, title="No backend", severity="error", markup=False, timeout=10)
         self.connection = message
+        self.ui_state.on_connection(message.state == CONNECTED)
         self.refresh_bindings()
         self.connection_changed.publish(message)
 
@@ -115,9 +120,30 @@ class QlwApp(BackendRequests, App[None]):
             self.backend.restart()
 
     async def action_quit(self) -> None:
-        # Close our connection only: the backend (and its job) outlives the front end.
+        # Close our connection only: the backend (and its job) outlives the front end. What was
+        # typed last is sent first, so that the next qlw shows it.
+        await self.ui_state.flush()
+        self.farewell = await self._farewell()
         await self.backend.stop()
         self.exit()
+
+    async def _farewell(self) -> str:
+        """What the shell is told after the app has gone: what keeps running, how to come back."""
+        if self.connection.state != CONNECTED:
+            return ("qlw: no backend was attached; `qlw` starts one (and attaches), `qlw status` "
+                    "says whether one runs.")
+        try:
+            status = (await self.backend.request(P.Status(), timeout=3)).result or {}
+        except Exception:  # noqa: BLE001 - gone meanwhile: say what is known
+            status = {}
+        job = status.get("job") or {}
+        pid = f" (pid {status['pid']})" if status.get("pid") else ""
+        doing = ""
+        if job:
+            progress = f", {job.get('stage') or ''} {job['done']:g}/{job['total']:g}" if job.get("total") else ""
+            doing = f" with its {job.get('kind') or 'job'} job{progress}"
+        return (f"qlw: the backend{pid} keeps running{doing}. `qlw` attaches again and shows what "
+                "happened meanwhile; `qlw status` shows it, `qlw stop` ends it.")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The built-in commands plus every enabled binding with an id (tabs, jobs, backend),
@@ -127,7 +153,7 @@ class QlwApp(BackendRequests, App[None]):
         for active in screen.active_bindings.values():
             binding = active.binding
             key = (id(active.node), binding.action)
-            if (not binding.id or binding.system or not active.enabled or binding.action == "quit"
+            if (not binding.id or binding.system or not active.enabled or binding.action in ("quit", "app.quit")
                     or key in seen):
                 continue
             seen.add(key)

@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd is None:
         from tui.app import QlwApp
 
-        QlwApp(home=home).run()
+        app = QlwApp(home=home)
+        app.run()
+        if app.farewell:
+            print(app.farewell)
         return 0
     if args.cmd == "serve":
         return _serve(home, args.foreground)
@@ -92,6 +95,7 @@ def _exec_backend(argv: list[str], home: Path) -> None:
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     os.environ["QLW_HOME"] = str(home)
+    os.environ["QLW_PROG"] = "qlw"
     os.execv(sys.executable, [sys.executable, "-m", "backend", *argv])
 
 

@@ -73,8 +73,8 @@ def test_an_adapter_names_the_method_its_run_trained_with(run):
     config = folder / "config.toml"
     config.write_text('method = "dpo"\n' + config.read_text())
     assert {a["method"] for a in A.list_adapters(home)} == {"dpo"}
-    config.unlink()  # no run config: the method is not known
-    assert {a["method"] for a in A.list_adapters(home)} == {""}
+    config.unlink()  # no run config: taken for SFT (as before methods existed)
+    assert {a["method"] for a in A.list_adapters(home)} == {"sft"}
 
 
 def test_broken_adapters_are_refused_with_a_reason_before_any_model_is_touched(run, tmp_path):

@@ -259,11 +259,9 @@ def test_bad_files_say_what_and_where(home, tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error(home):
-    started = time.monotonic()
     with pytest.raises(D.DataError, match="could not load nobody/no-such-dataset") as err:
         D.open_source({"path": "nobody/no-such-dataset", "config": "x", "split": "train"}, home)
     assert "HF_HUB_OFFLINE" in err.value.hint
-    assert time.monotonic() - started < 20
 
 
 def test_a_bom_is_not_data(home, tmp_path):
@@ -556,3 +554,35 @@ def test_qlw_data_prints_what_the_pane_shows(qlw_home, tmp_path):
     assert err.returncode == 1
     assert f"where: {bad}:3" in err.stderr and "line 3 of bad.csv is not UTF-8" in err.stderr
     assert json.loads(err.stdout)["error"]["where"] == f"{bad}:3"
+
+
+def test_qlw_data_exit_status_describes_the_file(qlw_home, tmp_path):
+    """Issue 15: a null on row 0 exited 1 only because row 0 is the preview row (on row 1: 0);
+    messages named 0-based rows; a binary file's bytes reached the terminal; --help said
+    `python -m backend data`."""
+    install_tiny(qlw_home)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), QLW_HOME=str(qlw_home))
+
+    def qlw_data(*args):
+        return subprocess.run([sys.executable, "-m", "tui.cli", "data", *args, "--stats-rows", "0"],
+                              capture_output=True, text=True, env=env, cwd=str(tmp_path))
+
+    good = '{"instruction": "b", "response": "c"}\n'
+    null = '{"instruction": null, "response": "a"}\n'
+    for name, text, line in (("first.jsonl", null + good, 1), ("second.jsonl", good + "\n" + null, 3)):
+        (tmp_path / name).write_text(text)
+        out = qlw_data(str(tmp_path / name))
+        assert out.returncode == 1, (name, out.stderr)
+        assert (f"1 of 2 rows cannot be formatted (training skips them); first: line {line} of {name}"
+                in out.stderr), out.stderr
+    (tmp_path / "fine.jsonl").write_text(good + good)
+    assert qlw_data(str(tmp_path / "fine.jsonl")).returncode == 0
+
+    binary = tmp_path / "model.jsonl"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x1b[2J\x1b]0;pwned\x07" + bytes(range(256)) * 4)
+    out = qlw_data(str(binary))
+    assert out.returncode == 1 and "model.jsonl is a binary file (a NUL byte at offset 7)" in out.stderr
+    assert "\x1b" not in out.stdout + out.stderr and "\x07" not in out.stdout + out.stderr
+
+    usage = subprocess.run([sys.executable, "-m", "tui.cli", "data", "--help"], capture_output=True, text=True, env=env)
+    assert usage.stdout.startswith("usage: qlw data ")

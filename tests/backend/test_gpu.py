@@ -101,13 +101,11 @@ def test_samples_stream_to_attached_clients_and_history(backend):
         bad = await conn.request(P.GpuInterval(seconds=0.01))
         assert bad.status == "error" and "between 0.25 and 10" in bad.reason
         await conn.call(P.Attach())
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 300  # a hang guard: samples come every 0.25 s
         while sum(e.kind == "gpu.sample" for e in events) < 3:
             assert time.monotonic() < deadline
-            # The loop stays responsive while sampling runs off it.
-            t = time.perf_counter()
-            await conn.call(P.Ping())
-            assert time.perf_counter() - t < 0.5
+            # The loop answers while sampling runs off it (how fast is bench/channel.py's to say).
+            assert (await conn.call(P.Ping("x")))["payload"] == "x"
             await asyncio.sleep(0.05)
         sample = next(e for e in events if e.kind == "gpu.sample")
         assert sample.payload["interval"] == 0.25

@@ -294,6 +294,38 @@ def test_merge_killed_while_saving_leaves_no_target(setup):
     assert not left[0].exists()
 
 
+def test_the_disk_estimate_is_the_merged_folders_size(setup, verified):
+    """Issue 15: the plan said 65 MiB for a 1.5 MiB output (the free-space margin counted as
+    the size). The estimate is the folder's size; the margin stays in the free-space check."""
+    home, base, adapter = setup
+    result, _ctx = verified
+    p = merge.plan(str(adapter), "tiny-other", home, "fp32", "dequantized")
+    written = merge.folder_bytes(Path(result["out"]))
+    assert 0.7 * written < p["disk"]["size_bytes"] < 1.3 * written, (p["disk"], written)
+    assert p["disk"]["need_bytes"] == p["disk"]["size_bytes"] + merge.DISK_MARGIN
+
+
+def test_qlw_merge_to_a_place_it_cannot_write_refuses_before_any_work(setup, tmp_path):
+    """Issue 15: `qlw merge ADAPTER /read-only/place` ended in a traceback (OSError 30) after
+    loading and merging. The target is probed first; the refusal says where and what to do."""
+    home, base, adapter = setup
+    try:
+        tempfile.mkdtemp(dir="/sys")
+    except OSError:
+        pass
+    else:
+        pytest.skip("/sys is writable here: no read-only place to try")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), QLW_HOME=str(home))
+    proc = subprocess.run([sys.executable, "-m", "tui.cli", "--home", str(home), "merge", str(adapter),
+                           "/sys/qlw-merged/tiny", "--dtype", "fp32"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "qlw merge: cannot write /sys/qlw-merged/tiny: /sys is not writable (Operation not permitted)" in proc.stderr
+    assert "loading" not in proc.stdout  # refused before any model was loaded
+    p = merge.plan(str(adapter), "/sys/qlw-merged/tiny", home, "fp32", "original")
+    assert p["out_unwritable"] and any("cannot be written" in w for w in p["warnings"])
+
+
 def test_server_requests(setup, verified, monkeypatch):
     """merge.adapters, merge.plan, merge.start's confirm refusal, hub.push offline: the handlers
     register() adds, on a stand-in server."""

@@ -55,8 +55,8 @@ def small_config(**training) -> dict:
     cfg["data"]["max_length"] = 128
     cfg["lora"].update(r=8, lora_alpha=16)
     cfg["training"].update(dict(max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                                learning_rate=2e-3, logging_steps=1, gradient_checkpointing=False,
-                                optim="adamw_torch"), **training)
+                                learning_rate=2e-3, logging_steps=1, eval_steps=0, save_steps=0,
+                                gradient_checkpointing=False, optim="adamw_torch"), **training)
     return cfg
 
 
@@ -134,6 +134,41 @@ def test_config_errors_are_keyed_by_field_and_the_defaults_round_trip_through_to
     assert "QLW_LORA__RANK" in errs["lora.rank"] and "no section 'trainng'" in errs["QLW_TRAINNG__SEED"]
 
 
+def test_logging_eval_and_save_steps_take_a_fraction_of_the_run(home):
+    """logging/eval/save steps: whole steps, or below 1 a fraction of the run (transformers'
+    reading), so that the defaults follow the run's length; a whole number that leaves the
+    loss table one row is a warning at logging_steps (issue 15: 2 steps with logging_steps 10
+    gave one row and a one-dot curve)."""
+    config, errors = TC.normalise({"training": {"logging_steps": 0.05, "eval_steps": 0, "save_steps": 10.0}})
+    assert errors == {}
+    assert (config["training"]["logging_steps"], config["training"]["eval_steps"],
+            config["training"]["save_steps"]) == (0.05, 0, 10)
+    _, errors = TC.normalise({"training": {"logging_steps": 0, "eval_steps": 1.5, "save_steps": -1}})
+    assert set(errors) == {"training.logging_steps", "training.eval_steps", "training.save_steps"}
+    assert "fraction of the run below 1" in errors["training.logging_steps"]
+    assert errors["training.eval_steps"].startswith("must be 0 (only at the end), a whole number of steps")
+    # The defaults follow the run: fractions, not fixed step counts.
+    t = TC.defaults()["training"]
+    assert all(0 < t[k] < 1 for k in ("logging_steps", "eval_steps", "save_steps"))
+    assert t["gradient_accumulation_steps"] == 1 and t["num_train_epochs"] == 3
+
+    too_sparse = small_config(max_steps=6, logging_steps=50)
+    result = train.validate_run(too_sparse, home)
+    assert result["total_steps"] == 6
+    assert result["warnings"]["training.logging_steps"].startswith(
+        "logging_steps 50 with 6 step(s): the loss table gets only the last step and no curve")
+    assert "training.logging_steps" not in train.validate_run(small_config(max_steps=6), home)["warnings"]
+
+    # A real run: fractions become steps; the last step always has its row, evaluation and checkpoint.
+    run, result = train_here(home, small_config(max_steps=6, logging_steps=0.5, eval_steps=0.5, save_steps=0.5))
+    assert isinstance(result, dict) and result["status"] == "done", result
+    assert sorted(run.losses()) == [3, 6]
+    assert [r["step"] for r in run.of("train.log") if r["eval_loss"] is not None] == [3, 6]
+    assert [c["step"] for c in run.of("train.checkpoint")] == [3, 6]
+    run, result = train_here(home, small_config(max_steps=6, logging_steps=4))
+    assert sorted(run.losses()) == [4, 6]
+
+
 def test_presets_and_what_a_cpu_run_changes():
     presets = TC.presets()
     paper = presets["presets"]["qlora-paper"]
@@ -197,6 +232,11 @@ def test_it_learns_on_the_sample_dataset(home):
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
     assert (folder / "checkpoints" / "checkpoint-24" / "optimizer.pt").is_file()
     assert [c["step"] for c in train.list_checkpoints(home, run.session)] == [24]
+    # Adapters and checkpoints carry the run's name, for every list that offers them (issue 15).
+    from backend import adapters
+
+    assert train.list_checkpoints(home, run.session)[0]["name"] == "test run"
+    assert {a["name"] for a in adapters.list_adapters(home)} == {"test run"}
     assert {a["kind"] for a in run.store.artifacts(run.session)} == {"config", "checkpoint", "adapter"}
     assert run.store.get_session(run.session).config["lora"]["r"] == 8
     # The held base model is given back as loaded: no adapter inside, no checkpointing left on.
@@ -313,7 +353,14 @@ def test_train_through_the_backend_with_a_reattaching_client(tiny_folder, monkey
             reply = await conn.request(P.StartTraining(config=missing))
             assert reply.status == "refused" and "no model folder" in reply.result["errors"]["model.source"]
 
+            # A session made before the run (as ctrl+t's job makes one) takes the run's name (issue 15:
+            # the first run of a backend, named in the form, was "(unnamed)" in Sessions).
+            made = (await conn.call(P.NewSession()))["session"]
             job = await conn.call(P.StartTraining(config=small_config(max_steps=3)))
+            assert job["session"] == made["id"]
+            listed = {s["id"]: s for s in (await conn.call(P.ListSessions()))["sessions"]}
+            assert listed[made["id"]]["name"] == "test run"
+            assert any(e.kind == "session.renamed" and e.payload["name"] == "test run" for e in first)
             await wait_for(lambda: any(e.kind == "job.finished" for e in first), what="the OOM run's end")
             kinds = [e.kind for e in first if e.session == job["session"]]
             assert "train.alert" in kinds and kinds.index("train.alert") < kinds.index("train.finished")
@@ -347,6 +394,7 @@ def test_train_through_the_backend_with_a_reattaching_client(tiny_folder, monkey
 
             listed = await conn.call(P.ListCheckpoints(session=session))
             assert [c["step"] for c in listed["checkpoints"]] == [10]
+            assert listed["checkpoints"][0]["name"] == "test run"  # the resume list names the run
             path = str(home / "exported.toml")
             assert (await conn.call(P.ExportRunConfig(config=small_config(), path=path)))["path"] == path
             assert (await conn.request(P.ExportRunConfig(config=small_config(), path=path))).status == "refused"
@@ -391,3 +439,27 @@ def test_qlw_train_runs_headless_and_refuses_an_invalid_config(home):
     out = qlw(home, "train", str(path))
     assert out.returncode == 2
     assert "lora.r: must be a positive integer, got 0 (line" in out.stderr
+
+
+def test_the_examples_are_valid_and_tiny_cpu_runs_offline(home, tmp_path):
+    """examples/: every config reads without an error; `qlw train examples/tiny-cpu.toml` runs to
+    the end offline (exit 0) on a data home with nothing but the embedded model; `qlw train
+    --print-config` writes the defaults, which read back as they are (issue 15)."""
+    examples = sorted((ROOT / "examples").glob("*.toml"))
+    assert {p.name for p in examples} >= {"tiny-cpu.toml", "mistral-7b-qlora-16gb.toml", "llama3-8b-qlora-24gb.toml"}
+    for path in examples:
+        config, errors = TC.read_toml(path, {})
+        assert errors == {}, (path.name, errors)
+        assert config["name"] and path.read_text(encoding="utf-8").count("#") >= 10  # commented
+    printed = qlw(home, "train", "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    assert TC.loads_toml(printed.stdout)[0] == TC.defaults()
+    missing = qlw(home, "train")
+    assert missing.returncode == 2 and "--print-config" in missing.stderr
+
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "--home", str(home), "train",
+                          str(ROOT / "examples" / "tiny-cpu.toml")], cwd=str(tmp_path), capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "done at step 15/15" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current folder

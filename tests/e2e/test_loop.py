@@ -37,8 +37,8 @@ learning_rate = 0.002
 
 
 @pytest.fixture
-def tmux():
-    t = Tmux()
+def tmux(qlw_home):
+    t = Tmux(qlw_home)
     yield t
     t.close()
 
@@ -97,14 +97,11 @@ def chat_with_base_then_compare(tmux: Tmux, name: str) -> None:
     time.sleep(0.3)
     tmux.keys(name, "Name the capital city of Norway.", "Enter")
 
-    deadline = time.monotonic() + 120
-    while True:  # both columns answered: two sets of figures below the compare header
-        screen = tmux.screen(name)
+    def both_answered(screen: str) -> bool:  # two sets of figures below the compare header
         tail = screen[screen.rfind("▏ tuned"):] if "▏ tuned" in screen else ""
-        if tail.count("tokens/s") >= 2 or tail.count("path") >= 2:
-            break
-        assert time.monotonic() < deadline, f"the compare answers never both arrived:\n{screen}"
-        time.sleep(0.2)
+        return tail.count("tokens/s") >= 2 or tail.count("path") >= 2
+
+    screen = tmux.wait_until(name, both_answered, "the compare answers never both arrived", timeout=120)
     assert "▏ base" in screen
 
 
@@ -114,10 +111,7 @@ def export_transcript(tmux: Tmux, name: str, home) -> None:
     tmux.keys(name, "C-s")
     tmux.wait_for(name, "Export the conversation")
     tmux.keys(name, "Enter")
-    deadline = time.monotonic() + 30
-    while not list((home / "exports").glob("*.md")):
-        assert time.monotonic() < deadline, tmux.screen(name)
-        time.sleep(0.2)
+    tmux.wait_until(name, lambda _: list((home / "exports").glob("*.md")), "no transcript in exports/")
     text = next((home / "exports").glob("*.md")).read_text()
     assert "What is the capital of Norway?" in text and "Name the capital city of Norway." in text
 
@@ -126,22 +120,25 @@ def free_memory(tmux: Tmux, name: str) -> None:
     tmux.keys(name, "C-f")
     screen = tmux.wait_for(name, "memory freed", timeout=60)
     assert "base" in screen  # the dropped model is named
-    deadline = time.monotonic() + 20
-    while "memory freed" in tmux.screen(name):  # close the result (esc), once it has the focus
-        assert time.monotonic() < deadline, tmux.screen(name)
-        time.sleep(0.5)
-        tmux.keys(name, "Escape")
+    def closed(screen: str) -> bool:  # close the result (esc), once it has the focus
+        if "memory freed" in screen:
+            time.sleep(0.3)
+            tmux.keys(name, "Escape")
+            return False
+        return True
+
+    tmux.wait_until(name, closed, "the free-memory result never closed")
 
 
 def merge_and_verify(tmux: Tmux, name: str, home) -> None:
-    for _ in range(3):  # the tab key may land while the previous dialog is still closing
+    def on_merge(screen: str) -> bool:  # the tab key may land while the previous dialog is still closing
+        if "Final loss" in screen:
+            return True
         tmux.keys(name, "7")
-        try:
-            tmux.wait_for(name, "Final loss", timeout=10)
-            break
-        except AssertionError:
-            continue
-    tmux.wait_for(name, "Final loss", timeout=1)
+        time.sleep(0.5)
+        return False
+
+    tmux.wait_until(name, on_merge, "the Merge tab never showed")
     time.sleep(0.5)
     tmux.keys(name, "Enter")  # the newest adapter
     tmux.wait_for(name, "fits", timeout=60)  # the plan: memory and disk

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is no
 
 
 @pytest.fixture
-def tmux():
-    t = Tmux()
+def tmux(qlw_home):
+    t = Tmux(qlw_home)
     yield t
     t.close()
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
 from backend import protocol as P
+from tests.waits import Budget
 from tui.app import QlwApp
 
 
@@ -29,11 +29,12 @@ def make_app(home: Path, start_backend: bool = False) -> QlwApp:
 
 
 async def until(pilot, condition, what: str, timeout: float = 10.0) -> None:
-    """Let the app run until ``condition()`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    """Let the app run until ``condition()`` holds; fail after ``timeout`` seconds of a quiet
+    machine's time (stretched by the load: tests/waits.py)."""
+    budget = Budget(timeout)
     while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        if budget.spent():
+            raise AssertionError(f"timed out after {timeout:.0f} s (load-adjusted) waiting for {what}")
         await pilot.pause(0.02)
 
 
@@ -77,7 +78,8 @@ def tiny_run_config(steps: int = 3) -> dict[str, Any]:
     cfg["data"]["max_length"] = 128
     cfg["lora"].update(r=8, lora_alpha=16)
     cfg["training"].update(max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                           learning_rate=2e-3, logging_steps=1, gradient_checkpointing=False, optim="adamw_torch")
+                           learning_rate=2e-3, logging_steps=1, eval_steps=0, save_steps=0,
+                           gradient_checkpointing=False, optim="adamw_torch")
     return cfg
 
 
@@ -90,12 +92,12 @@ async def train_tiny_adapter(home: Path, timeout: float = 120.0) -> dict[str, An
     try:
         await conn.call(P.Attach())
         job = await conn.call(P.StartTraining(config=tiny_run_config()))
-        deadline = time.monotonic() + timeout
+        budget = Budget(timeout)
         while True:
             done = [e for e in events if e.kind == "job.finished" and e.payload.get("job_id") == job["job_id"]]
             if done:
                 break
-            if time.monotonic() > deadline:
+            if budget.spent():
                 raise AssertionError(f"no end of the training run: {(home / 'backend-test.log').read_text()[-2000:]}")
             await asyncio.sleep(0.1)
         assert done[0].payload["status"] == "done", done[0].payload

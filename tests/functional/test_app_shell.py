@@ -77,19 +77,18 @@ class Other:
 
 
 def test_import_is_light():
-    """``import tui.app`` loads no ML library and stays well under a second."""
+    """``import tui.app`` loads no ML library (nor numpy, nor the store). How long it takes is a
+    benchmark's to say (bench/README.md), not a test's: a loaded machine would fail it."""
     code = (
-        "import sys, time; t = time.perf_counter(); import tui.app; t = time.perf_counter() - t\n"
+        "import sys; import tui.app\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', "
         "'trl', 'bitsandbytes', 'accelerate', 'datasets', 'numpy', 'safetensors', 'huggingface_hub', "
         "'tokenizers', 'sessions'})\n"
-        "print(repr((t, heavy)))"
+        "print(repr(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
-    elapsed, heavy = eval(out.stdout.strip().splitlines()[-1])
-    assert heavy == []
-    assert elapsed < 1.0, f"import tui.app took {elapsed:.2f} s"
+    assert eval(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_every_binding_has_id_and_tooltip_and_a_palette_command(qlw_home):
@@ -176,10 +175,15 @@ def test_sessions_tab_and_job_line_follow_the_backend(backend):
             assert any("Asked the diag.ticker job to stop" in n for n in notes)
             await until(pilot, lambda: table_rows(app)[0][2] == "cancelled", "delta cancelled")
 
-            # Refresh by key; then quit: the backend keeps running.
+            # Refresh by key; then quit while a job runs: the backend keeps running, and the shell
+            # is told so, with how to come back (issue 15).
             await pilot.press("r")
+            await other.conn.call(P.DiagTicker(count=10_000, rate=20))
+            await until(pilot, lambda: job_line(app).startswith("▶ diag.ticker"), "a job running")
             await pilot.press("q")
             await until(pilot, lambda: not app.is_running, "the app to exit")
+        assert app.farewell.startswith(f"qlw: the backend (pid {pid}) keeps running with its diag.ticker job")
+        assert "`qlw` attaches again" in app.farewell and "`qlw stop` ends it" in app.farewell
         assert (await other.conn.call(P.Ping(payload="still here")))["payload"] == "still here"
         await other.conn.close()
 
@@ -237,3 +241,92 @@ def test_shell_snapshot(snap_compare, qlw_home):
 
     assert snap_compare(QlwApp(home=qlw_home, start_backend=False), terminal_size=SIZE,
                         run_before=settle)
+
+
+def test_keys_after_esc_and_dialogs_and_the_keys_of_a_pane(qlw_home):
+    """Issue 15: after esc the pane's keys stopped working; a closed dialog left the focus in a
+    text field (a tab's number became text); ctrl+o in Data only focused the path; the Data
+    sub-tab keys were not in the footer; `?` shows every key of the tab shown."""
+    from textual.widgets import Input
+
+    from tui.modals.confirm_screen import ConfirmScreen
+    from tui.modals.keys_screen import KeysScreen
+    from tui.widgets.data.data_pane import DataPane
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(160, 40)) as pilot:
+            await without_backend(pilot)
+            await pilot.press("3")
+            pane = app.screen.query_one(DataPane)
+            tabs = pane.query_one("#data-tabs", TabbedContent)
+            await pilot.pause()
+            assert pane in app.focused.ancestors
+            footer = {k.key for k in app.screen.query("FooterKey")}
+            assert {"r", "d", "c", "m", "v", "s", "q"} <= footer, footer
+            assert "tabs" in {str(label.render()) for label in app.screen.query("FooterLabel")}
+
+            # esc leaves the path field for the pane's controls: its keys work at once.
+            pane.query_one("#data-path", Input).focus()
+            await pilot.press("escape")
+            assert app.focused is not None and not isinstance(app.focused, Input)
+            assert pane in app.focused.ancestors
+            await pilot.press("s")
+            assert tabs.active == "data-stats-tab"
+
+            # A dialog opened from a text field gives the focus back to the pane, not the field.
+            pane.query_one("#data-path", Input).focus()
+            await pilot.pause()
+            app.push_screen(ConfirmScreen("Really?"))
+            await pilot.pause()
+            await pilot.press("n")
+            await until(pilot, lambda: app.screen is not None and not isinstance(app.screen, ConfirmScreen), "closed")
+            await pilot.pause()
+            assert not isinstance(app.focused, Input)
+            path_before = pane.query_one("#data-path", Input).value
+            await pilot.press("v")
+            assert pane.query_one("#data-path", Input).value == path_before and tabs.active == "data-preview-tab"
+
+            # ctrl+o opens what the path box names (no backend: the attempt, not only a focus).
+            opened = []
+            pane.open_dataset = lambda reload=False: opened.append(pane._requested_source()["path"])  # type: ignore
+            await pilot.press("ctrl+o")
+            assert opened == [path_before]
+
+            # ? lists the tab's keys, then the global ones; esc closes.
+            await pilot.press("question_mark")
+            await until(pilot, lambda: isinstance(app.screen, KeysScreen), "the keys")
+            keys = {app.get_key_display(b): b.description for b in app.screen.pane}
+            assert keys["^o"] == "Open" and keys["t"] == "Count tokens" and keys["s"] == "Stats", keys
+            assert "Tiny model" in {b.description for b in app.screen.everywhere}
+            shot = app.export_screenshot().replace("&#160;", " ")
+            assert "Keys: the Data tab" in shot and "Count tokens" in shot
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, KeysScreen), "closed keys")
+
+    asyncio.run(body())
+
+
+def test_quit_stays_in_the_footer_at_80x24(qlw_home):
+    """Issue 15: at 80x24 `q Quit` fell off the footer's right end."""
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await without_backend(pilot)
+            for n, (tab, *_) in enumerate(TABS, 1):
+                await pilot.press(str(n))
+                await pilot.pause()
+                await pilot.pause()
+
+                def laid_out() -> bool:
+                    keys = [k for k in app.screen.query("FooterKey") if k.key == "q" or k.has_class("-command-palette")]
+                    return len(keys) == 2 and all(k.region.width for k in keys)
+
+                await until(pilot, laid_out, f"the footer of {tab}")
+                keys = {k.key: k for k in app.screen.query("FooterKey")}
+                palette = next(k for k in app.screen.query("FooterKey") if k.has_class("-command-palette"))
+                assert "q" in keys, tab
+                assert keys["q"].region.right <= palette.region.x and keys["q"].region.width > 0, (tab, keys["q"].region)
+
+    asyncio.run(body())

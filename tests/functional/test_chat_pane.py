@@ -390,8 +390,8 @@ def test_evaluation_table_and_export(qlw_home, tmp_path):
             await pilot.press("f6")
             assert pane.view == "eval-view" and not pane.query_one("#chat-input").display
             ev = pane.query_one(EvalView)
-            assert ev.selected == ["base"]
-            ev.query_one("#eval-targets").select(TUNED)
+            # Base and the newest adapter are ticked by default (issue 15: only base was).
+            await until(pilot, lambda: ev.selected == ["base", TUNED], "the default targets")
             await pilot.press("f5")
             await until(pilot, lambda: ev.table.row_count == 2, "two rows")
             assert fake.of("eval.run") == [{"targets": ["base", TUNED], "prompts": [], "runs": 3,
@@ -402,6 +402,12 @@ def test_evaluation_table_and_export(qlw_home, tmp_path):
             ev.table.focus()  # the highlighted row's note
             await until(pilot, lambda: "on cpu, 3 runs, perplexity over 400 tokens" in
                         str(ev.query_one("#eval-status").render()), "the row's note")
+            # A perplexity of "—" says why at once.
+            ev.add_row({"target": "merged:/m", "label": "merged m", "perplexity": None,
+                        "note": "loaded in bf16; perplexity on no text to score: give a text file or evaluate an adapter"})
+            await pilot.pause()
+            assert str(ev.query_one("#eval-status").render()) == (
+                "perplexity — for merged m: no text to score: give a text file or evaluate an adapter")
             await pilot.press("ctrl+s")
             await until(pilot, lambda: isinstance(app.screen, ExportScreen), "the export prompt")
             app.screen.query_one("#export-path", Input).value = str(tmp_path / "eval.md")
@@ -426,6 +432,31 @@ def test_formatting():
     assert [target_label(t) for t in TARGETS["targets"]] == ["base · tiny-llama ●", "tuned s1/adapter · step 30"]
     assert target_label({"id": "base", "kind": "base", "base_source": "/h/models/tiny-llama/"}) == "base · tiny-llama"
     assert eval_cells({"target": "base", "perplexity": float("nan")})[-1] == "—"
+
+
+def test_runs_are_listed_by_their_name():
+    """Issue 15: Chat, Eval and Merge called runs ``159391/adapter``; the resume list said
+    ``resume 20261207 step 4`` for every run of a day. A named run goes by its name."""
+    from tui.widgets.lora.lora_pane import checkpoint_label
+    from tui.widgets.merge.merge_format import adapter_name
+
+    tuned = {"id": "tuned:/h/runs/20261207-101010-159391/adapter", "kind": "tuned", "step": 24, "name": "tui-run1"}
+    assert target_label(tuned) == "tuned tui-run1/adapter · step 24"
+    ckpt = {**tuned, "id": "tuned:/h/runs/20261207-101010-159391/checkpoints/checkpoint-12", "step": 12}
+    assert target_label(ckpt) == "tuned tui-run1/checkpoint-12"
+    assert target_label({**tuned, "name": ""}) == "tuned 159391/adapter · step 24"  # no name: the session's id
+    adapter = {"session": "20261207-101010-159391", "name": "tui-run1", "kind": "adapter", "path": "/h/runs/x/adapter"}
+    assert adapter_name(adapter) == "tui-run1 adapter"
+    assert adapter_name({**adapter, "name": "", "kind": "checkpoint",
+                         "path": "/h/runs/x/checkpoints/checkpoint-4"}) == "159391 checkpoint-4"
+    import time
+
+    created = time.mktime((2026, 12, 7, 14, 2, 0, 0, 0, -1))
+    two = [checkpoint_label({"session": f"20261207-1{i}0000-abc12{i}", "name": f"run{i}", "step": 4, "loss": 1.5,
+                             "created": created + 60 * i}) for i in (1, 2)]
+    assert two[0] == "resume run1 · step 4 · loss 1.5000 · 12-07 14:03"
+    assert two[0] != two[1]
+    assert checkpoint_label({"session": "20261207-101010-159391", "step": 4}) == "resume 159391 · step 4"
 
 
 

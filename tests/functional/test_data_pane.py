@@ -233,3 +233,63 @@ def test_preference_pairs_are_detected_and_previewed_side_by_side(data_backend):
             assert preview.text.index("── chosen") < preview.text.index("── rejected")
 
     asyncio.run(body())
+
+
+def test_every_view_names_its_dataset_and_a_failed_open_says_what_stays_open(qlw_home):
+    """Issue 15: after opening a second file the Stats tab showed the first file's counts and
+    split; after a failed open, Format and the LoRA tab silently kept the previous dataset."""
+    from tests.functional.test_lora_pane import SUMMARY
+    from tui.widgets.lora.lora_pane import LoraPane
+
+    other = {**SUMMARY, "source": {"path": "/data/other.jsonl", "config": "", "split": "train"}, "num_rows": 12,
+             "splits": {"train": 12}}
+    stats = {"rows": 585, "tokenizer": "qlw-tiny-llama", "p50": 80, "p95": 200, "p99": 300, "max": 400,
+             "mean": 95, "truncated": 0, "max_length": 1024, "dropped": 0, "split": {"train": 527, "validation": 58},
+             "histogram": {"counts": [3, 5, 2], "edges": [0, 100, 200, 300]}, "errors": []}
+
+    async def body():
+        app = helpers.make_app(qlw_home)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await helpers.without_backend(pilot)
+            await pilot.press("3")
+            pane = app.screen.query_one(DataPane)
+            view = pane.query_one(TokenStatsView)
+            pane.show_summary(SUMMARY)
+            await pilot.pause()
+            caption = pane.query_one("#data-format-caption")
+            assert str(caption.content).startswith("Format of dolly_sample.jsonl · 585 rows (train)")
+            pane._stats_for = pane.settings
+            view.show_stats(stats)
+            pane.query_one(SplitForm).show_counts({"train": 527, "validation": 58})
+            assert str(pane.query_one("#stats-status").content).startswith("✔ dolly_sample.jsonl: 585 rows")
+
+            # The settings change: the figures stay, marked out of date.
+            pane.query_one(MappingForm).set_template("alpaca")
+            await until(pilot, lambda: view.stale, "the stats marked out of date")
+            assert str(pane.query_one("#stats-status").content).startswith("⚠ dolly_sample.jsonl: counted before")
+
+            # Another dataset: the last one's figures go; every view names the new one.
+            pane.show_summary(other)
+            await pilot.pause()
+            assert view.stats is None and str(pane.query_one("#stats-summary").content) == ""
+            assert str(pane.query_one("#stats-status").content).startswith("Token lengths of other.jsonl: not counted")
+            assert str(pane.query_one("#data-split-counts").content) == ""
+            assert str(caption.content).startswith("Format of other.jsonl · 12 rows (train)")
+
+            # A failed open: the status and a notice say which dataset stays open (and trains).
+            async def failing_open(source, reload=False):
+                pane._show_error({"message": "no such file", "where": source["path"]}, "could not open the dataset: ")
+                return None
+
+            pane._open = failing_open
+            pane.query_one("#data-path", Input).value = "/data/missing.jsonl"
+            pane.open_dataset()
+            await until(pilot, lambda: "stays open" in str(pane.query_one("#data-status").content), "the note")
+            status = str(pane.query_one("#data-status").content)
+            assert status.startswith("✖ could not open the dataset: no such file")
+            assert "other.jsonl stays open: Rows, Format, Stats and the LoRA tab still use it" in status
+            assert any("other.jsonl stays open" in n.message for n in app._notifications)
+            app.screen.query_one(LoraPane).sync_sections()
+            assert "other.jsonl" in str(app.screen.query_one("#run-data-line").render())
+
+    asyncio.run(body())

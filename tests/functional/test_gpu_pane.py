@@ -280,7 +280,8 @@ def test_free_vram_result_and_confirmation_while_a_job_runs(backend):
             await until(pilot, lambda: showing(app, FreeMemoryResultScreen), "the result")
             report = dialog_text(app.screen)
             # Nothing loaded: at most the LoRA tab's check of its config opened the sample dataset.
-            assert re.search(r"Dropped: (nothing|data\.dataset:.*?\(cache: dataset dolly_sample\.jsonl)", report), report
+            assert re.search(r"Dropped: (nothing|dataset dolly_sample\.jsonl \()", report), report
+            assert "data.dataset:" not in report  # names, not the backend's keys (issue 15)
             assert "(model:" not in report
             assert "No CUDA memory in use" in report
             assert "torch reserved" in report and "none (CUDA not in use)" in report
@@ -343,3 +344,17 @@ def test_restart_from_the_result_reattaches_to_the_same_pid(backend):
             await until(pilot, lambda: gp.latest is not None and gp.latest["time"] > seen, "a new sample")
 
     asyncio.run(body())
+
+
+def test_dropped_names_what_people_loaded():
+    """Issue 15: Free VRAM's "Dropped:" line listed internal keys."""
+    from tui.modals.free_memory_result_screen import describe_dropped
+
+    text = describe_dropped([
+        {"name": "base", "kind": "model", "note": "tiny-llama · 4-bit nf4 on cpu"},
+        {"name": "tokenizer", "kind": "tokenizer", "note": "/h/models/qlw-tiny-llama"},
+        {"name": "data.dataset:/h/cache/ab12:train", "kind": "cache", "note": "dataset dolly_sample.jsonl (585 rows)"},
+        {"name": "chat.peft", "kind": "adapter", "note": ""},
+    ])
+    assert text == ("model tiny-llama · 4-bit nf4 on cpu, tokenizer /h/models/qlw-tiny-llama, "
+                    "dataset dolly_sample.jsonl (585 rows), adapter")

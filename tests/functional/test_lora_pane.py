@@ -276,6 +276,18 @@ def test_checks_as_typed_and_by_the_backend_disable_start(qlw_home):
             await until(pilot, lambda: start_enabled(pane), "Start enabled again")
             assert all(not pane.form.row(f.path).error for f in FIELDS)
 
+            # Cleared and typed again to the value the backend checked: the summary goes with the
+            # error (issue 15: "1 setting needs attention: lora.r" stayed beside an enabled Start).
+            set_field(pane, "lora.r", "")
+            await pilot.pause()
+            assert line_text(pane).startswith("✖ 1 setting needs attention: lora.r")
+            set_field(pane, "lora.r", "16")
+            await until(pilot, lambda: start_enabled(pane), "Start enabled with r retyped")
+            await pilot.pause()
+            assert "needs attention" not in line_text(pane)
+            assert line_text(pane).startswith("trainable params: 1,179,648")
+
+
             # The backend's error, at its field by dotted path.
             set_field(pane, "lora.lora_alpha", "2048")
             await until(pilot, lambda: error_at(pane, "lora.lora_alpha"), "the backend's error")
@@ -506,7 +518,96 @@ def test_the_method_and_its_settings(qlw_home):
     asyncio.run(body())
 
 
+def test_a_setting_that_would_hide_the_loss_table_is_said_at_its_field(qlw_home):
+    """The backend's warning for logging_steps (issue 15: 2 steps with logging_steps 10 gave
+    a one-row table) shows at the field, beside an enabled Start, and goes with the change."""
+
+    def validate(params: P.ValidateRun) -> dict:
+        if params.config["training"]["logging_steps"] == 50:
+            return {**VALID, "warnings": {"training.logging_steps": "logging_steps 50 with 37 step(s): the loss "
+                                                                    "table gets only the last step and no curve"}}
+        return VALID
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=SIZE) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, FakeBackend(train_validate=validate))
+            await until(pilot, lambda: start_enabled(pane), "Start enabled by a clean check")
+            row = pane.form.row("training.logging_steps")
+            assert row.raw == "0.01" and not row.query_one(".setting-error").display
+            set_field(pane, "training.logging_steps", "50")
+            await until(pilot, lambda: row.warning, "the warning at logging_steps")
+            await pilot.pause()
+            assert "⚠ logging_steps 50 with 37 step(s)" in str(row.query_one(".setting-error").render())
+            assert row.query_one(".setting-error").display and row.has_class("-warning")
+            assert start_enabled(pane)  # a warning, not an error
+            set_field(pane, "training.logging_steps", "0.05")
+            await until(pilot, lambda: not row.warning and start_enabled(pane), "the warning gone")
+            assert pane.config()["training"]["logging_steps"] == 0.05
+
+    asyncio.run(body())
+
+
+def test_f5_in_the_train_tab_starts_the_run_set_up_in_the_lora_tab(qlw_home):
+    """Issue 15: the Train tab says "press Start (f5)", and f5 there did nothing."""
+    fake = FakeBackend(train_start={"job_id": "job-1"})
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=SIZE) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, fake)
+            await until(pilot, lambda: start_enabled(pane), "Start enabled by a clean check")
+            await pilot.press("escape", "5")
+            await until(pilot, lambda: app.screen.query_one(TabbedContent).active == "train", "the Train tab")
+            assert "press Start (f5)" in str(app.screen.query_one("#train-live").render())
+            await pilot.press("f5")
+            await until(pilot, lambda: fake.of("train.start"), "train.start from the Train tab")
+            assert fake.of("train.start")[0].config == pane.config()
+
+    asyncio.run(body())
+
+
+def test_the_resume_list_names_runs_on_one_line_each(qlw_home):
+    """Issue 15: the resume dropdown was garbled (labels wrapped over the form) and said
+    ``resume 20261207 step 4`` for every run of a day."""
+    import html
+    import re
+
+    now = time.time()
+    checkpoints = [{"session": f"20261207-1{i}0000-abc12{i}", "name": f"tui-run{i}", "step": 4 * i,
+                    "path": f"/data/qlw/runs/s{i}/checkpoints/checkpoint-{4 * i}", "created": now - 600 * i,
+                    "loss": 4.1 + i / 10} for i in (1, 2, 3)]
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, FakeBackend(train_checkpoints={"checkpoints": checkpoints}))
+            await until(pilot, lambda: len(pane.checkpoints) == 3, "the checkpoints")
+            select = pane.query_one("#lora-resume", Select)
+            select.focus()
+            await pilot.press("enter")
+            await until(pilot, lambda: select.expanded, "the list open")
+            await pilot.pause()
+            svg = app.export_screenshot()
+            lines: dict[float, str] = {}
+            for m in re.finditer(r'<text[^>]*y="([\d.]+)"[^>]*>(.*?)</text>', svg):
+                lines[float(m.group(1))] = lines.get(float(m.group(1)), "") + html.unescape(m.group(2)).replace("\xa0", " ")
+            screen = "\n".join(lines[k] for k in sorted(lines))
+            for i in (1, 2, 3):
+                assert f"resume tui-run{i} · step {4 * i} · loss {4.1 + i / 10:.4f}" in screen, screen
+
+    asyncio.run(body())
+
+
 def test_field_checks():
+    every = FIELD_BY_PATH["training.logging_steps"]
+    assert parse(every, "0.05") == (0.05, "") and parse(every, "10") == (10, "") and parse(every, "10.0") == (10, "")
+    assert parse(every, "0")[1] == ("out of range: a whole number of steps of at least 1, or a fraction of the "
+                                    "run below 1")
+    assert parse(FIELD_BY_PATH["training.eval_steps"], "0") == (0, "")
     r, lr, steps = FIELD_BY_PATH["lora.r"], FIELD_BY_PATH["training.learning_rate"], FIELD_BY_PATH["training.max_steps"]
     assert parse(r, "16") == (16, "") and parse(r, "1_024") == (1024, "")
     assert parse(r, "1.5")[1] == "not a whole number: '1.5'; a whole number of at least 1"

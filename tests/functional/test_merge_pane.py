@@ -56,7 +56,7 @@ def plan_for(p: dict[str, Any], exists: bool) -> dict[str, Any]:
                                              "path": f"{HOME}/models/tiny-llama", "parameters": 700_000},
             "into_default": "dequantized", "dtype": p["dtype"], "into": p["into"], "max_shard_size": p["max_shard_size"],
             "device": "cpu", "memory": {"need_bytes": 3 * 1024**2, "free_bytes": 8 * 1024**3, "verdict": "fits"},
-            "disk": {"need_bytes": 6 * 1024**2, "free_bytes": 50 * 1024**3}, "out": out, "out_exists": exists,
+            "disk": {"size_bytes": int(1.5 * 1024**2), "need_bytes": int(65.5 * 1024**2), "free_bytes": 50 * 1024**3}, "out": out, "out_exists": exists,
             "warnings": [f"{out} exists: merging replaces it (confirm to overwrite)"] if exists else []}
 
 
@@ -174,7 +174,7 @@ def test_the_wizard_by_keyboard_from_adapter_to_upload_dry_run(qlw_home):
             assert plan.splitlines()[:3] == [
                 "base tiny-llama, trained 4-bit nf4 · default into: dequantized",
                 "✔ memory on cpu: 3.00 MiB needed, 8.00 GiB free → fits",
-                "✔ disk: 6.00 MiB needed, 50.00 GiB free"]
+                "✔ disk: about 1.50 MiB written, 50.00 GiB free"]  # the folder's size, not the margin
             assert "⚠ /data/qlw/merged/ab12cd34-adapter-merged exists" in plan
             assert fake.of("merge.plan")[0] == {"adapter": ADAPTERS[0]["path"], "out": "ab12cd34-adapter-merged",
                                                 "dtype": "bf16", "into": "dequantized", "max_shard_size": "5GB"}
@@ -216,6 +216,11 @@ def test_the_wizard_by_keyboard_from_adapter_to_upload_dry_run(qlw_home):
             await until(pilot, lambda: pane.step == UPLOAD and pane.hub is not None, "step 5")
             assert text_of(pane, "#hub-status").startswith("Hub: offline (HF_HUB_OFFLINE=1): local export only")
             assert pane.upload_step.private  # on by default
+            # The dry run checks the repository name as the upload will: no placeholder stands in
+            # (issue 15: the dry run accepted "user/model-name", which the upload refuses).
+            await pilot.press("f5")
+            await until(pilot, lambda: "name the repository" in text_of(pane, "#hub-result"), "the refusal")
+            assert fake.of("hub.push") == []
             pane.upload_step.query_one("#hub-repo", Input).value = "me/tiny-merged"
             await pilot.press("f5")
             await until(pilot, lambda: pane.upload_step.files.row_count == 3, "the dry run's files")

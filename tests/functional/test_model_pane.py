@@ -158,3 +158,37 @@ def test_formatting_and_paths():
                                          "allocated_vs_estimate": 1.018}})
     assert text == ("measured 100 B + 10 B quant state = 110 B (×1.000 the estimate) · "
                     "torch allocated 112 B (×1.018)")
+
+
+def test_f5_without_a_source_says_so_and_a_freed_model_is_not_loaded(qlw_home):
+    """Issue 15: f5 with an empty model source said nothing; after Free VRAM the line still said
+    "✔ loaded on cpu" beside the inspector's "No base model loaded"."""
+    import asyncio
+
+    from textual.widgets import Input
+
+    from tests.functional.helpers import make_app, until, without_backend
+    from tui.widgets.model.model_pane import ModelPane
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await without_backend(pilot)
+            await pilot.press("2")
+            pane = app.screen.query_one(ModelPane)
+            pane.form.query_one("#model-source", Input).value = ""
+            await pilot.press("escape", "f5")
+            status = pane.query_one("#model-status")
+            await until(pilot, lambda: str(status.content).startswith("name a model first"), "the hint")
+            assert any("No model source" in n.message for n in app._notifications)
+
+            async def nothing_loaded(params, timeout=None):
+                return {"loaded": False}
+
+            pane.call = nothing_loaded
+            pane._show_status("✔ loaded on cpu in 1.00 s", "-done")
+            pane.read_inspection()
+            await until(pilot, lambda: not str(status.content).startswith("✔ loaded"), "the freed line")
+            assert str(status.content) == "no base model loaded (freed); f5 loads one again"
+
+    asyncio.run(body())

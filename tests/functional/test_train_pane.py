@@ -191,8 +191,7 @@ def test_replay_of_2000_rows_is_drawn_in_a_few_batches(qlw_home):
             started = time.perf_counter()
             send(app, replay)
             await until(pilot, lambda: tp.table.row_count == total and tp.drawn, "2,000 rows", timeout=20)
-            elapsed = time.perf_counter() - started
-            assert elapsed < 5.0, f"the replay took {elapsed:.2f} s"
+            elapsed = time.perf_counter() - started  # not asserted: a loaded machine is slower (bench/ times it)
             assert tp.flushes <= 4 * elapsed + 3, (tp.flushes, elapsed)  # coalesced: ~4 draws a second
             assert len(tp.curve.train) == total and len(tp.curve.eval) == total // 50
             assert tp.curve.train[-1] == (total, curve_loss(total))
@@ -326,15 +325,58 @@ def test_train_pane_snapshot(snap_compare, qlw_home):
         await show_train_tab(pilot)
         run = Run()
         events = run.start(total_steps=200)
-        for step in range(10, 110, 10):  # rows that fit: no scrollbar, whose thumb may lag a frame
+        for step in range(10, 70, 10):  # rows that fit: no scrollbar, whose thumb may lag a frame
             events.append(run.log(step, 200, loss=curve_loss(step), learning_rate=2e-4 * (1 - step / 200),
                                   grad_norm=round(0.8 - step / 500, 4), tokens_per_s=1480.0 + step))
             if step % 50 == 0:
                 events.append(run.log(step, 200, eval_loss=curve_loss(step) + 0.12))
         send(app, events)
         table = pane(app).table
-        await until(pilot, lambda: table.row_count == 10 and pane(app).drawn, "the rows")
+        await until(pilot, lambda: table.row_count == 6 and pane(app).drawn, "the rows")
         table.focus()
         await pilot.pause()
 
     assert snap_compare(make_app(qlw_home), terminal_size=SIZE, run_before=settle)
+
+
+def test_a_run_cancelled_before_its_first_step_does_not_say_starting(qlw_home):
+    """Issue 15: "▶ starting" stayed on the line after a cancel."""
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await show_train_tab(pilot)
+            tp = pane(app)
+            run = Run(t0=time.time())
+            send(app, [run.event("job.started", job_id="j9", kind="train.start")])
+            await until(pilot, lambda: text_of(app, "#train-live").startswith("▶ starting"), "starting")
+            send(app, [run.event("job.finished", job_id="j9", kind="train.start", status="cancelled", elapsed_s=2.5)])
+            await until(pilot, lambda: "stopped after 2.5 s, before training began" in text_of(app, "#train-live"),
+                        "the stop")
+            await pilot.pause(0.5)  # a later redraw keeps it
+            assert text_of(app, "#train-live") == "■ stopped after 2.5 s, before training began"
+            assert tp.state == "cancelled"
+
+    asyncio.run(body())
+
+
+def test_at_200x50_the_curve_takes_the_room_and_its_legend_is_above_it(qlw_home):
+    """Issue 15: at 200x50 the Train tab left ~25 empty table rows above a 10-row curve, and the
+    legend overlapped the line."""
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(200, 50)) as pilot:
+            await show_train_tab(pilot)
+            tp = pane(app)
+            run = Run(t0=time.time())
+            send(app, [*run.start(total_steps=30), *(run.log(s, 30, loss=curve_loss(s)) for s in range(1, 31)),
+                       run.log(30, 30, eval_loss=1.0)])
+            await until(pilot, lambda: tp.table.row_count == 30 and tp.drawn, "the rows")
+            await pilot.pause()
+            assert tp.curve.region.height > 2 * 10 and tp.curve.region.height > tp.table.region.height
+            assert tp.table.region.height >= 8  # still a good part of the table in view
+            first_line = app.export_screenshot().replace("&#160;", " ")
+            assert "loss (cyan) · eval_loss (orange)" in first_line  # the legend is the title, above
+
+    asyncio.run(body())

@@ -139,7 +139,6 @@ def test_build_writes_a_complete_folder(built):
     assert ("pretrain", tiny.PRETRAIN_STEPS, tiny.PRETRAIN_STEPS) in built["calls"]
     size = sum(p.stat().st_size for p in folder.iterdir())
     assert size < 10 * 1024 * 1024
-    assert built["seconds"] < 120  # ~10 s here; generous for loaded CI machines
 
 
 def test_folder_reloads_through_auto_classes(built, loaded):

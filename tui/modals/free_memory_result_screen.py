@@ -23,15 +23,21 @@ NO_CUDA = ("No CUDA memory in use: the backend has not started CUDA, "
 
 
 def describe_dropped(dropped: list[dict[str, Any]]) -> str:
+    """What was dropped, in people's words: each holding's note (``dataset dolly_sample.jsonl
+    (585 rows, memory-mapped)``) with its kind, never the backend's internal key."""
     if not dropped:
         return NOTHING_DROPPED
     parts = []
     for d in dropped:
-        what = d.get("kind") or "object"
-        if d.get("note"):
-            what += f": {d['note']}"
-        parts.append(f"{d.get('name', '?')} ({what})")
-    return ", ".join(parts)
+        kind = d.get("kind") or "object"
+        note = str(d.get("note") or "").strip()
+        if not note:
+            parts.append(kind)
+        elif note.split(" ", 1)[0] in (kind, "dataset", "training", "chat", "merged", "tokenizer"):
+            parts.append(note)
+        else:
+            parts.append(f"{kind} {note}")
+    return ", ".join(dict.fromkeys(parts))
 
 
 def _before_after(before: Any, after: Any, unknown: str) -> str:

@@ -1,8 +1,13 @@
 """MainScreen: the shell; one tab per capability, the job line, the footer, and a notification
-for each backend error that no job owns (no pane shows it)."""
+for each backend error that no job owns (no pane shows it).
+
+The tab last shown is the shell's state ``"shell"`` (tui/ui_state.py): the next ``qlw`` opens on
+it. A second terminal attached at the same time keeps its own tab (each terminal looks where its
+user looks); it takes the stored one only when it attaches."""
 
 from __future__ import annotations
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -10,6 +15,7 @@ from textual.widgets import Footer, Input, TabbedContent, TabPane, Tabs, TextAre
 
 from backend import protocol as P
 from tui.client import CONNECTED
+from tui.ui_state import UiChange
 from tui.widgets.chat.chat_pane import ChatPane
 from tui.widgets.data.data_pane import DataPane
 from tui.widgets.gpu.gpu_pane import GpuPane
@@ -35,10 +41,17 @@ TABS = [
 ]
 
 
+#: The key of the shell's state in the backend (tui/ui_state.py).
+STATE_KEY = "shell"
+
+
 class MainScreen(Screen):
     """The one screen of the shell."""
 
     BINDINGS = [
+        # First of the shell's keys, so that the footer keeps it at 80 columns (issue 15).
+        Binding("q", "app.quit", "Quit", id="app.quit",
+                tooltip="Quit qlw. The backend keeps running, and any job with it."),
         *(
             Binding(str(n), f"show_tab('{tab}')", f"{title} tab", id=f"tab.{tab}", show=False,
                     tooltip=f"Show the {title} tab: {what}.")
@@ -46,6 +59,8 @@ class MainScreen(Screen):
         ),
         Binding("escape", "leave_field", "Leave field", id="focus.leave-field", show=False,
                 tooltip="Leave the text field being typed in, so that the number keys switch tabs again."),
+        Binding("question_mark", "show_keys", "Keys", id="help.keys",
+                tooltip="Show every key of this tab, and the keys that work everywhere."),
         Binding("ctrl+t", "prepare_tiny", "Tiny model", id="job.prepare-tiny",
                 tooltip="Build the embedded tiny model in the data home (a backend job), "
                         "to try every step in seconds."),
@@ -63,16 +78,38 @@ class MainScreen(Screen):
                 with TabPane(f"{n} {title}", id=tab):
                     yield pane(id=f"{tab}-pane")
         yield JobIndicator(id="job-indicator")
-        yield Footer()
+        yield Footer(compact=True)  # every key a little tighter: q Quit stays at 80 columns
 
     def on_mount(self) -> None:
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            ui_state.changed.subscribe(self, self.on_ui_state)
+
+    def on_ui_state(self, change: UiChange) -> None:
+        if change.key == STATE_KEY and change.replay and isinstance(change.value, dict):
+            tab = change.value.get("tab")
+            if tab in {t for t, *_ in TABS} and self.query_one("#tabs", TabbedContent).active != tab:
+                self.action_show_tab(tab)
+
+    @on(TabbedContent.TabActivated, "#tabs")
+    def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            # The tab shown now: activations may be queued behind one another.
+            ui_state.set(STATE_KEY, {"tab": self.query_one("#tabs", TabbedContent).active})
 
     def on_backend(self, ev: P.Event) -> None:
         """An error no job owns (no pane shows it): a notification, with what to do."""
         text = error_notice(ev)
         if text:
             self.notify(text, title=TITLE, severity="error", markup=False, timeout=15)
+
+    def on_data_pane_settings_changed(self, message: DataPane.SettingsChanged) -> None:
+        # The LoRA tab's data line and check follow the Data tab even while the LoRA tab is the
+        # one shown (a dataset opened again after a re-attach, or in another terminal).
+        for pane in self.query(LoraPane):
+            pane.data_changed()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "free_vram":
@@ -81,9 +118,16 @@ class MainScreen(Screen):
         return super().check_action(action, parameters)
 
     def action_leave_field(self) -> None:
-        """From a text field to the tab bar (a pane's own esc, e.g. stopping an answer, comes first)."""
+        """From a text field to the pane's first other control, so that both the number keys and
+        the pane's own keys work (a pane's own esc, e.g. stopping an answer, comes first)."""
         if isinstance(self.focused, (Input, TextArea)):
-            self.query_one(TabbedContent).query_one(Tabs).focus()
+            self._focus_in_pane()
+
+    def on_screen_resume(self) -> None:
+        # A closed dialog gives the focus back to where it was; a text field there would take the
+        # next key as text (a tab's number became a chat message): the pane's controls get it.
+        if isinstance(self.focused, (Input, TextArea)):
+            self._focus_in_pane()
 
     def action_show_tab(self, tab: str) -> None:
         """Show ``tab`` and put the focus in it (or on the tab bar if nothing there takes it).
@@ -91,12 +135,29 @@ class MainScreen(Screen):
         Text fields are skipped: they would swallow the number keys that switch tabs."""
         tabs = self.query_one(TabbedContent)
         tabs.active = tab
-        pane = tabs.get_pane(tab)
+        self._focus_in_pane()
+
+    def _focus_in_pane(self) -> None:
+        """Focus the shown pane's first control that is not a text field (else the tab bar)."""
+        tabs = self.query_one(TabbedContent)
+        pane = tabs.get_pane(tabs.active)
         for widget in pane.query("*"):
             if widget.focusable and not isinstance(widget, (Input, TextArea)):
                 widget.focus()
                 return
         tabs.query_one(Tabs).focus()
+
+    def action_show_keys(self) -> None:
+        from tui.modals.keys_screen import KeysScreen, pane_keys
+
+        tabs = self.query_one(TabbedContent)
+        pane = tabs.get_pane(tabs.active)
+        title = next((t for tab, t, _, _ in TABS if tab == tabs.active), tabs.active)
+        everywhere = [b for b in (*self.app.BINDINGS, *self.BINDINGS)
+                      if isinstance(b, Binding) and b.id and not b.id.startswith("tab.")]
+        tab_keys = Binding("1,2,3,4,5,6,7,8", "show_tab", "Tabs", id="tab.any",
+                           tooltip=", ".join(f"{n} {t}" for n, (_, t, _, _) in enumerate(TABS, 1)))
+        self.app.push_screen(KeysScreen(f"the {title} tab", pane_keys(pane), [tab_keys, *everywhere]))
 
     def action_prepare_tiny(self) -> None:
         self.query_one(JobIndicator).prepare_tiny()

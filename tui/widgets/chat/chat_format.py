@@ -46,13 +46,16 @@ def answer_stats(p: dict[str, Any]) -> str:
 
 def target_label(t: dict[str, Any]) -> str:
     """A ``chat.targets`` item as a short option of the target list (● when it is loaded):
-    ``base · tiny-llama``, ``tuned b14576/adapter · step 30``, ``merged b14576-adapter-merged``."""
+    ``base · tiny-llama``, ``tuned b14576/adapter · step 30``, ``merged b14576-adapter-merged``;
+    a tuned target of a named run goes by the run's name: ``tuned dolly-r16/adapter · step 30``."""
     target = str(t.get("id") or "?")
     if target == "base":
         source = str(t.get("base_source") or t.get("path") or "").rstrip("/")
         label = f"base · {source.rsplit('/', 1)[-1]}" if source else "base"
     else:
         label = short_target(target)
+        if t.get("kind") == "tuned" and t.get("name"):
+            label = f"tuned {t['name']}/{label.rsplit('/', 1)[-1]}"
         if t.get("kind") == "tuned" and t.get("step") is not None and "checkpoint-" not in label:
             label += f" · step {t['step']}"
     return label + (" ●" if t.get("loaded") else "")

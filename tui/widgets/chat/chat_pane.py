@@ -7,6 +7,10 @@ Everything comes from the backend (``chat.targets``, ``chat.load``, ``chat.send`
 conversation from them; ``chat.delta`` (live only) streams the text into each answer's Markdown
 widget through ``Markdown.get_stream``, never a refresh per token. The whole conversation is sent
 with each message (multi-turn); escape stops the answer being written (``job.cancel``).
+
+The targets chosen, the generation settings as typed, whether they are shown, and the view
+(conversation or evaluation) are the pane's state ``"chat"``, kept by the backend
+(tui/ui_state.py): they come back after a re-attach, and a second terminal shows them.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Button, Collapsible, ContentSwitcher, Input, Select, Static
+from textual.widgets import Button, Checkbox, Collapsible, ContentSwitcher, Input, Select, Static
 
 from backend import protocol as P
 from tui.client import CONNECTED, RequestFailed
 from tui.messages import ConnectionChanged
 from tui.modals.confirm_screen import ConfirmScreen
 from tui.modals.export_screen import ExportScreen
+from tui.ui_state import UiChange, read_fields, write_fields
 from tui.widgets.backend_requests import BackendRequests
 from tui.widgets.chat.answer_view import AnswerView
 from tui.widgets.chat.backend_call import by_method
@@ -38,6 +43,8 @@ NO_COMPARE = ""
 CHAT_VIEW, EVAL_VIEW = "chat-view", "eval-view"
 #: Jobs after which the list of targets may have changed (a new adapter, a model loaded/freed).
 TARGET_JOBS = {"chat.load", "train.start", "merge.start", "model.load", "gpu.free", "backend.restart"}
+#: The key of this pane's state in the backend (tui/ui_state.py).
+STATE_KEY = "chat"
 
 
 def failure_text(what: str, p: dict[str, Any]) -> str:
@@ -65,9 +72,10 @@ class ChatPane(BackendRequests, Vertical):
                 tooltip="Show or hide the generation settings (max_new_tokens, temperature, top_p, ...)."),
         Binding("f3", "toggle_compare", "Compare", id="chat.compare",
                 tooltip="Compare mode: each prompt is answered by the target and a second one, side by side."),
-        Binding("f6", "toggle_eval", "Evaluate", id="chat.evaluate",
+        Binding("f6", "toggle_eval", "Eval", id="chat.evaluate",
                 tooltip="Switch between the conversation and the evaluation table."),
-        Binding("ctrl+l", "clear", "Clear", id="chat.clear",
+        # Clear is listed by ? and the palette: the footer keeps room for q Quit at 80 columns.
+        Binding("ctrl+l", "clear", "Clear", id="chat.clear", show=False,
                 tooltip="Start a new conversation (chat.clear); the old one stays in the session."),
         Binding("ctrl+s", "export", "Export", id="chat.export",
                 tooltip="Write the conversation to a Markdown or JSONL file (chat.export)."),
@@ -128,7 +136,51 @@ class ChatPane(BackendRequests, Vertical):
         self.query_one(f"#{CHAT_VIEW}", VerticalScroll).anchor()
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
         self.app.connection_changed.subscribe(self, self.on_connection)  # type: ignore[attr-defined]
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            ui_state.changed.subscribe(self, self.on_ui_state)
         self.on_connection(self.app.connection)  # type: ignore[attr-defined]
+
+    # The pane's state, kept by the backend (tui/ui_state.py) ----------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The targets, the settings as typed and the view (the pane's ``"chat"`` state)."""
+        target, compare = self._follow if self._follow is not None else (self.target, self.compare_with)
+        return {
+            "target": target,
+            "compare": compare,
+            "settings": read_fields(self.settings_form),
+            "settings_shown": not self.query_one(Collapsible).collapsed,
+            "view": self.view,
+        }
+
+    def save_state(self) -> None:
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None and self.is_mounted:
+            ui_state.set(STATE_KEY, self.state())
+
+    def on_ui_state(self, change: UiChange) -> None:
+        if change.key != STATE_KEY or not isinstance(change.value, dict):
+            return
+        state = change.value
+        with self.prevent(Input.Changed, Select.Changed):
+            write_fields(self.settings_form, state.get("settings") or {})
+        self.settings_form.settings()  # marks what is wrong, as typing would
+        self.query_one(Collapsible).collapsed = not state.get("settings_shown")
+        if state.get("view") in (CHAT_VIEW, EVAL_VIEW) and state["view"] != self.view:
+            self._show_view(state["view"], focus=False)
+        if state.get("target"):
+            self._follow_targets(str(state["target"]), str(state.get("compare") or NO_COMPARE))
+
+    @on(Select.Changed, "#chat-target, #chat-compare, #chat-template")
+    @on(Input.Changed, "#chat-settings-form Input")
+    @on(Checkbox.Changed, "#chat-do-sample")
+    @on(Collapsible.Expanded)
+    @on(Collapsible.Collapsed)
+    def _chosen(self, event) -> None:
+        if isinstance(event, Select.Changed) and event.select.id in ("chat-target", "chat-compare"):
+            self._follow = None  # the user's choice now
+        self.save_state()
 
     # Parts ----------------------------------------------------------------------------------------
 
@@ -508,14 +560,19 @@ class ChatPane(BackendRequests, Vertical):
         self.status(f"compare: {short_target(self.target)} | {short_target(pick)} (each prompt, side by side)", "")
 
     def action_toggle_eval(self) -> None:
+        self._show_view(EVAL_VIEW if self.view == CHAT_VIEW else CHAT_VIEW)
+        self.save_state()
+
+    def _show_view(self, view: str, focus: bool = True) -> None:
         switcher = self.query_one(ContentSwitcher)
-        switcher.current = EVAL_VIEW if switcher.current == CHAT_VIEW else CHAT_VIEW
-        in_eval = switcher.current == EVAL_VIEW
+        switcher.current = view
+        in_eval = view == EVAL_VIEW
         self.query_one("#chat-input").display = not in_eval
-        if in_eval:
-            self.query_one("#eval-targets").focus()
-        else:
-            self.query_one("#chat-input", Input).focus()
+        if focus:
+            if in_eval:
+                self.query_one("#eval-targets").focus()
+            else:
+                self.query_one("#chat-input", Input).focus()
         self.refresh_bindings()
 
     def action_clear(self) -> None:

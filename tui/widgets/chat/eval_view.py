@@ -68,9 +68,13 @@ class EvalView(Vertical):
         return self.query_one("#eval-table", DataTable)
 
     def set_targets(self, targets: list[dict[str, Any]]) -> None:
-        """Offer ``chat.targets``' targets; those ticked before stay ticked (base by default)."""
+        """Offer ``chat.targets``' targets; those ticked before stay ticked. By default the base
+        and the newest trained adapter: base against tuned is the comparison people want, and the
+        adapter's run gives the validation text that perplexity is measured on."""
         sl = self.query_one("#eval-targets", SelectionList)
-        keep = set(sl.selected) or {"base"}
+        newest = next((str(t["id"]) for t in targets if t.get("kind") == "tuned" and "checkpoint-" not in str(t["id"])),
+                      next((str(t["id"]) for t in targets if t.get("kind") == "tuned"), None))
+        keep = set(sl.selected) or {"base", *([newest] if newest else [])}
         sl.clear_options()
         sl.add_options([(target_label(t), t["id"], t["id"] in keep) for t in targets])
 
@@ -111,3 +115,8 @@ class EvalView(Vertical):
         else:
             self.table.add_row(*cells, key=target)
         self.rows[target] = dict(row)
+        if row.get("perplexity") is None:
+            # The table shows "—": say why, without waiting for the row to be highlighted.
+            why = next((n.strip() for n in str(row.get("note") or "").split(";")
+                        if "perplexity" in n), "no text to score")
+            self.status(f"perplexity — for {row.get('label') or target}: {why.removeprefix('perplexity on ')}")

@@ -10,6 +10,11 @@ Everything shown comes from the backend and can be asked for again. The prepared
 plain data (:attr:`DataPane.settings`, a ``backend.protocol.PreparedData`` as a dict): the LoRA
 and Train panes send it back to the backend as it is, and :class:`DataPane.SettingsChanged`
 tells them when it changes.
+
+What the user typed and chose here (the path fields, the dataset opened, its mapping, template,
+loss and split, the filter, the inner tab) is the pane's state ``"data"``, kept by the backend
+(:mod:`tui.ui_state`): after a re-attach, a backend restart or in a second terminal the same
+dataset is opened again (at once when the backend still holds it) with the same choices.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from textual.widgets import Button, DataTable, Input, Static, TabbedContent, Tab
 
 from backend import protocol as P
 from tui.client import RequestFailed
+from tui.ui_state import UiChange, read_fields, write_fields
 from tui.widgets.backend_requests import BackendRequests
 from tui.widgets.data.columns_table import ColumnsTable
 from tui.widgets.data.mapping_form import MappingForm
@@ -47,6 +53,10 @@ CELL_CHARS = 60
 ROW_DELAY_S = 0.12
 FILTER_DELAY_S = 0.35
 SETTINGS_DELAY_S = 0.2
+#: The key of this pane's state in the backend (tui/ui_state.py).
+STATE_KEY = "data"
+#: The fields naming the dataset to open.
+SOURCE_FIELDS = ("data-path", "data-config", "data-split")
 
 
 def sample_dataset_path() -> str:
@@ -57,27 +67,32 @@ def sample_dataset_path() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "samples" / "dolly_sample.jsonl")
 
 
+#: The inner tabs' keys, shown together in the footer ("rdcmvs tabs"; ? names each).
+TAB_KEYS = Binding.Group("tabs", compact=True)
+
+
 class DataPane(BackendRequests, Vertical):
     """The Data tab."""
 
     BINDINGS = [
-        Binding("ctrl+o", "focus_path", "Open", id="data.open",
-                tooltip="Type a data file, a folder or a Hub id (owner/name) to open, then press enter."),
+        Binding("ctrl+o", "open", "Open", id="data.open",
+                tooltip="Open the data file, folder or Hub id (owner/name) named in the path box "
+                        "(with an empty box: go there to type one)."),
         Binding("slash", "focus_filter", "Filter", id="data.filter",
                 tooltip="Filter the rows: text anywhere (any case), or column:text for one column."),
         Binding("t", "count_tokens", "Count tokens", id="data.count-tokens",
                 tooltip="Token lengths of every row as training will tokenize them (a backend job)."),
-        Binding("r", "show_tab('data-rows-tab')", "Rows", id="data.tab.rows", show=False,
+        Binding("r", "show_tab('data-rows-tab')", "Rows", id="data.tab.rows", group=TAB_KEYS,
                 tooltip="Show the rows of the open dataset, a page at a time."),
-        Binding("d", "show_tab('data-row-tab')", "Row detail", id="data.tab.row", show=False,
+        Binding("d", "show_tab('data-row-tab')", "Row", id="data.tab.row", group=TAB_KEYS,
                 tooltip="Show the highlighted row in full."),
-        Binding("c", "show_tab('data-columns-tab')", "Columns", id="data.tab.columns", show=False,
+        Binding("c", "show_tab('data-columns-tab')", "Columns", id="data.tab.columns", group=TAB_KEYS,
                 tooltip="Show the columns: types, null counts, examples."),
-        Binding("m", "show_tab('data-format-tab')", "Mapping", id="data.tab.format", show=False,
+        Binding("m", "show_tab('data-format-tab')", "Format", id="data.tab.format", group=TAB_KEYS,
                 tooltip="Correct the role -> column mapping; choose the template, the loss and the split."),
-        Binding("v", "show_tab('data-preview-tab')", "Preview", id="data.tab.preview", show=False,
+        Binding("v", "show_tab('data-preview-tab')", "Preview", id="data.tab.preview", group=TAB_KEYS,
                 tooltip="Show the exact training text of the highlighted row, loss tokens highlighted."),
-        Binding("s", "show_tab('data-stats-tab')", "Stats", id="data.tab.stats", show=False,
+        Binding("s", "show_tab('data-stats-tab')", "Stats", id="data.tab.stats", group=TAB_KEYS,
                 tooltip="Show the token-length statistics."),
     ]
 
@@ -96,9 +111,13 @@ class DataPane(BackendRequests, Vertical):
         self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._open_job = ""
         self._stats_job = ""
+        #: The settings the token statistics shown were counted for.
+        self._stats_for: dict[str, Any] | None = None
         self._row_timer = None
         self._filter_timer = None
         self._settings_timer = None
+        #: A restored state whose dataset is being opened again (its choices wait for it), or None.
+        self.restoring: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="data-source"):
@@ -125,6 +144,8 @@ class DataPane(BackendRequests, Vertical):
                 yield ColumnsTable(id="data-columns")
             with TabPane("Format", id="data-format-tab"):
                 with VerticalScroll(id="data-format"):
+                    yield Static("No dataset open: the Format tab maps the columns of the open one.",
+                                 id="data-format-caption", markup=False)
                     yield MappingForm(id="data-mapping")
                     yield SplitForm(id="data-split-form")
             with TabPane("Preview", id="data-preview-tab"):
@@ -134,6 +155,75 @@ class DataPane(BackendRequests, Vertical):
 
     def on_mount(self) -> None:
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            ui_state.changed.subscribe(self, self.on_ui_state)
+
+    # The pane's state, kept by the backend -----------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What the user typed and chose here, as plain data (the pane's ``"data"`` state)."""
+        if self.restoring is not None:
+            return self.restoring  # until its dataset is open again, the restored state stands
+        return {
+            "fields": read_fields(self, SOURCE_FIELDS),
+            "open": self.source or None,
+            "format": {**read_fields(self.query_one(MappingForm)), **read_fields(self.query_one(SplitForm))},
+            "filter": self.query_one("#data-filter", Input).value,
+            "tab": self.query_one("#data-tabs", TabbedContent).active,
+        }
+
+    def save_state(self) -> None:
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None and self._alive():
+            ui_state.set(STATE_KEY, self.state())
+
+    def on_ui_state(self, change: UiChange) -> None:
+        if change.key == STATE_KEY and isinstance(change.value, dict):
+            self.restore(change.value)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Show a state of this pane: its fields at once; its dataset opened again (at once when
+        the backend still holds it), then its mapping, split and filter."""
+        write_fields(self, {k: v for k, v in (state.get("fields") or {}).items() if k in SOURCE_FIELDS})
+        wanted = state.get("open")
+        if isinstance(wanted, dict) and wanted.get("path") and wanted != (self.source or None):
+            self.restoring = state
+            self.reopen(wanted)
+        else:
+            self._restore_choices(state)
+
+    @work(name="open the dataset again", group="data.open", exclusive=True, exit_on_error=False)
+    async def reopen(self, source: dict[str, Any]) -> None:
+        try:
+            summary = await self._open(source)
+            if summary is not None:
+                self.show_summary(summary)
+                if self.restoring is not None:
+                    self._restore_choices(self.restoring)
+        finally:
+            self.restoring = None
+        self.save_state()
+        self.post_message(self.SettingsChanged(self.settings or {}))
+
+    def _restore_choices(self, state: dict[str, Any]) -> None:
+        """The mapping, template, loss, split and filter of ``state`` on the open dataset."""
+        with self.prevent(MappingForm.Changed, SplitForm.Changed):
+            write_fields(self.query_one(MappingForm), state.get("format") or {})
+            write_fields(self.query_one(SplitForm), state.get("format") or {})
+        if isinstance(state.get("filter"), str):
+            self.query_one("#data-filter", Input).value = state["filter"]
+            self._apply_filter()
+        tab = state.get("tab")
+        if isinstance(tab, str) and self.query(f"#{tab}"):
+            self.query_one("#data-tabs", TabbedContent).active = tab
+        if self.summary is not None:
+            self._settings_changed()
+
+    @on(Input.Changed, "#data-path, #data-config, #data-split, #data-filter")
+    @on(TabbedContent.TabActivated, "#data-tabs")
+    def _typed(self, event: Message) -> None:
+        self.save_state()
 
     def _alive(self) -> bool:
         """False once the pane is being taken down (a timer may still fire then)."""
@@ -248,9 +338,33 @@ class DataPane(BackendRequests, Vertical):
         if not source["path"]:
             self._status("Type a data file, a folder or a Hub id first.", "error")
             return
-        summary = await self._open(source, reload)
+        try:
+            summary = await self._open(source, reload)
+        except RequestFailed as exc:  # refused at once (a bad source): said like a failed job
+            error = (exc.reply.result or {}).get("error") or {"message": exc.reply.reason or exc.reply.code}
+            self._show_error(error, "could not open the dataset: ")
+            summary = None
         if summary is not None:
             self.show_summary(summary)
+        elif self.summary is not None:
+            self._still_open(source)
+
+    def _still_open(self, failed: dict[str, Any]) -> None:
+        """A failed open leaves the previous dataset open: say which, here and in a notice, so
+        that nobody trains it believing the new one is in use."""
+        name = self.dataset_name
+        status = self.query_one("#data-status", Static)
+        status.update(f"{status.content}\n{name} stays open: Rows, Format, Stats and the LoRA tab still use it")
+        self.notify(f"{failed.get('path')} could not be opened; {name} stays open and the LoRA tab still uses it.",
+                    severity="warning", timeout=8, markup=False)
+
+    @property
+    def dataset_name(self) -> str:
+        """The open dataset's file name (or Hub id), "" when none is open."""
+        if self.summary is None:
+            return ""
+        path = self.summary["source"]["path"]
+        return Path(path).name or path
 
     def show_summary(self, summary: dict[str, Any]) -> None:
         """A dataset is open: fill the columns, the forms, the status; ask for the first page."""
@@ -264,13 +378,20 @@ class DataPane(BackendRequests, Vertical):
         self.query_one(RowsTable).clear_rows()
         self.query_one(RowDetail).show_message("Highlight a row in the Rows tab to see it here in full.")
         self.query_one(PreviewView).show_message("Highlight a row: its training text appears here.")
-        name = Path(summary["source"]["path"]).name or summary["source"]["path"]
+        name = self.dataset_name
+        # Every view names the dataset it describes; figures of the last one go.
+        self.query_one(SplitForm).show_counts(None)
+        self.query_one(TokenStatsView).reset(name)
+        self._stats_for = None
+        self.query_one("#data-format-caption", Static).update(
+            f"Format of {name} · {summary['num_rows']:,} rows ({summary['split']}) · what training will use")
         notes = f" · {summary['notes'][0]}" if summary.get("notes") else ""
         self._status(f"{name} · {summary['num_rows']:,} rows ({summary['split']}) · "
                      f"{summary['shape']}: {summary['shape_label']}{notes}",
                      "error" if summary["shape"] == "unknown" else "")
         self.load_page(0)
         self._settings_changed()
+        self.save_state()
 
     # Pages --------------------------------------------------------------------------------------
 
@@ -372,6 +493,7 @@ class DataPane(BackendRequests, Vertical):
     @on(MappingForm.Changed)
     @on(SplitForm.Changed)
     def _form_changed(self, event: Message) -> None:
+        self.save_state()
         if self._settings_timer is not None:
             self._settings_timer.stop()
         self._settings_timer = self.set_timer(SETTINGS_DELAY_S, self._settings_changed)
@@ -384,6 +506,8 @@ class DataPane(BackendRequests, Vertical):
         if settings is None:
             return
         self.query_one(ColumnsTable).show_columns(self.summary["columns"], settings["mapping"])
+        if self._stats_for is not None and self._stats_for != settings:
+            self.query_one(TokenStatsView).mark_stale()
         self.post_message(self.SettingsChanged(settings))
         index = self.query_one(RowsTable).highlighted_index
         self.load_preview(index if index is not None else 0)
@@ -402,7 +526,10 @@ class DataPane(BackendRequests, Vertical):
         self._stats_job = started["job_id"]
         done = await self._wait_job(self._stats_job)
         if done.get("status") == "done":
+            self._stats_for = settings
             view.show_stats(done["result"]["stats"])
+            if settings != self.settings:
+                view.mark_stale()  # changed while counting
         elif done.get("status") == "cancelled":
             view.show_status("■ counting was cancelled")
         else:
@@ -427,6 +554,14 @@ class DataPane(BackendRequests, Vertical):
 
     def action_focus_path(self) -> None:
         self.query_one("#data-path", Input).focus()
+
+    def action_open(self) -> None:
+        """ctrl+o: open what the path box names (the same as Open); an empty box gets the focus."""
+        if self._requested_source()["path"]:
+            self.open_dataset()
+        else:
+            self.action_focus_path()
+            self._status("Type a data file, a folder or a Hub id, then press enter.")
 
     def action_focus_filter(self) -> None:
         self.action_show_tab("data-rows-tab")

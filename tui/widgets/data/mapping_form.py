@@ -61,7 +61,7 @@ class MappingForm(Vertical):
             with Horizontal(classes="data-form-row"):
                 yield Label(role, classes="data-form-label")
                 yield Select([], prompt="(not mapped)", id=f"map-{role}", compact=True,
-                             tooltip=f"The column used as {role}: {ROLE_HELP[role]}.")
+                             tooltip=f"The column used as {role}: {ROLE_HELP.get(role, 'a column of preference rows')}.")
         with Horizontal(classes="data-form-row"):
             yield Label("template", classes="data-form-label")
             yield Select([(label, value) for value, label in TEMPLATE_LABELS.items()], value="chat",

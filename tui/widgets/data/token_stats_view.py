@@ -19,6 +19,26 @@ class TokenStatsView(VerticalScroll):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.stats: dict[str, Any] | None = None
+        #: The dataset these figures describe (its file name), and whether its settings have
+        #: changed since they were counted.
+        self.dataset = ""
+        self.stale = False
+
+    def reset(self, dataset: str) -> None:
+        """Another dataset is open: the figures of the last one go; nothing counted yet."""
+        self.stats, self.dataset, self.stale = None, dataset, False
+        self.show_status(f"Token lengths of {dataset}: not counted yet (t counts every row as trl will).")
+        for selector in ("#stats-summary", "#stats-axis", "#stats-errors"):
+            self.query_one(selector, Static).update("")
+        self.query_one(LengthHistogram).set_counts([])
+
+    def mark_stale(self) -> None:
+        """The mapping, template, loss or split changed since the count: the figures stay, marked."""
+        if self.stats is None or self.stale:
+            return
+        self.stale = True
+        self.show_status(f"⚠ {self.dataset}: counted before the settings changed (mapping, template, loss or "
+                         "split): these figures are out of date; t counts again")
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="stats-bar"):
@@ -40,10 +60,11 @@ class TokenStatsView(VerticalScroll):
 
     def show_stats(self, st: dict[str, Any]) -> None:
         """Show a ``data.stats`` result."""
-        self.stats = st
+        self.stats, self.stale = st, False
         theme = self.app.theme_variables
         skipped = f", {st['skipped']:,} skipped" if st.get("skipped") else ""
-        self.show_status(f"✔ {st['rows']:,} rows tokenized with {st['tokenizer']}{skipped}")
+        of = f"{self.dataset}: " if self.dataset else ""
+        self.show_status(f"✔ {of}{st['rows']:,} rows tokenized with {st['tokenizer']}{skipped}")
         summary = Text()
         if not st["rows"]:
             summary.append("No row could be formatted: see below.", style="bold")

@@ -9,7 +9,13 @@ they make the run config, plain data (``protocol.RunConfig``).
 Each change is checked at once for types and ranges, then (debounced) by the backend's
 ``train.validate``, whose errors are shown at their fields and whose trainable-parameter count and
 memory estimate fill the line under the form. Start is enabled only for a config the backend
-found valid, while no job runs. Presets come from ``train.presets``; a config is exported to and
+found valid, while no job runs, and never while the Data tab is still opening again the dataset
+the user had chosen (the config would otherwise name another dataset than the one shown).
+
+What the user typed and chose here (every field as typed, the name, the file path, the resume
+choice, a preset's or a file's model and data sections) is the pane's state ``"lora"``, kept by
+the backend (:mod:`tui.ui_state`): it comes back after a re-attach or a backend restart, and a
+second terminal shows the same values. Presets come from ``train.presets``; a config is exported to and
 imported from TOML by the backend; a run can resume from a checkpoint of ``train.checkpoints``.
 """
 
@@ -23,15 +29,18 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.message import Message
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
 from backend import protocol as P
 from tui.client import CONNECTED, BackendUnavailable, RequestFailed
 from tui.messages import ConnectionChanged
 from tui.modals.confirm_screen import ConfirmScreen
+from tui.ui_state import UiChange, set_control, write_fields
 from tui.widgets.backend_requests import BackendRequests
-from tui.widgets.lora.run_config import build_config, cross_errors, flatten
+from tui.widgets.lora.run_config import FIELDS, TARGET_MODULES, build_config, cross_errors, flatten
 from tui.widgets.lora.run_form import RunForm
+from tui.widgets.lora.target_modules_picker import TargetModulesPicker
 from tui.widgets.lora.validation_line import ValidationLine
 
 #: Typing pauses this long before the backend checks the run.
@@ -39,6 +48,22 @@ VALIDATE_DELAY_S = 0.4
 #: The precision fields a preset may set on the model section.
 PRECISION_FIELDS = ("precision", "quant_type", "double_quant", "compute_dtype")
 FRESH_START = "fresh"
+#: The key of this pane's state in the backend (tui/ui_state.py).
+STATE_KEY = "lora"
+
+
+def checkpoint_label(c: dict[str, Any]) -> str:
+    """A checkpoint as the resume list offers it, on one line: the run's name (its session's short
+    id when it has none), the step, the loss and when it was saved: ``resume dolly-r16 · step 40 ·
+    loss 1.2345 · 12-07 14:02``."""
+    import time
+
+    from tui.widgets.chat.chat_format import short_session
+
+    run = str(c.get("name") or "") or short_session(str(c.get("session") or "?"))
+    when = time.strftime("%m-%d %H:%M", time.localtime(c["created"])) if isinstance(c.get("created"), (int, float)) else ""
+    loss = f" · loss {c['loss']:.4f}" if isinstance(c.get("loss"), (int, float)) else ""
+    return f"resume {run} · step {c.get('step', '?')}{loss}{f' · {when}' if when else ''}"
 
 
 def expand_path(text: str, cwd: str | None = None) -> str:
@@ -101,6 +126,7 @@ class LoraPane(BackendRequests, Vertical):
         self._data_adopted: Any = None
         #: The config the backend last found valid, its errors and result.
         self.validated: dict[str, Any] | None = None
+        self.validated_result: dict[str, Any] = {}
         self.server_errors: dict[str, str] = {}
         self._server_errors_for: dict[str, Any] | None = None
         #: An imported file's errors (by field, with its line), shown while the config is as read.
@@ -110,6 +136,8 @@ class LoraPane(BackendRequests, Vertical):
         self._message = ""
         #: The train.start job this pane started ("" when none runs).
         self._started_job = ""
+        #: A restored resume choice that train.checkpoints has not offered yet.
+        self._wanted_resume: str | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="lora-bar"):
@@ -146,8 +174,90 @@ class LoraPane(BackendRequests, Vertical):
     def on_mount(self) -> None:
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
         self.app.connection_changed.subscribe(self, self.on_connection)  # type: ignore[attr-defined]
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            ui_state.changed.subscribe(self, self.on_ui_state)
         self.sync_sections()
         self.on_connection(self.app.connection)  # type: ignore[attr-defined]
+
+    # The pane's state, kept by the backend -----------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What the user typed and chose here, as plain data (the pane's ``"lora"`` state)."""
+        resume = self._wanted_resume or self.query_one("#lora-resume", Select).value
+        return {
+            "fields": {f.path: self.form.row(f.path).raw for f in FIELDS},
+            "target_modules": self.form.picker.value,
+            "name": self.query_one("#run-name", Input).value,
+            "path": self.query_one("#lora-path", Input).value,
+            "resume": resume if isinstance(resume, str) else FRESH_START,
+            "model_override": self._model_override,
+            "model_override_origin": self._model_override_origin,
+            "data_override": self._data_override,
+            "data_override_origin": self._data_override_origin,
+            # The Data tab's settings last taken into the form: the same settings coming back
+            # with the Data tab's own state then leave the form's max_length and loss as typed.
+            "data_adopted": self._data_adopted,
+        }
+
+    def save_state(self) -> None:
+        """Hand the pane's state to the backend (coalesced; see tui/ui_state.py)."""
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None and self.is_mounted:
+            ui_state.set(STATE_KEY, self.state())
+
+    def on_ui_state(self, change: UiChange) -> None:
+        if change.key == STATE_KEY and isinstance(change.value, dict):
+            self.restore(change.value)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Show a state of this pane (stored by the backend, or set in another terminal)."""
+        fields = state.get("fields") or {}
+        with self.form.prevent(Input.Changed, Select.Changed, Checkbox.Changed, TargetModulesPicker.Changed):
+            for f in FIELDS:
+                if f.path in fields:
+                    set_control(self.form.row(f.path).control, fields[f.path])
+            self.form.picker.set_value(state.get("target_modules") or "all-linear")
+            write_fields(self, {"run-name": state.get("name") or "", "lora-path": state.get("path") or ""})
+        self._wanted_resume = str(state.get("resume") or FRESH_START)
+        self._offer_resume()
+        model, data = state.get("model_override"), state.get("data_override")
+        if isinstance(model, dict):
+            self._set_model_override(model, str(state.get("model_override_origin") or ""))
+        else:
+            self._model_override = None
+        if isinstance(data, dict):
+            self._data_override, self._data_override_origin = dict(data), str(state.get("data_override_origin") or "")
+            self._data_seen = self._data_pane_settings()
+        else:
+            self._data_override = None
+        if "data_adopted" in state:
+            self._data_adopted = state["data_adopted"]
+        self.sync_sections()
+        self.check()
+
+    def data_changed(self) -> None:
+        """The Data tab's prepared dataset changed (opened, restored, mapped): show and check it."""
+        self.sync_sections()
+        self.check()
+
+    def _data_reopening(self) -> str:
+        """The dataset the Data tab is opening again after a re-attach ("" when none): until it
+        is open, the config would name another dataset than the user chose."""
+        from tui.widgets.data.data_pane import DataPane
+
+        for pane in self.screen.query(DataPane):
+            if pane.restoring is not None:
+                return str((pane.restoring.get("open") or {}).get("path") or "the dataset")
+        return ""
+
+    def _offer_resume(self) -> None:
+        """Choose the restored resume checkpoint once train.checkpoints offers it."""
+        if self._wanted_resume is None:
+            return
+        with self.prevent(Select.Changed):
+            if not write_fields(self, {"lora-resume": self._wanted_resume}):
+                self._wanted_resume = None
 
     def on_show(self) -> None:
         # The Model and Data tabs may have changed while this one was hidden.
@@ -251,11 +361,11 @@ class LoraPane(BackendRequests, Vertical):
         keep = select.value
         options: list[tuple[str, str]] = [("fresh start (no checkpoint)", FRESH_START)]
         for c in checkpoints:
-            loss = f" · loss {c['loss']:.4f}" if isinstance(c.get("loss"), (int, float)) else ""
-            options.append((f"resume {str(c.get('session', ''))[:8]} step {c.get('step', '?')}{loss}", c["path"]))
+            options.append((checkpoint_label(c), c["path"]))
         with self.prevent(Select.Changed):
             select.set_options(options)
             select.value = keep if keep in {v for _, v in options} else FRESH_START
+        self._offer_resume()
 
     # The model and dataset sections -------------------------------------------------------------------
 
@@ -347,6 +457,14 @@ class LoraPane(BackendRequests, Vertical):
         event.stop()
         self.sync_sections()
         self.check()
+        self.save_state()
+
+    @on(Input.Changed, "#lora-path")
+    @on(Select.Changed, "#lora-resume")
+    def _choice_changed(self, event: Message) -> None:
+        if isinstance(event, Select.Changed):
+            self._wanted_resume = None
+        self.save_state()
 
     def check(self) -> None:
         """Check the config now (locally) and soon (the backend): errors at their fields."""
@@ -354,13 +472,19 @@ class LoraPane(BackendRequests, Vertical):
         local = self.local_errors(config)
         server = self.server_errors if self._server_errors_for == config else {}
         self.form.show_errors({**self._file_errors(config), **server, **local})
+        self.form.show_warnings(dict(self.validated_result.get("warnings") or {}) if self.validated == config else {})
         if self._validate_timer is not None:
             self._validate_timer.stop()
             self._validate_timer = None
+        reopening = self._data_reopening()
         if local:
             self.line.show_invalid(local)
+        elif reopening:
+            self.line.show_waiting(f"the Data tab is opening {reopening} again: the run is checked once it is open")
         elif self.validated == config:
-            pass  # checked already; the line says what the backend said
+            # Checked already (e.g. a field cleared and typed again): the backend's answer again,
+            # not the error summary the cleared field left.
+            self.line.show_result(self.validated_result)
         elif not self.connected:
             self.line.show_failure("not connected to the backend: the run cannot be checked or started "
                                    "(ctrl+r starts one)")
@@ -406,7 +530,8 @@ class LoraPane(BackendRequests, Vertical):
         self.server_errors, self._server_errors_for = errors, config
         self.form.show_errors({**self._file_errors(config), **errors})
         if result.get("ok") and not errors:
-            self.validated = config
+            self.validated, self.validated_result = config, dict(result)
+            self.form.show_warnings(dict(result.get("warnings") or {}))
             self.line.show_result(result)
         else:
             self.validated = None
@@ -421,7 +546,7 @@ class LoraPane(BackendRequests, Vertical):
         config = self.config()
         # Any message at a field keeps Start off, an imported file's included.
         return (self.connected and self.job is None and self.validated is not None
-                and self.validated == config and not self._file_errors(config))
+                and self.validated == config and not self._file_errors(config) and not self._data_reopening())
 
     def _update_start(self) -> None:
         if not self.is_mounted:
@@ -465,6 +590,8 @@ class LoraPane(BackendRequests, Vertical):
             return "Cannot start: not connected to the backend (ctrl+r starts one)."
         if self.job is not None:
             return f"Cannot start yet: a {self.job.get('kind') or ''} job runs (ctrl+g stops it)."
+        if self._data_reopening():
+            return f"Cannot start yet: the Data tab is opening {self._data_reopening()} again."
         if self.local_errors():
             return "Cannot start: " + "; ".join(f"{k}: {v}" for k, v in sorted(self.local_errors().items()))
         if self._file_errors(self.config()):

@@ -24,6 +24,8 @@ DATA_DEFAULTS = P.to_dict(P.PreparedData(source={"path": "", "config": "", "spli
 MODEL_DEFAULTS = P.to_dict(P.ModelSettings(source=""))
 METHOD_DEFAULTS = {m: P.to_dict(cls()) for m, cls in P.METHOD_SETTINGS.items()}
 
+#: The kinds typed as numbers (``steps``: whole steps, or a fraction of the run below 1).
+NUMBER_KINDS = ("int", "float", "steps")
 #: The two ``bool | None`` settings (``bf16``, ``fp16``) as a three-way choice.
 TRISTATE = {"auto": None, "true": True, "false": False}
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -117,7 +119,7 @@ def default_text(path: str) -> Any:
 
 def to_control(field: Field, value: Any) -> Any:
     """A config value as the field's control holds it."""
-    if field.kind in ("int", "float"):
+    if field.kind in NUMBER_KINDS:
         return format_number(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
     if field.kind == "names":
         return ", ".join(value) if isinstance(value, list) else str(value or "")
@@ -160,6 +162,8 @@ def parse(field: Field, raw: Any) -> tuple[Any, str]:
     text = str(raw or "").strip().replace("_", "")
     if not text:
         return None, "required: " + _range_text(field)
+    if kind == "steps":
+        return _parse_steps(field, text, raw)
     try:
         value: Any = int(text) if kind == "int" else float(text)
     except ValueError:
@@ -176,7 +180,23 @@ def parse(field: Field, raw: Any) -> tuple[Any, str]:
     return value, ""
 
 
+def _parse_steps(field: Field, text: str, raw: Any) -> tuple[Any, str]:
+    """A whole number of steps (at least the field's minimum) or a fraction of the run in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None, f"not a number: {raw!r}; " + _range_text(field)
+    if math.isfinite(value) and 0 < value < 1:
+        return value, ""
+    if math.isfinite(value) and value == int(value) and value >= (field.minimum or 0):
+        return int(value), ""
+    return value, "out of range: " + _range_text(field)
+
+
 def _range_text(field: Field) -> str:
+    if field.kind == "steps":
+        zero = "0 (only at the end), " if field.minimum == 0 else ""
+        return f"{zero}a whole number of steps of at least 1, or a fraction of the run below 1"
     low, high = field.minimum, field.maximum
     what = "a whole number" if field.kind == "int" else "a number"
     if low is not None and high is not None:
@@ -244,7 +264,7 @@ def build_config(values: dict[str, Any], model: dict[str, Any] | None, data: dic
         if path == METHOD:
             continue
         section, key = path.split(".", 1)
-        if value is None and FIELD_BY_PATH.get(path, Field(path, "", "")).kind in ("int", "float"):
+        if value is None and FIELD_BY_PATH.get(path, Field(path, "", "")).kind in NUMBER_KINDS:
             continue  # unparseable: the default stands in; the field shows its error
         sections[section][key] = value
     return {"version": P.RUN_CONFIG_VERSION, "name": name, "method": method, **sections}

@@ -184,7 +184,10 @@ class RunForm(VerticalScroll):
         """Finished runs' adapters (``merge.adapters``, newest first) as the start adapter's
         completions, SFT runs' first; the newest SFT adapter is named in the placeholder."""
         def is_sft(a: dict[str, Any]) -> bool:
-            return a.get("method") == "sft"
+            # merge.adapters names the run's config.toml by its path; its method is "method".
+            config = a.get("run_config")
+            method = config.get("method") if isinstance(config, dict) else a.get("method")
+            return (method or "sft") == "sft"
 
         ordered = [a for a in adapters if is_sft(a)] + [a for a in adapters if not is_sft(a)]
         paths = [str(a["path"]) for a in ordered if a.get("path")]
@@ -234,6 +237,11 @@ class RunForm(VerticalScroll):
             line.update("\n".join(f"✖ {m}" for m in placed[where]))
             line.display = bool(placed[where])
         self._show_lines()
+
+    def show_warnings(self, warnings: dict[str, str]) -> None:
+        """Show the backend's warnings at their fields (under any error they yield to)."""
+        for f in FIELDS:
+            self.row(f.path).show_warning(warnings.get(f.path, ""))
 
     def focus_error(self) -> bool:
         """Focus the first field with an error (False when none has one)."""

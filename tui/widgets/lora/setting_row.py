@@ -26,6 +26,8 @@ class SettingRow(Vertical):
         self.field = field
         #: The error shown ("" when none) and whether it came from the local checks.
         self.error = ""
+        #: The backend's warning for this setting ("" when none), shown when there is no error.
+        self.warning = ""
 
     def compose(self) -> ComposeResult:
         field = self.field
@@ -45,7 +47,7 @@ class SettingRow(Vertical):
         if field.kind == "tristate":
             return Select([(k, k) for k in TRISTATE], value=value, allow_blank=False, compact=True,
                           classes="setting-control", tooltip=tip)
-        kind = {"int": "integer", "float": "number"}.get(field.kind, "text")
+        kind = {"int": "integer", "float": "number", "steps": "number"}.get(field.kind, "text")
         # Our own checks (with ranges) say what is wrong; Textual's type validators would only
         # repeat "must be a number".
         placeholder = "none (e.g. lm_head, embed_tokens)" if field.kind == "names" else ""
@@ -82,7 +84,20 @@ class SettingRow(Vertical):
         if message == self.error:
             return
         self.error = message
+        self._show_line()
+
+    def show_warning(self, message: str) -> None:
+        """Show a warning (allowed, but probably not meant) under the control, where no error
+        is shown ("" clears)."""
+        if message == self.warning:
+            return
+        self.warning = message
+        self._show_line()
+
+    def _show_line(self) -> None:
         line = self.query_one(".setting-error", Static)
-        line.update(f"✖ {message}" if message else "")
-        line.display = bool(message)
-        self.set_class(bool(message), "-invalid")
+        text = f"✖ {self.error}" if self.error else (f"⚠ {self.warning}" if self.warning else "")
+        line.update(text)
+        line.display = bool(text)
+        self.set_class(bool(self.error), "-invalid")
+        self.set_class(bool(self.warning) and not self.error, "-warning")

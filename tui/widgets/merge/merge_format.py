@@ -18,9 +18,10 @@ def _num(x: Any) -> float | None:
 
 
 def adapter_name(a: dict[str, Any]) -> str:
-    """``ab12cd34 adapter`` or ``ab12cd34 checkpoint-4``."""
-    session = short_session(str(a.get("session") or "?"))
-    return f"{session} {a.get('kind') == 'checkpoint' and Path(str(a.get('path', ''))).name or 'adapter'}"
+    """``dolly-r16 adapter`` or ``dolly-r16 checkpoint-4`` (the run's name; its session's short id,
+    ``ab12cd34 adapter``, when the run has none)."""
+    run = str(a.get("name") or "") or short_session(str(a.get("session") or "?"))
+    return f"{run} {a.get('kind') == 'checkpoint' and Path(str(a.get('path', ''))).name or 'adapter'}"
 
 
 def adapter_cells(a: dict[str, Any]) -> tuple[str, ...]:
@@ -56,7 +57,7 @@ def plan_text(p: dict[str, Any]) -> str:
         f"{mark} memory on {p.get('device', '?')}: {size(memory.get('need_bytes'))} needed, "
         f"{size(memory.get('free_bytes'))} free → {verdict}",
         f"{'✔' if (disk.get('need_bytes') or 0) <= (disk.get('free_bytes') or 0) else '✖'} disk: "
-        f"{size(disk.get('need_bytes'))} needed, {size(disk.get('free_bytes'))} free",
+        f"about {size(disk.get('size_bytes', disk.get('need_bytes')))} written, {size(disk.get('free_bytes'))} free",
     ]
     lines += [f"⚠ {w}" for w in p.get("warnings") or []]
     return "\n".join(lines)

@@ -18,7 +18,10 @@ upload to the Hub and its export as a GGUF file.
   the file is always read back against the merged model (``export.verified``).
 
 ctrl+n / ctrl+b go to the next / previous step. Everything shown comes from replies and events,
-so a terminal that attaches later sees the saved folder and the verification again.
+so a terminal that attaches later sees the saved folder and the verification again. The step, the
+adapter picked, the merged folder and every choice typed or ticked are the pane's state
+``"merge"``, kept by the backend (tui/ui_state.py): they come back after a re-attach, and a second
+terminal shows them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from backend import protocol as P
 from tui.client import CONNECTED, RequestFailed
 from tui.messages import ConnectionChanged
 from tui.modals.confirm_screen import ConfirmScreen
+from tui.ui_state import UiChange, read_fields, write_fields
 from tui.widgets.backend_requests import BackendRequests
 from tui.widgets.chat.backend_call import by_method
 from tui.widgets.chat.chat_format import size
@@ -56,6 +60,8 @@ ADAPTER, PRECISION, OUTPUT, VERIFY, UPLOAD, EXPORT = range(6)
 PLAN_DELAY_S = 0.3
 #: Jobs after which the list of adapters may have changed.
 ADAPTER_JOBS = {"train.start", "merge.start"}
+#: The key of this pane's state in the backend (tui/ui_state.py).
+STATE_KEY = "merge"
 
 
 def default_out(adapter: dict[str, Any]) -> str:
@@ -135,7 +141,51 @@ class MergePane(BackendRequests, Vertical):
         self.query_one("#merge-status").display = False
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
         self.app.connection_changed.subscribe(self, self.on_connection)  # type: ignore[attr-defined]
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            ui_state.changed.subscribe(self, self.on_ui_state)
         self.on_connection(self.app.connection)  # type: ignore[attr-defined]
+
+    # The pane's state, kept by the backend (tui/ui_state.py) ----------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The step, the adapter, the merged folder and the choices (the pane's ``"merge"`` state)."""
+        return {"step": self.step, "reached": self.reached, "adapter": self.adapter, "saved": self.saved,
+                "fields": read_fields(self)}
+
+    def save_state(self) -> None:
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None and self.is_mounted:
+            ui_state.set(STATE_KEY, self.state())
+
+    def on_ui_state(self, change: UiChange) -> None:
+        if change.key != STATE_KEY or not isinstance(change.value, dict):
+            return
+        state = change.value
+        adapter = state.get("adapter")
+        if isinstance(adapter, dict) and adapter != self.adapter:
+            self.adapter = dict(adapter)
+            self.plan, self.plan_error = None, ""
+        if isinstance(state.get("saved"), dict):
+            self.saved = dict(state["saved"])
+        with self.prevent(Input.Changed, Select.Changed, Checkbox.Changed):
+            write_fields(self, state.get("fields") or {})
+        step = state.get("step") if isinstance(state.get("step"), int) else ADAPTER
+        if self.adapter is None:
+            step = ADAPTER
+        elif self.saved is None:
+            step = min(step, OUTPUT)
+        last = len(STEP_IDS) - 1
+        step = max(ADAPTER, min(step, last))
+        self.reached = max(self.reached, min(int(state.get("reached") or step), last), step)
+        # No focus: the Merge tab may be hidden, and focus there would bring it forward.
+        self.go(step, focus=False)
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    @on(Checkbox.Changed)
+    def _chosen(self, event) -> None:
+        self.save_state()
 
     # Parts ----------------------------------------------------------------------------------------
 
@@ -177,7 +227,7 @@ class MergePane(BackendRequests, Vertical):
 
     # Steps ------------------------------------------------------------------------------------------
 
-    def go(self, step: int) -> None:
+    def go(self, step: int, focus: bool = True) -> None:
         """Show ``step`` (what it needs is read from the backend) and put the focus in it."""
         self.step = step
         self.reached = max(self.reached, step)
@@ -195,9 +245,11 @@ class MergePane(BackendRequests, Vertical):
                     f"user/{default_out(self.adapter).removesuffix('-merged')}")
         if step == EXPORT:
             self.read_export_plan()
-        focus = {ADAPTER: "#merge-adapters", PRECISION: "#merge-dtype", OUTPUT: "#merge-out",
-                 VERIFY: "#merge-verify-table", UPLOAD: "#hub-repo", EXPORT: "#export-quant"}[step]
-        self.query_one(focus).focus()
+        target = {ADAPTER: "#merge-adapters", PRECISION: "#merge-dtype", OUTPUT: "#merge-out",
+                  VERIFY: "#merge-verify-table", UPLOAD: "#hub-repo", EXPORT: "#export-quant"}[step]
+        if focus:
+            self.query_one(target).focus()
+        self.save_state()
         self.refresh_bindings()
 
     def can_leave(self, step: int) -> str:
@@ -270,6 +322,7 @@ class MergePane(BackendRequests, Vertical):
                                           p.get("unit", ""), p.get("message", ""))
         elif kind == "merge.saved":
             self.saved = dict(p)
+            self.save_state()
             self.reached = max(self.reached, OUTPUT)
             self.output_step.query_one("#merge-saved", Static).update(
                 f"✔ saved {len(p.get('files') or [])} files, {size(p.get('size_bytes'))} in {p.get('out')} · "
@@ -379,6 +432,7 @@ class MergePane(BackendRequests, Vertical):
         self.plan, self.plan_error = None, ""
         self.reached = PRECISION
         self.output_step.query_one("#merge-out", Input).value = default_out(adapter)
+        self.save_state()
 
     # Steps 2 and 3: the plan and the merge ----------------------------------------------------------
 
@@ -533,10 +587,12 @@ class MergePane(BackendRequests, Vertical):
         if not folder:
             self.upload_step.result("✖ nothing to upload: merge first (step 3), or tick 'adapter only'", bad=True)
             return
-        if not repo:
-            repo = self.upload_step.query_one("#hub-repo", Input).placeholder if dry_run else ""
-        if not repo or "/" not in repo:
-            self.upload_step.result("✖ name the repository as user/name (or org/name)", bad=True)
+        # The dry run checks the name as the upload will: the placeholder is no repository.
+        placeholder = self.upload_step.query_one("#hub-repo", Input).placeholder
+        if not repo or "/" not in repo or repo == placeholder:
+            self.upload_step.result("✖ name the repository as user/name (or org/name): "
+                                    f"{'the dry run checks it as the upload will' if dry_run else 'where to upload'}",
+                                    bad=True)
             return
         if not self.push_job:
             self.push(folder, repo, dry_run)

@@ -6,7 +6,8 @@ starts a ``model.load`` job: its progress (by shard) fills the bar, Cancel stops
 tensors, and the ``model.loaded`` event fills the inspector and puts the measured footprint
 beside the estimate. "tiny" fills in the embedded tiny model, building it first (``tiny.prepare``)
 when the data home has none. What is shown comes from the backend: after a (re)connect the pane
-asks ``model.inspect`` what is loaded.
+asks ``model.inspect`` what is loaded. The form as typed is the pane's state ``"model"``, kept by
+the backend (tui/ui_state.py): it comes back after a re-attach, and a second terminal shows it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from textual.widgets import Button, Input, ProgressBar, Static
 from backend import protocol as P
 from tui.client import CONNECTED, RequestFailed
 from tui.messages import ConnectionChanged
+from tui.ui_state import UiChange, read_fields, write_fields
 from tui.widgets.backend_requests import BackendRequests
 from tui.widgets.model.estimate_line import EstimateLine
 from tui.widgets.model.model_form import ModelForm
 from tui.widgets.model.model_format import error_text, loaded_status
 from tui.widgets.model.model_inspector import ModelInspector
+
+#: The key of this pane's state in the backend (tui/ui_state.py).
+STATE_KEY = "model"
 
 
 class ModelPane(BackendRequests, Vertical):
@@ -44,6 +49,9 @@ class ModelPane(BackendRequests, Vertical):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
+        #: Restored form values that the form does not offer yet (a device the backend names
+        #: once model.options has answered).
+        self._wanted: dict[str, Any] = {}
         #: The model.load job this pane follows ("" when none runs).
         self.job_id = ""
         #: The tiny.prepare job started by the "tiny" shortcut, and where it puts the model.
@@ -77,8 +85,23 @@ class ModelPane(BackendRequests, Vertical):
         self.query_one(ProgressBar).display = False
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
         self.app.connection_changed.subscribe(self, self.on_connection)  # type: ignore[attr-defined]
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            ui_state.changed.subscribe(self, self.on_ui_state)
         if self.app.connection.state == CONNECTED:  # type: ignore[attr-defined]
             self.read_backend()
+
+    # The pane's state, kept by the backend (tui/ui_state.py) ----------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The form as typed and chosen (the pane's ``"model"`` state)."""
+        return {"fields": {**read_fields(self.form), **self._wanted}}
+
+    def on_ui_state(self, change: UiChange) -> None:
+        if change.key == STATE_KEY and isinstance(change.value, dict):
+            fields = change.value.get("fields") or {}
+            missed = write_fields(self.form, fields)
+            self._wanted = {k: fields[k] for k in missed}
 
     def on_connection(self, change: ConnectionChanged) -> None:
         if change.state == CONNECTED:
@@ -106,6 +129,9 @@ class ModelPane(BackendRequests, Vertical):
 
     @on(ModelForm.Changed)
     def _on_settings_changed(self, event: ModelForm.Changed) -> None:
+        ui_state = getattr(self.app, "ui_state", None)
+        if ui_state is not None:
+            ui_state.set(STATE_KEY, self.state())
         if self._estimate_timer is not None:
             self._estimate_timer.stop()
         self._estimate_timer = self.set_timer(self.ESTIMATE_DELAY_S, self._timed_estimate)
@@ -142,10 +168,17 @@ class ModelPane(BackendRequests, Vertical):
     @work(name="read the model options", group="model.options", exclusive=True, exit_on_error=False)
     async def read_options(self) -> None:
         self.form.set_options(await self.call(P.ModelOptions()))
+        if self._wanted:
+            missed = write_fields(self.form, self._wanted)
+            self._wanted = {k: v for k, v in self._wanted.items() if k in missed}
 
     @work(name="inspect the loaded model", group="model.inspect", exclusive=True, exit_on_error=False)
     async def read_inspection(self) -> None:
-        self.inspector.show(await self.call(P.InspectModel(), timeout=60))
+        info = await self.call(P.InspectModel(), timeout=60)
+        self.inspector.show(info)
+        if not info.get("loaded") and str(self.query_one("#model-status", Static).content).startswith("✔ loaded"):
+            # Freed (ctrl+f) or a restarted backend: the line must not say loaded beside "No base model loaded".
+            self._show_status("no base model loaded (freed); f5 loads one again", "")
 
     # Loading ------------------------------------------------------------------------------------
 
@@ -177,6 +210,10 @@ class ModelPane(BackendRequests, Vertical):
         if not settings["source"]:
             self.query_one(EstimateLine).show_hint()
             self.form.query_one("#model-source", Input).focus()
+            self._show_status("name a model first: a local folder or a Hub id (f4 takes the embedded tiny model)",
+                              "-failed")
+            self.notify("No model source: type a folder or a Hub id, or press f4 for the embedded tiny model.",
+                        severity="warning", timeout=5, markup=False)
             return
         result = await self.call(P.LoadModel(**settings))
         if result["job_id"] in self._ended:

@@ -22,7 +22,7 @@ from tui.messages import ConnectionChanged
 from tui.widgets.backend_requests import BackendRequests
 
 #: Events after which the list is out of date.
-REFRESH_KINDS = frozenset({"session.created", "session.status", "job.finished"})
+REFRESH_KINDS = frozenset({"session.created", "session.renamed", "session.status", "job.finished"})
 #: Events arrive in bursts (a replay, a job ending); one read covers a burst.
 REFRESH_DELAY_S = 0.1
 

@@ -42,10 +42,16 @@ class LossCurve(PlotextPlot):
             return Text(self.EMPTY, style="dim")
         plt = self.plt
         plt.clear_figure()
-        for points, label in ((self.train, "loss"), (self.eval, "eval_loss"), (self.margin, "rewards/margins")):
+        # The legend is the title, above the plot: plotext draws a legend inside the plot area,
+        # over the line (issue 15).
+        named = []
+        for points, label, colour in ((self.train, "loss", "cyan"), (self.eval, "eval_loss", "orange"),
+                                      (self.margin, "rewards/margins", "magenta")):
             if points:
                 steps, values = zip(*points)
                 # A lone validation point would be invisible as a braille dot: mark it.
-                plt.plot(list(steps), list(values), label=label,
+                plt.plot(list(steps), list(values), color=colour,
                          marker="braille" if len(points) > 1 else "●")
+                named.append(f"{label} ({colour})")
+        plt.title(" · ".join(named))
         return super().render()

@@ -47,6 +47,8 @@ class TrainPane(BackendRequests, Vertical):
                 tooltip="Jump to the newest row of the loss table and follow new rows again."),
         Binding("c", "toggle_curve", "Curve", id="train.toggle-curve",
                 tooltip="Show or hide the loss curve (hidden, the table gets its rows)."),
+        Binding("f5", "start", "Start", id="train.start",
+                tooltip="Start a run with the LoRA tab's settings (as f5 there does; it says why not if it cannot)."),
     ]
 
     IDLE = "No run yet: set one up in the LoRA tab and press Start (f5)."
@@ -75,6 +77,8 @@ class TrainPane(BackendRequests, Vertical):
         self._last_flush = 0.0
         #: How many times the table and curve were redrawn (a replay must cost few).
         self.flushes = 0
+        #: What the line says of a run cancelled before its first step ("" otherwise).
+        self._stopped_early = ""
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="train-head"):
@@ -232,7 +236,7 @@ class TrainPane(BackendRequests, Vertical):
         if status == "failed":
             self._show_block(alert, failed_text(p.get("error") or {}))
         elif status == "cancelled":
-            self._show_line(f"■ stopped after {p.get('elapsed_s', 0):.1f} s, before training began")
+            self._stopped_early = f"■ stopped after {p.get('elapsed_s', 0):.1f} s, before training began"
         self._flush()
         self._update_stop()
 
@@ -281,6 +285,8 @@ class TrainPane(BackendRequests, Vertical):
 
     def _show_line(self, note: str = "") -> None:
         line = self.query_one("#train-live", Static)
+        if not note and self.state == "cancelled" and self.latest is None:
+            note = self._stopped_early or "■ stopped before training began"
         if note:
             line.update(note)
         elif not self.state:
@@ -345,6 +351,16 @@ class TrainPane(BackendRequests, Vertical):
             self.state = "stopping"
             self._show_line()
             self._update_stop()
+
+    def action_start(self) -> None:
+        """f5 here is the LoRA tab's Start: the run set up there starts (or it says why not)."""
+        from tui.widgets.lora.lora_pane import LoraPane
+
+        for pane in self.screen.query(LoraPane):
+            pane.sync_sections()
+            pane.action_start()
+            return
+        self.notify("No LoRA tab to start a run from.", severity="warning", timeout=4)
 
     def action_follow(self) -> None:
         self.table.follow()
