@@ -1375,8 +1375,8 @@ MERGE_INTO = ("dequantized", "original")
 class MergeAdapters:
     """Adapters to merge: ``{"adapters": [...]}``, each as ``backend.adapters.list_adapters``
     gives it (``path``, ``session``, ``kind`` adapter/checkpoint, ``step``, ``base_model``, ``r``,
-    ``lora_alpha``, ``target_modules``, ``size_bytes``, ``mtime``, ``run_config``, ``final_loss``),
-    newest first."""
+    ``lora_alpha``, ``target_modules``, ``size_bytes``, ``mtime``, ``run_config`` (the run's
+    config.toml path), ``method`` (its training method; "sft" when unknown), ``final_loss``), newest first."""
 
 
 @request("merge.plan")

@@ -65,6 +65,16 @@ def test_lists_a_sessions_adapter_and_checkpoints_with_their_settings_and_losses
     assert ckpt["step"] == 4 and ckpt["final_loss"] == 2.25 and ckpt["final_eval_loss"] == 2.4
     assert final["final_loss"] == 2.25  # the final adapter takes its run's newest checkpoint's losses
     assert final["run_config"] == str(folder / "config.toml")
+    assert final["method"] == ckpt["method"] == "sft"  # a config without `method` is an SFT run's
+
+
+def test_an_adapter_names_the_method_its_run_trained_with(run):
+    home, folder = run
+    config = folder / "config.toml"
+    config.write_text('method = "dpo"\n' + config.read_text())
+    assert {a["method"] for a in A.list_adapters(home)} == {"dpo"}
+    config.unlink()  # no run config: taken for SFT (as before methods existed)
+    assert {a["method"] for a in A.list_adapters(home)} == {"sft"}
 
 
 def test_broken_adapters_are_refused_with_a_reason_before_any_model_is_touched(run, tmp_path):

@@ -320,6 +320,38 @@ def test_checks_as_typed_and_by_the_backend_disable_start(qlw_home):
     asyncio.run(body())
 
 
+def test_a_result_being_checked_again_says_so_in_words(qlw_home):
+    """While the backend checks changed settings, the last result stays in view marked ⧗ (its dim
+    colour alone is lost on a terminal without colours), until the new answer replaces it."""
+    gate = asyncio.Event()
+
+    class SlowValidate(FakeBackend):
+        async def call(self, params, timeout=30.0):
+            answer = await super().call(params, timeout)
+            if params.METHOD == "train.validate" and len(self.of("train.validate")) > 1:
+                await gate.wait()  # the second check is slow to answer
+            return answer
+
+    fake = SlowValidate()
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await with_sections(pilot)
+            pane = await open_lora(pilot, fake)
+            await until(pilot, lambda: start_enabled(pane), "Start enabled by a clean check")
+            checked = "memory ~9.20 GiB of 74.5 GiB free on cuda:0 → ✔ fits · 37 steps"
+            assert line_text(pane).endswith("\n" + checked)
+            set_field(pane, "lora.r", "8")
+            await until(pilot, lambda: len(fake.of("train.validate")) == 2, "the second check asked for")
+            assert line_text(pane).endswith("\n⧗ " + checked) and not start_enabled(pane)
+            gate.set()
+            await until(pilot, lambda: start_enabled(pane), "the second check's answer")
+            assert line_text(pane).endswith("\n" + checked)
+
+    asyncio.run(body())
+
+
 def test_presets(qlw_home):
     fake = FakeBackend()
 
@@ -429,9 +461,13 @@ def test_the_method_and_its_settings(qlw_home):
             return {**VALID, "ok": False, "errors": {"dpo.start_adapter": "/missing holds no LoRA adapter"}}
         return VALID
 
-    adapters = [{"path": "/data/qlw/runs/s2/adapter", "kind": "adapter", "run_config": {"method": "dpo"}},
-                {"path": "/data/qlw/runs/s1/adapter", "kind": "adapter", "run_config": {"method": "sft"}},
-                {"path": "/data/qlw/runs/s1/checkpoints/checkpoint-3", "kind": "checkpoint", "run_config": {}}]
+    # As merge.adapters sends them: run_config is the run's config.toml path, method its method.
+    adapters = [{"path": "/data/qlw/runs/s2/adapter", "kind": "adapter", "method": "dpo",
+                 "run_config": "/data/qlw/runs/s2/config.toml"},
+                {"path": "/data/qlw/runs/s1/adapter", "kind": "adapter", "method": "sft",
+                 "run_config": "/data/qlw/runs/s1/config.toml"},
+                {"path": "/data/qlw/runs/s1/checkpoints/checkpoint-3", "kind": "checkpoint", "method": "sft",
+                 "run_config": "/data/qlw/runs/s1/config.toml"}]
     fake = FakeBackend(train_validate=validate, merge_adapters={"adapters": adapters})
 
     async def body():

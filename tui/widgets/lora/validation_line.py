@@ -28,9 +28,15 @@ class ValidationLine(Static):
         for cls in STATES:
             self.set_class(cls == state, cls)
 
+    #: Marks a shown result as the previous settings' while the backend checks the new ones
+    #: (the dimmed colour alone is lost on a terminal without colours).
+    STALE = "⧗ "
+
     def show_pending(self) -> None:
         if self.result is None:
             self.update("checking the run with the backend …")
+        else:
+            self.update(self._result_text(self.result, self.STALE))
         self._state("-pending")
 
     def show_invalid(self, errors: dict[str, str]) -> None:
@@ -47,6 +53,12 @@ class ValidationLine(Static):
     def show_result(self, result: dict[str, Any]) -> None:
         """A clean ``train.validate``: trainable parameters, memory, steps, warnings."""
         self.result = result
+        self.update(self._result_text(result))
+        verdict = (result.get("memory") or {}).get("verdict", "")
+        self._state(VERDICT_STATES.get(verdict, "-ok"))
+
+    @staticmethod
+    def _result_text(result: dict[str, Any], mark: str = "") -> str:
         second = [memory_text(result.get("memory") or {}), speed_text(result.get("speed") or {})]
         if isinstance(result.get("total_steps"), int):
             second.append(f"{result['total_steps']:,} steps")
@@ -54,9 +66,7 @@ class ValidationLine(Static):
         if warnings:
             path, message = next(iter(sorted(warnings.items())))
             second.append(f"⚠ {path}: {message}")
-        self.update(trainable_text(result) + "\n" + " · ".join(p for p in second if p))
-        verdict = (result.get("memory") or {}).get("verdict", "")
-        self._state(VERDICT_STATES.get(verdict, "-ok"))
+        return trainable_text(result) + "\n" + mark + " · ".join(p for p in second if p)
 
     def show_waiting(self, message: str) -> None:
         """The check waits (for the backend's job to end); the last result stays in view."""
