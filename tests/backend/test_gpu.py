@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
+from tests.waits import Budget
+
 from backend import gpu, protocol as P
 from backend.holdings import Holdings
 from tui.client import Connection
@@ -101,9 +103,9 @@ def test_samples_stream_to_attached_clients_and_history(backend):
         bad = await conn.request(P.GpuInterval(seconds=0.01))
         assert bad.status == "error" and "between 0.25 and 10" in bad.reason
         await conn.call(P.Attach())
-        deadline = time.monotonic() + 300  # a hang guard: samples come every 0.25 s
+        budget = Budget(300)  # a hang guard: samples come every 0.25 s
         while sum(e.kind == "gpu.sample" for e in events) < 3:
-            assert time.monotonic() < deadline
+            assert not budget.spent()
             # The loop answers while sampling runs off it (how fast is bench/channel.py's to say).
             assert (await conn.call(P.Ping("x")))["payload"] == "x"
             await asyncio.sleep(0.05)
@@ -128,9 +130,9 @@ def test_free_vram_asks_for_confirmation_while_a_job_runs(backend):
         refused = await conn.request(P.RestartBackend())
         assert refused.status == "refused" and refused.code == P.CONFIRM and "restart" in refused.reason
         freed = await conn.call(P.FreeMemory(stop_job=True))
-        deadline = time.monotonic() + 20
+        budget = Budget(20)
         while not any(e.kind == "job.finished" and e.payload["job_id"] == freed["job_id"] for e in events):
-            assert time.monotonic() < deadline
+            assert not budget.spent()
             await asyncio.sleep(0.02)
         fins = {e.payload["job_id"]: e.payload for e in events if e.kind == "job.finished"}
         assert fins[job["job_id"]]["status"] == "cancelled"
@@ -147,14 +149,15 @@ def test_backend_restart_in_place_and_clients_reattach(backend):
         states, events = [], []
         client = BackendClient(backend, events.append, lambda s, d: states.append(s), start_backend=False)
         task = asyncio.create_task(client.run())
-        deadline = time.monotonic() + 15
+        budget = Budget(15)
         while client.state != "connected":
-            assert time.monotonic() < deadline
+            assert not budget.spent()
             await asyncio.sleep(0.02)
         pid = client.conn.welcome.pid
         await client.request(P.RestartBackend())
+        budget = Budget(30)
         while "reconnecting" not in states or client.state != "connected":
-            assert time.monotonic() < deadline + 15
+            assert not budget.spent()
             await asyncio.sleep(0.02)
         assert client.conn.welcome.pid == pid  # exec'd in place
         assert (await client.request(P.Ping())).ok
