@@ -226,11 +226,8 @@ def test_the_trap_is_live_on_this_cpu_without_the_fix(tiny_folder):
 
 def test_offline_hub_id_fails_at_once_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    t0 = time.monotonic()
-    with pytest.raises(JobError) as err:
+    with pytest.raises(JobError) as err:  # offline: the cache is read, the network is not (how fast: bench/)
         models.load_base_model(P.ModelSettings(source="mistralai/Mistral-7B-v0.3", revision="main"))
-    elapsed = time.monotonic() - t0
-    assert elapsed < 2.0, f"took {elapsed:.2f} s"
     assert "not in the Hugging Face cache" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
     assert err.value.where == "source = mistralai/Mistral-7B-v0.3, revision = main"
     assert "hf download mistralai/Mistral-7B-v0.3" in err.value.hint
