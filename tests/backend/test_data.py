@@ -20,10 +20,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.waits import Budget
 
 from backend import data as D
 from backend import protocol as P
@@ -468,12 +469,12 @@ def test_paging_preview_and_stats_through_the_backend(qlw_home, tmp_path):
             await conn.call(P.Attach())
 
             async def finished(job_id: str) -> P.Event:
-                deadline = time.monotonic() + 60
+                budget = Budget(60)  # load-adjusted hang guard
                 while True:
                     for e in events:
                         if e.kind == "job.finished" and e.payload["job_id"] == job_id:
                             return e
-                    assert time.monotonic() < deadline, f"job {job_id} did not finish"
+                    assert not budget.spent(), f"job {job_id} did not finish"
                     await asyncio.sleep(0.02)
 
             source = {"path": SAMPLE}
@@ -488,13 +489,9 @@ def test_paging_preview_and_stats_through_the_backend(qlw_home, tmp_path):
             again = await conn.request(P.OpenData(source=source))  # open already: answered at once
             assert again.status == "ok" and again.result["dataset"]["num_rows"] == 585
 
-            pages = []
-            for start in range(0, 585, 100):
-                t = time.perf_counter()
+            for start in range(0, 585, 100):  # how fast a page comes: bench/browse.py
                 page = await conn.call(P.DataPage(source=source, start=start, count=100, cell_chars=40))
-                pages.append(time.perf_counter() - t)
                 assert page["rows"][0]["index"] == start and page["total"] == 585
-            assert max(pages) < 1.0
             found = await conn.call(P.DataPage(source=source, filter="東京"))
             row = await conn.call(P.DataRow(source=source, index=found["rows"][0]["index"]))
             assert any("東京" in str(v) for v in row["values"].values())
