@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from tests.waits import Budget
+
 from tests.e2e.tmux import ROOT, Tmux, qlw_command
 
 pytestmark = [pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
@@ -156,9 +158,9 @@ def stop_backend(home) -> None:
 
 def quit_qlw(tmux: Tmux, name: str) -> None:
     press(tmux, name, "Escape", "q")
-    deadline = time.monotonic() + 60
+    budget = Budget(60)  # load-adjusted hang guard
     while name in tmux.tmux("list-sessions", "-F", "#{session_name}", check=False).split():
-        assert time.monotonic() < deadline, tmux.screen(name)
+        assert not budget.spent(), tmux.screen(name)
         time.sleep(0.2)
 
 

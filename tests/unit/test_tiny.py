@@ -227,9 +227,7 @@ def test_second_call_is_cached(built):
     folder = built["folder"]
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
     calls = []
-    started = time.perf_counter()
-    again = tiny.ensure_tiny_model(built["home"], progress=lambda *a: calls.append(a))
-    assert time.perf_counter() - started < 0.5
+    again = tiny.ensure_tiny_model(built["home"], progress=lambda *a: calls.append(a))  # no build: no progress
     assert again == folder
     assert calls == []
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()} == before
