@@ -998,6 +998,8 @@ class TrainLog:
     tokens_per_s: float | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = None
+    #: Non-padding training tokens seen so far in this run (issue 18: curves by tokens).
+    tokens_seen: float | None = None
     #: The method's own columns (``METHOD_LOG_COLUMNS``, trl's names: ``rewards/margins``), and
     #: their validation values as ``eval_<name>``.
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -1629,3 +1631,7 @@ class ExportVerified:
     texts: str = ""
     prompts: int = 0
     dtype: str = "fp32"
+
+
+# Issue 18: the runs ledger (runs.*) and run notices register themselves from their own module.
+from backend import protocol_runs as _protocol_runs  # noqa: E402,F401

@@ -666,7 +666,7 @@ class Reporter:
         if row is None:
             row = {"job_id": self.ctx.job_id, "step": step, "total_steps": self.total_steps, "epoch": 0.0,
                    "loss": None, "eval_loss": None, "learning_rate": None, "grad_norm": None,
-                   "tokens_per_s": None, "elapsed_s": 0.0, "eta_s": None, "metrics": {}}
+                   "tokens_per_s": None, "elapsed_s": 0.0, "eta_s": None, "tokens_seen": None, "metrics": {}}
             self.rows[step] = row
         for name in self.columns:
             for key in (name, f"eval_{name}"):
@@ -688,6 +688,7 @@ class Reporter:
                     row["tokens_per_s"] = round((tokens - self.last_tokens) / dt, 1)
                 self.tokens_total += tokens - self.last_tokens
                 self.last_tokens = tokens
+                row["tokens_seen"] = self.tokens_total  # issue 18: curves by tokens seen
             self.last_time = now
         elapsed = now - self.t0
         row["elapsed_s"] = round(elapsed, 3)
