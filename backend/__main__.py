@@ -94,7 +94,20 @@ def main(argv: list[str] | None = None) -> int:
                     "of the adapter's run (or --text FILE). Prints a Markdown table. Exit status: 0 done, 1 "
                     "failed, 2 bad arguments.")
     eval_room.add_cli_arguments(eval_cmd)
+    # `qlw runs ...` runs this: the runs ledger, read from the store (backend/ledger.py, issue 18).
+    from backend import ledger as ledger_room
+
+    runs_cmd = sub.add_parser(
+        "runs", help="the runs ledger: list, show RUN, diff RUN RUN... (Markdown), export RUN... (CSV)",
+        description="Read the data home's sessions store (no backend needed): `list` every run with its status, "
+                    "steps, losses, tokens/s, time, adapter size and merged/exported/uploaded flags; `show RUN` one "
+                    "run in full; `diff RUN RUN...` the settings that differ (2 to 6 runs, a Markdown table); "
+                    "`export RUN...` every logged row as CSV. A run is named by its id, a unique id prefix or its "
+                    "name. Exit status: 0 done, 1 no such run, 2 bad arguments.")
+    ledger_room.add_cli_arguments(runs_cmd)
     args = parser.parse_args(argv)
+    if args.cmd == "runs":
+        return ledger_room.cli(args)
     if args.cmd == "eval":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `serve` does
         logging.basicConfig(level=os.environ.get("QLW_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,

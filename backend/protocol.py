@@ -828,6 +828,26 @@ class TrainingSettings:
                          "as set. The same math either way; the CPU takes the switches as set.", choices=SPEEDS)
     memory_budget: float = setting(0.0, help="GiB the run may take on the GPU, for speed fast; 0: 90% of what the "
                                    "device has.", minimum=0, what="GiB for the run (0: 90% of what the device has)")
+    # Issue 18: standard logs and the watch on unattended runs (backend/watch.py, backend/notify.py).
+    report_to: list[str] = setting(default_factory=lambda: ["tensorboard"], kind="names",
+                                   help="Where the run's logs also go, as transformers' report_to: tensorboard (event "
+                                   "files in the run folder), wandb, mlflow; empty: none. W&B takes its key from "
+                                   "WANDB_API_KEY or its login and honours WANDB_MODE=offline; no key is written.")
+    stop_on_divergence: bool = setting(True, help="Stop the run when the training loss becomes NaN or infinite, or "
+                                       "explodes (divergence_factor), before that step's update; checkpoints are kept.")
+    divergence_factor: float = setting(4.0, help="An exploding loss: a step's loss above this many times the run's "
+                                       "first step's; 0: only NaN/inf stop the run.", minimum=0,
+                                       what="0 (only NaN/inf) or a factor such as 4")
+    early_stopping_patience: int = setting(0, help="Stop when eval_loss has not improved for this many evaluations "
+                                           "(0: off); needs validation rows and eval_steps; the best checkpoint "
+                                           "becomes the adapter.", minimum=0)
+    early_stopping_threshold: float = setting(0.0, help="How much eval_loss must fall to count as an improvement.",
+                                              minimum=0, what="a number >= 0")
+    stall_minutes: float = setting(30.0, help="A notice when the run makes no step for this many minutes; 0: off.",
+                                   minimum=0, what="0 (off) or minutes")
+    notify_url: str = setting("", help="Webhook told when the run finishes, fails or stalls (JSON POST with text and "
+                              "content: Slack, Discord, ntfy); empty: $QLW_NOTIFY_URL. Stored with the run's "
+                              "config: for a secret URL use the variable.")
 
 
 @dataclass
@@ -998,6 +1018,8 @@ class TrainLog:
     tokens_per_s: float | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = None
+    #: Non-padding training tokens seen so far in this run (issue 18: curves by tokens).
+    tokens_seen: float | None = None
     #: The method's own columns (``METHOD_LOG_COLUMNS``, trl's names: ``rewards/margins``), and
     #: their validation values as ``eval_<name>``.
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -1629,3 +1651,7 @@ class ExportVerified:
     texts: str = ""
     prompts: int = 0
     dtype: str = "fp32"
+
+
+# Issue 18: the runs ledger (runs.*) and run notices register themselves from their own module.
+from backend import protocol_runs as _protocol_runs  # noqa: E402,F401

@@ -315,6 +315,10 @@ class BackendServer:
         from backend import ui_state
 
         ui_state.register(self)
+        # The runs ledger (backend/ledger.py, issue 18): runs.list/show/rename/delete/diff/curves/export.
+        from backend import ledger
+
+        ledger.register(self)
 
     # Life cycle ---------------------------------------------------------------------------------
 

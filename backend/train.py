@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from backend import methods, protocol as P, speed, train_config as TC
+from backend import methods, protocol as P, speed, train_config as TC, watch
 from backend.holdings import HOLDINGS, Holdings
 from backend.jobs import JobCancelled, JobError, print_job_error
 from backend.methods import base as methods_base
@@ -666,7 +666,7 @@ class Reporter:
         if row is None:
             row = {"job_id": self.ctx.job_id, "step": step, "total_steps": self.total_steps, "epoch": 0.0,
                    "loss": None, "eval_loss": None, "learning_rate": None, "grad_norm": None,
-                   "tokens_per_s": None, "elapsed_s": 0.0, "eta_s": None, "metrics": {}}
+                   "tokens_per_s": None, "elapsed_s": 0.0, "eta_s": None, "tokens_seen": None, "metrics": {}}
             self.rows[step] = row
         for name in self.columns:
             for key in (name, f"eval_{name}"):
@@ -688,6 +688,7 @@ class Reporter:
                     row["tokens_per_s"] = round((tokens - self.last_tokens) / dt, 1)
                 self.tokens_total += tokens - self.last_tokens
                 self.last_tokens = tokens
+                row["tokens_seen"] = self.tokens_total  # issue 18: curves by tokens seen
             self.last_time = now
         elapsed = now - self.t0
         row["elapsed_s"] = round(elapsed, 3)
@@ -953,6 +954,7 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text(TC.dumps_toml(cfg), encoding="utf-8")
     record("config", str(folder / "config.toml"))
+    guard = watch.Guard(eff, ctx, folder)  # issue 18: logs, the divergence stop, early stopping (backend/watch.py)
     progress = lambda st, d, t: ctx.progress(st, d, t)  # noqa: E731
     cancelled = lambda: ctx.cancelled  # noqa: E731
 
@@ -1002,7 +1004,9 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     try:
         ctx.progress("building the trainer", 0, 0)
         trainer = method.build_trainer(
-            model, tokenizer, eff, prepared, args, [make_callback(reporter, ctx, has_eval), *(callbacks or ())],
+            model, tokenizer, eff, prepared, args,
+            [make_callback(reporter, ctx, has_eval), *guard.callbacks(has_eval, lambda: reporter.last_checkpoint),
+             *(callbacks or ())],
             log=lambda level, message: ctx.emit("log", {"level": level, "message": message}))
         box.put("trainer", trainer, "trainer", "training run")
         HOLDINGS.put("trainer", trainer, "trainer", f"training run {ctx.job_id}")
@@ -1012,6 +1016,7 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
             trainer.remove_callback(cb)
         trainer.qlw_fault = fault
         trainer.qlw_watch = reporter.watch
+        guard.attach(trainer)  # issue 18
         applied = speed.apply(trainer.model, speed_plan)
         reporter.trainable, reporter.total_params = (int(x) for x in trainer.model.get_nb_trainable_parameters())
         del trainer
@@ -1114,8 +1119,9 @@ def train_job(params: P.StartTraining, home: Path, store=None, checked: "Checked
     def run(ctx) -> dict[str, Any]:
         record = (lambda kind, path: store.add_artifact(ctx.session, kind, path)) if store is not None else None
         set_config = (lambda cfg: store.set_config(ctx.session, cfg)) if store is not None else None
-        return run_training(run_checked.config, home, ctx, resume_from=params.resume_from, record_artifact=record,
-                            set_config=set_config, fault=fault, checked=run_checked)
+        with watch.Notices(ctx, run_checked.config) as watched:  # issue 18: run.notice, webhook, stall watch
+            return run_training(run_checked.config, home, watched, resume_from=params.resume_from,
+                                record_artifact=record, set_config=set_config, fault=fault, checked=run_checked)
 
     return run
 
@@ -1298,8 +1304,8 @@ def cli(args) -> int:
     t0 = time.monotonic()
     status, error, result, code = "done", None, {}, 0
     try:
-        with printer:
-            result = run_training(config, home, run, resume_from=args.resume_from,
+        with printer, watch.Notices(run, checked_run.config) as watched:  # issue 18: notices, webhook, stalls
+            result = run_training(config, home, watched, resume_from=args.resume_from,
                                   record_artifact=lambda kind, path: store.add_artifact(info.id, kind, path),
                                   set_config=lambda cfg: store.set_config(info.id, cfg), fault=take_fault(),
                                   checked=checked_run)

@@ -261,6 +261,17 @@ def module_list(value):
     return value, f"must be a list of module names (e.g. [\"lm_head\"]), got {_show(value)}"
 
 
+def report_to(value):
+    """transformers' ``report_to`` as qlw offers it: a list of tensorboard, wandb, mlflow (issue 18)."""
+    from backend.watch import REPORTERS
+
+    if isinstance(value, str):
+        value = [v for v in (x.strip() for x in value.split(",")) if v and v != "none"]
+    if isinstance(value, list) and all(isinstance(v, str) and v.strip() in REPORTERS for v in value):
+        return list(dict.fromkeys(v.strip() for v in value)), None
+    return value, f"must be a list of {', '.join(REPORTERS)} (or empty), got {_show(value)}"
+
+
 def data_source(value):
     if isinstance(value, str):
         value = {"path": value}
@@ -332,7 +343,7 @@ RULES: dict[str, dict[str, Any]] = {
         "validation_split": text, "seed": int_at_least(0), "max_length": int_at_least(1),
     },
     "lora": _catalogued(P.LoraSettings, target_modules=target_modules),
-    "training": _catalogued(P.TrainingSettings),
+    "training": _catalogued(P.TrainingSettings, report_to=report_to),  # report_to: issue 18
     **{m: _catalogued(cls) for m, cls in P.METHOD_SETTINGS.items()},
 }
 for _section, _cls in SECTIONS.items():  # every protocol field has a rule, and no rule lacks a field

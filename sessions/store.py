@@ -206,6 +206,23 @@ class Store:
                 (json.dumps(config), time.time(), session),
             )
 
+    def delete_session(self, session: str) -> bool:
+        """Remove a session and everything recorded for it (events, artifacts, errors), in one
+        transaction; False if there was none. Files are the caller's (backend/ledger.py)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for table, column in (("events", "session_id"), ("artifacts", "session_id"),
+                                      ("errors", "session_id"), ("sessions", "id")):
+                    cur = self._db.execute(f"DELETE FROM {table} WHERE {column}=?", (session,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._last_seq.pop(session, None)
+        return cur.rowcount > 0
+
     def mark_interrupted(self) -> list[str]:
         """Sessions left ``running`` by a backend that died: mark them ``interrupted``."""
         with self._lock:

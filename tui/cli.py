@@ -46,6 +46,7 @@ HEADLESS = {
     "merge": "merge a LoRA adapter into its base model and save it (verify, upload): ADAPTER OUT",
     "export": "write a merged model or an adapter as a GGUF file (Ollama Modelfile, verify): MODEL OUT",
     "eval": "evaluate base, tuned and merged models on the same inputs, printing the table",
+    "runs": "the runs ledger: list | show RUN | diff RUN RUN... (Markdown) | export RUN... (CSV)",  # issue 18
 }
 
 

@@ -102,6 +102,10 @@ def training_kwargs(eff: dict[str, Any], config_class: type, output_dir: Path, d
     for name in ("use_liger_kernel", "activation_offloading"):  # speed options; off: trl's defaults
         if t.get(name) and name in names:
             kwargs[name] = True
+    # Issue 18: report_to (TensorBoard by default), run_name, early stopping's arguments (backend/watch.py).
+    from backend import watch
+
+    kwargs.update(watch.trainer_arguments(eff, has_eval, output_dir, names))
     return kwargs
 
 

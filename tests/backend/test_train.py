@@ -293,7 +293,7 @@ def test_out_of_memory_ends_cleanly_and_a_nan_loss_is_flagged_at_once(home):
     assert (finished["status"], finished["step"], finished["adapter_path"]) == ("failed", 2, "")
     assert HOLDINGS.get("trainer") is None and HOLDINGS.get("base") is not None  # the base model is kept
 
-    config["training"]["max_steps"] = 3
+    config["training"].update(max_steps=3, stop_on_divergence=False)  # on by default (tests/backend/test_watch.py)
     run, result = train_here(home, config, fault=("nan", 2))
     assert isinstance(result, dict) and result["status"] == "done"  # flagged, not stopped: the user decides
     alerts = run.of("train.alert")
