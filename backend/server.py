@@ -307,10 +307,13 @@ class BackendServer:
         from backend import export as export_room
 
         export_room.register(self)
-        # Chat and evaluation (backend/chat.py, backend/evaluate.py): chat.*, eval.* requests and jobs.
+        # Chat and evaluation (backend/chat/, backend/evaluate.py): chat.*, eval.* requests and jobs.
         from backend import chat as chat_room
 
         chat_room.register(self)
+        from backend import evaluate as eval_room
+
+        eval_room.register(self)
         # The front end's state (backend/ui_state.py): ui.set, ui.get, and ui.changed on attach.
         from backend import ui_state
 
