@@ -30,6 +30,7 @@ where (file and line, row and column, mapping role) and what to do next.
 
 The server's side (:class:`DataRoom`) is in ``handlers``, ``qlw data`` in ``cli``; this package
 re-exports their names, so ``from backend import data as D; D.format_row(...)`` keeps working.
+``tokens.PREVIEW_MAX_CHARS``, a limit a test lowers, is set where it is read, not re-exported.
 
 Nothing heavy is imported at module level: the server imports this package at start.
 """
@@ -53,7 +54,7 @@ from backend.data.formatting import (  # noqa: F401
     ALPACA_PROMPT_INPUT, ALPACA_PROMPT, MISTRAL_EOS, _text_of, _turns, format_row, _mistral,
 )
 from backend.data.tokens import (  # noqa: F401
-    STATS_BATCH, PREVIEW_MAX_CHARS, PREVIEW_CUT_CHARS, load_tokenizer, _lock_for,
+    STATS_BATCH, PREVIEW_CUT_CHARS, load_tokenizer, _lock_for,
     common_prefix_length, tokenize_like_trl, labels_like_trl, has_generation_markers, preview_row,
     _segments, split_counts, token_stats,
 )
