@@ -425,7 +425,7 @@ def cli(args) -> int:
     targets = []
     ENGINE.merged_precision = args.merged_precision
     if args.base:
-        from backend.train import model_settings
+        from backend.train_config import model_settings
 
         ENGINE.last_base_settings = model_settings(
             {"source": args.base, "precision": args.precision, "compute_dtype": args.compute_dtype,

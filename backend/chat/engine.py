@@ -164,7 +164,7 @@ class ChatEngine:
                 return
         if target.kind == "tuned":
             settings = adapters.base_settings_for(target.path, home)
-            from backend.train import model_settings
+            from backend.train_config import model_settings
 
             settings = model_settings(P.to_dict(settings), Path(home), build=True)
         elif self.last_base_settings is not None:
