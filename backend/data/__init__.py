@@ -62,7 +62,7 @@ from backend.data.prepared import (  # noqa: F401
     Prepared, _format_batch, load_prepared,
 )
 from backend.data.handlers import (  # noqa: F401
-    DataRoom, error_result,
+    DataRoom, error_result, register,
 )
 from backend.data.cli import (  # noqa: F401
     add_cli_arguments, cli, _line_of,

@@ -8,7 +8,7 @@ from typing import Any
 
 from backend import protocol as P
 from backend.jobs import JobError
-from backend.data.sources import DataError
+from backend.data.sources import DataError, NotOpen
 from backend.data.browse import find_open, open_source, require_open
 from backend.data.shape import settings_from
 from backend.data.tokens import load_tokenizer, preview_row, token_stats
@@ -83,3 +83,36 @@ def error_result(exc: JobError) -> dict[str, Any]:
     """A DataError as the ``error`` object of a reply's result."""
     return {"error": {"message": str(exc), "where": exc.where, "hint": exc.hint}}
 
+
+def register(server) -> DataRoom:
+    """Add the data.* requests to ``server``: opening may be a job (the first read builds the Arrow
+    cache); pages, rows and previews are quick requests run in a thread; data.stats is a job."""
+    import asyncio
+
+    room = DataRoom(server.home)
+    server.data = room
+
+    async def data_open(client, params: P.OpenData) -> P.Reply:
+        summary = await asyncio.to_thread(room.summary_if_open, params)
+        if summary is not None:
+            return P.Reply("", "ok", {"dataset": summary})
+        return server._start_job("data.open", params, room.open_job(params))
+
+    async def data_request(client, params: Any) -> P.Reply:
+        try:
+            result = await asyncio.to_thread(room.handle, params)
+        except NotOpen as exc:
+            return P.Reply("", "refused", reason=str(exc), code=P.NOT_OPEN)
+        except DataError as exc:
+            reason = f"{exc} ({exc.where})" if exc.where else str(exc)
+            return P.Reply("", "error", error_result(exc), reason=reason, code=P.FAILED)
+        return P.Reply("", "ok", result)
+
+    server.handlers.update({
+        "data.open": data_open,
+        "data.page": data_request,
+        "data.row": data_request,
+        "data.preview": data_request,
+    })
+    server.job_factories["data.stats"] = room.stats_job
+    return room

@@ -62,3 +62,6 @@ from backend.train.cli import (  # noqa: F401
     ROW_HEADER, METRIC_HEADINGS, row_header, format_row, LocalRun, add_cli_arguments, cli,
     _PlainPrinter, _RichPrinter,
 )
+from backend.train.handlers import (  # noqa: F401
+    config_path, name_session, register,
+)
