@@ -256,7 +256,7 @@ class BackendServer:
             "gpu.free": self._gpu_free,
             "backend.restart": self._restart,
         }
-        # Models (backend/models.py): answered off the loop, in the module's own handlers.
+        # Models (backend/models/): answered off the loop, in the module's own handlers.
         from backend import models
 
         self.handlers.update({

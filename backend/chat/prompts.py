@@ -158,7 +158,7 @@ def _conversation(messages: list[dict[str, Any]], system: str) -> tuple[str, lis
 
 def build_prompt(tokenizer, messages: list[dict[str, Any]], template: str, system: str = "") -> tuple[list[int], str]:
     """The prompt's token ids and text, formatted the way training formatted its rows
-    (backend/data.py): the tokenizer's chat template with the generation prompt, Mistral's
+    (backend/data/): the tokenizer's chat template with the generation prompt, Mistral's
     ``[INST]`` format, the Alpaca prompt, or the turns' text joined by blank lines."""
     from backend import data as D
 

@@ -1,4 +1,4 @@
-"""Chat and evaluation (backend/chat.py, backend/evaluate.py, tui/widgets/chat/).
+"""Chat and evaluation (backend/chat/, backend/evaluate.py, tui/widgets/chat/).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from backend.protocol.core import event, request
 
 
 # --------------------------------------------------------------------------------------------
-# Chat and evaluation (backend/chat.py, backend/evaluate.py, tui/widgets/chat/).
+# Chat and evaluation (backend/chat/, backend/evaluate.py, tui/widgets/chat/).
 #
 # A *target* is a string id: ``"base"`` (the held base model, adapter switched off),
 # ``"tuned:<adapter folder>"`` (the held base with that adapter switched on: a session's adapter

@@ -1,4 +1,4 @@
-"""Merge and upload (backend/merge.py, backend/hub.py, tui/widgets/merge/).
+"""Merge and upload (backend/merge/, backend/hub.py, tui/widgets/merge/).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from backend.protocol.core import event, request
 
 
 # --------------------------------------------------------------------------------------------
-# Merge and upload (backend/merge.py, backend/hub.py, tui/widgets/merge/).
+# Merge and upload (backend/merge/, backend/hub.py, tui/widgets/merge/).
 #
 # An adapter (a session's final adapter or a checkpoint, see backend/adapters.py) is merged into
 # its base model in a precision (never 4-bit) and saved as a plain transformers folder; the folder

@@ -1,4 +1,4 @@
-"""Models: the base model (backend/models.py, tui/widgets/model/).
+"""Models: the base model (backend/models/, tui/widgets/model/).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from backend.protocol.core import event, request
 
 
 # --------------------------------------------------------------------------------------------
-# Models: the base model (backend/models.py, tui/widgets/model/).
+# Models: the base model (backend/models/, tui/widgets/model/).
 #
 # How to load a base model is plain data, :class:`ModelSettings`: the same fields are the
 # parameters of ``model.estimate`` (what it will cost, from config.json alone) and of ``model.load``

@@ -1,5 +1,5 @@
 """Training: the LoRA form, the run config and its sections, the run and its loss table
-(backend/train.py, tui/widgets/lora/, tui/widgets/train/).
+(backend/train/, tui/widgets/lora/, tui/widgets/train/).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from backend.protocol.core import event, request, setting
 
 
 # --------------------------------------------------------------------------------------------
-# Training: the LoRA form, the run and its loss table (backend/train.py, tui/widgets/lora/,
+# Training: the LoRA form, the run and its loss table (backend/train/, tui/widgets/lora/,
 # tui/widgets/train/).
 #
 # A run is configured by a *run config*, plain data (:class:`RunConfig`, as a dict):
