@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the backend in the foreground")
     serve.add_argument("--home", type=Path, default=None, help="data home (default: $QLW_HOME or the user data dir)")
     serve.add_argument("--log-level", default=os.environ.get("QLW_LOG_LEVEL", "INFO"))
-    # `qlw data PATH ...` runs this: what the Data pane shows, printed (backend/data.py).
+    # `qlw data PATH ...` runs this: what the Data pane shows, printed (backend/data/).
     from backend import data as data_room
 
     data_cmd = sub.add_parser(
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                     "JSON Lines file.")
     data_room.add_cli_arguments(data_cmd)
     # `qlw train CONFIG.toml` runs this: the same training code as the backend's job, in this
-    # process (backend/train.py).
+    # process (backend/train/).
     from backend import train as train_room
 
     train_cmd = sub.add_parser(
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(e.g. QLW_TRAINING__LEARNING_RATE=1e-4). Exit status: 0 done, 1 failed, 2 invalid config, "
                     "130 stopped with ctrl+c (a checkpoint is saved first).")
     train_room.add_cli_arguments(train_cmd)
-    # `qlw merge ADAPTER OUT` runs this: the Merge pane's steps in this process (backend/merge.py).
+    # `qlw merge ADAPTER OUT` runs this: the Merge pane's steps in this process (backend/merge/).
     from backend import merge as merge_room
 
     merge_cmd = sub.add_parser(

@@ -277,7 +277,7 @@ def base_settings_for(path: str | Path, home: str | Path) -> P.ModelSettings:
     config.toml when there is one (precision, quantization and all), else the adapter config's
     ``base_model_name_or_path`` in 4-bit NF4 (the QLoRA default)."""
     from backend import train_config as TC
-    from backend.train import model_settings
+    from backend.train_config import model_settings
 
     folder = Path(path).expanduser()
     run = _run_folder(folder)

@@ -146,11 +146,15 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
              max_new_tokens: int = 64, text_path: str = "", ctx=None, engine=None,
              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Evaluate each target on the same prompts and text; returns the rows (``eval.row``)."""
-    from backend import chat, models
+    from backend import models
+    from backend.chat.engine import ENGINE, HOLD_MERGED, QuietContext
+    from backend.chat.generation import _device_of
+    from backend.chat.prompts import build_prompt, parse_target, resolve_template
+    from backend.holdings import HOLDINGS
 
-    engine = engine or chat.ENGINE
-    ctx = ctx or chat.QuietContext()
-    parsed = [chat.parse_target(t) for t in targets]
+    engine = engine or ENGINE
+    ctx = ctx or QuietContext()
+    parsed = [parse_target(t) for t in targets]
     prompts = [p for p in (prompts or DEFAULT_PROMPTS) if p.strip()]
     if runs < 1:
         raise JobError(f"runs = {runs}: at least one run", where="runs")
@@ -173,8 +177,8 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
             engine.release(merged=False)
             models.release_base_model()
         ready = engine.prepare(target, home, ctx)
-        device = str(chat._device_of(engine.base() if target.kind != "merged" else
-                                     chat.HOLDINGS.get(chat.HOLD_MERGED)["model"]))
+        device = str(_device_of(engine.base() if target.kind != "merged" else
+                                HOLDINGS.get(HOLD_MERGED)["model"]))
         note = []
         steps = ready.get("steps") or {}
         if target.kind == "base":
@@ -185,7 +189,7 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
             size = weights_bytes(target.path)
             note.append("size: the adapter (beside the base); load: attaching it to the loaded base")
         else:
-            held = chat.HOLDINGS.get(chat.HOLD_MERGED)
+            held = HOLDINGS.get(HOLD_MERGED)
             load_s = held["load_s"]
             size = weights_bytes(target.path)
             note.append(held["note"] or f"loaded in {held['precision']}")
@@ -198,8 +202,8 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
             if copy_bytes:
                 note.append(f"peak memory includes the {copy_bytes / GIB:.2f} GiB decode copy")
         tokenizer = engine.tokenizer_for(target)
-        template, system = chat.resolve_template(P.ChatSettings(), tokenizer, adapter)
-        prompt_ids = [chat.build_prompt(tokenizer, [{"role": "user", "content": p}], template, system)[0] for p in prompts]
+        template, system = resolve_template(P.ChatSettings(), tokenizer, adapter)
+        prompt_ids = [build_prompt(tokenizer, [{"role": "user", "content": p}], template, system)[0] for p in prompts]
         _reset_peak(device)
         engine.answer(target, prompt_ids[0], settings, cancelled=lambda: ctx.cancelled)  # warm-up
         times, tokens, path = [], 0, ready.get("path", "")
@@ -248,12 +252,12 @@ def evaluate(targets: list[str], home: Path, *, prompts: list[str] | None = None
 
 def eval_job(params: P.EvalRun, home: Path, room=None):
     """The ``eval.run`` job: one ``eval.row`` event per target."""
-    from backend import chat
+    from backend.chat.prompts import parse_target
 
     if not params.targets:
         raise JobError("no targets to evaluate", where="targets", hint="name base, tuned:<adapter>, merged:<folder>")
     for t in params.targets:
-        chat.parse_target(t)
+        parse_target(t)
     if params.runs < 1 or params.max_new_tokens < 1:
         raise JobError("runs and max_new_tokens must be at least 1", where="runs")
 
@@ -271,6 +275,45 @@ def eval_job(params: P.EvalRun, home: Path, room=None):
         return {"rows": rows, "markdown": markdown_table(rows)}
 
     return run
+
+
+# The server's side ----------------------------------------------------------------------------------------
+
+
+def register(server) -> None:
+    """Add the eval.* requests to ``server``. They go through the chat room (``server.chat``,
+    added first): its refusal while a job holds the GPU, its export paths, its session events,
+    and its ``last_eval`` rows, which ``eval.export`` writes."""
+    import asyncio
+
+    room = server.chat
+
+    async def eval_run(client, params: P.EvalRun) -> P.Reply:
+        try:
+            fn = eval_job(params, server.home, room)
+        except JobError as exc:
+            return room._bad(exc)
+        return room._start("eval.run", params, fn)
+
+    async def eval_export(client, params: P.EvalExport) -> P.Reply:
+        if params.format not in P.EVAL_EXPORT_FORMATS:
+            return P.Reply("", "error", reason=f"format must be one of {', '.join(P.EVAL_EXPORT_FORMATS)}",
+                           code=P.BAD_MESSAGE)
+        rows = room.last_eval or [p for k, p in await asyncio.to_thread(room._events, ("eval.row",))]
+        if not rows:
+            return P.Reply("", "refused", reason="no evaluation to export yet: run one first")
+        path = room._export_target(params.path, params.overwrite)
+        if isinstance(path, P.Reply):
+            return path
+        text = markdown_table(rows) if params.format == "markdown" else csv_text(rows)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(path.write_text, text, "utf-8")
+        except OSError as exc:
+            return P.Reply("", "error", {"path": str(path)}, reason=f"cannot write {path}: {exc}", code=P.FAILED)
+        return P.Reply("", "ok", {"path": str(path), "rows": len(rows)})
+
+    server.handlers.update({"eval.run": eval_run, "eval.export": eval_export})
 
 
 # Tables ------------------------------------------------------------------------------------------------------
@@ -356,7 +399,7 @@ def cli(args) -> int:
     import logging
     import warnings
 
-    from backend import chat
+    from backend.chat.engine import ENGINE, QuietContext
 
     home = (args.home or P.data_home()).expanduser().resolve()
     if logging.getLogger().getEffectiveLevel() >= logging.WARNING:
@@ -380,11 +423,11 @@ def cli(args) -> int:
         print("qlw eval: --runs and --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
     targets = []
-    chat.ENGINE.merged_precision = args.merged_precision
+    ENGINE.merged_precision = args.merged_precision
     if args.base:
-        from backend.train import model_settings
+        from backend.train_config import model_settings
 
-        chat.ENGINE.last_base_settings = model_settings(
+        ENGINE.last_base_settings = model_settings(
             {"source": args.base, "precision": args.precision, "compute_dtype": args.compute_dtype,
              "device": args.device}, home, build=True)
     if (args.base or args.adapter) and not args.no_base:
@@ -398,7 +441,7 @@ def cli(args) -> int:
         targets = [t for t in targets if t != "base"]
         targets = targets[:1] + (["base"] if not args.no_base else []) + targets[1:]
 
-    class Printer(chat.QuietContext):
+    class Printer(QuietContext):
         def progress(self, stage, done, total=0, unit="", message=""):
             if sys.stderr.isatty():
                 print(f"\r{stage} {done:.1f}/{total:g}".ljust(60), end="", file=sys.stderr, flush=True)

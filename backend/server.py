@@ -256,7 +256,7 @@ class BackendServer:
             "gpu.free": self._gpu_free,
             "backend.restart": self._restart,
         }
-        # Models (backend/models.py): answered off the loop, in the module's own handlers.
+        # Models (backend/models/): answered off the loop, in the module's own handlers.
         from backend import models
 
         self.handlers.update({
@@ -278,39 +278,30 @@ class BackendServer:
         # Functions giving the events a client gets after its session's replay on attach (the
         # front end's state, backend/ui_state.py): they come after the replay, before live events.
         self.attach_snapshots: list[Callable[[], list[P.Event]]] = []
-        # Data: the dataset browser (backend/data.py). Opening may be a job (the first read
-        # builds the Arrow cache); pages, rows and previews are quick requests run in a thread.
+        # Data: the dataset browser (backend/data/): data.open (a job when the first read builds
+        # the Arrow cache), quick pages, rows and previews in a thread, the data.stats job.
         from backend import data as data_room
 
-        self.data = data_room.DataRoom(self.home)
-        self.handlers.update({
-            "data.open": self._data_open,
-            "data.page": self._data_request,
-            "data.row": self._data_request,
-            "data.preview": self._data_request,
-        })
-        self.job_factories["data.stats"] = self.data.stats_job
-        # Training (backend/train.py, backend/train_config.py): checks, listings and files are
+        data_room.register(self)
+        # Training (backend/train/, backend/train_config.py): checks, listings and files are
         # answered off the loop; train.start is a job, refused with the field errors when invalid.
-        self.handlers.update({
-            "train.presets": self._train_presets,
-            "train.validate": self._train_validate,
-            "train.start": self._train_start,
-            "train.checkpoints": self._train_checkpoints,
-            "train.export": self._train_export,
-            "train.import": self._train_import,
-        })
-        # Merge and upload (backend/merge.py, backend/hub.py): merge.*, hub.* requests and jobs.
+        from backend import train as train_room
+
+        train_room.register(self)
+        # Merge and upload (backend/merge/, backend/hub.py): merge.*, hub.* requests and jobs.
         from backend import merge as merge_room
 
         merge_room.register(self)
         from backend import export as export_room
 
         export_room.register(self)
-        # Chat and evaluation (backend/chat.py, backend/evaluate.py): chat.*, eval.* requests and jobs.
+        # Chat and evaluation (backend/chat/, backend/evaluate.py): chat.*, eval.* requests and jobs.
         from backend import chat as chat_room
 
         chat_room.register(self)
+        from backend import evaluate as eval_room
+
+        eval_room.register(self)
         # The front end's state (backend/ui_state.py): ui.set, ui.get, and ui.changed on attach.
         from backend import ui_state
 
@@ -618,133 +609,6 @@ class BackendServer:
         except tiny.TinyBuildCancelled:
             raise JobCancelled() from None
         return {"path": str(path)}
-
-    # Data -------------------------------------------------------------------------------------
-
-    async def _data_open(self, client: Client, params: P.OpenData) -> P.Reply:
-        summary = await asyncio.to_thread(self.data.summary_if_open, params)
-        if summary is not None:
-            return P.Reply("", "ok", {"dataset": summary})
-        return self._start_job("data.open", params, self.data.open_job(params))
-
-    async def _data_request(self, client: Client, params: Any) -> P.Reply:
-        from backend import data as data_room
-
-        try:
-            result = await asyncio.to_thread(self.data.handle, params)
-        except data_room.NotOpen as exc:
-            return P.Reply("", "refused", reason=str(exc), code=P.NOT_OPEN)
-        except data_room.DataError as exc:
-            reason = f"{exc} ({exc.where})" if exc.where else str(exc)
-            return P.Reply("", "error", data_room.error_result(exc), reason=reason, code=P.FAILED)
-        return P.Reply("", "ok", result)
-
-    # Training ---------------------------------------------------------------------------------
-
-    async def _train_presets(self, client: Client, params: P.TrainPresets) -> P.Reply:
-        from backend import train_config
-
-        return P.Reply("", "ok", train_config.presets())
-
-    async def _train_validate(self, client: Client, params: P.ValidateRun) -> P.Reply:
-        from backend import train
-
-        return P.Reply("", "ok", await asyncio.to_thread(train.validate_run, params.config, self.home))
-
-    async def _train_start(self, client: Client, params: P.StartTraining) -> P.Reply:
-        from backend import train, train_config
-
-        # Checked once, here: the job gets the checked, device-adapted config.
-        try:
-            checked = await asyncio.to_thread(train.check_run, params.config, self.home, params.resume_from)
-        except train_config.ConfigError as exc:
-            errors = exc.errors
-            first = next(iter(errors.items()))
-            return P.Reply("", "refused", {"errors": errors},
-                           reason=f"the run config has {len(errors)} error(s): {first[0]}: {first[1]}")
-        config = checked.config
-        if self.jobs.current is None and self.current_session is not None \
-                and train.run_dir(self.home, self.current_session).exists():
-            # One training run per session: its folder, config and artifacts stay its own.
-            self._create_session(config["name"])
-        session = self.ensure_session(config["name"])
-        self._name_session(session, config["name"])
-        return self._start_job("train.start", params, train.train_job(params, self.home, self.store, checked))
-
-    def _name_session(self, session: str, name: str) -> None:
-        """The session holds this run: a session made before it (by another job) without a name
-        takes the run's name, so that Sessions lists the run by it."""
-        if not name or self.store is None:
-            return
-        info = self.store.get_session(session)
-        if info is None or (info.name and info.name != info.id):
-            return
-        try:
-            self.store.set_name(session, name)
-        except Exception as exc:  # disk full: the run still starts
-            self._store_failed(exc)
-            return
-        self.publish(session, "session.renamed", {"session": session, "name": name})
-
-    async def _train_checkpoints(self, client: Client, params: P.ListCheckpoints) -> P.Reply:
-        from backend import train
-
-        from backend.jobs import JobError
-
-        try:
-            found = await asyncio.to_thread(train.list_checkpoints, self.home, params.session)
-        except JobError as exc:
-            return P.Reply("", "refused", reason=f"{exc}: {exc.hint}", code=P.BAD_MESSAGE)
-        return P.Reply("", "ok", {"checkpoints": found})
-
-    def _config_path(self, text: str) -> Path:
-        """A run config's path: absolute (a file the user named) or relative to
-        ``<home>/configs``, which a relative path may not leave ("../../x")."""
-        if not text.strip() or "\0" in text:
-            raise ValueError("no path given")
-        path = Path(text).expanduser()
-        if path.is_absolute():
-            return path
-        base = (self.home / "configs").resolve()
-        path = (base / path).resolve()
-        if not path.is_relative_to(base):
-            raise ValueError(f"{text} leads outside {base}: give an absolute path to write elsewhere")
-        return path
-
-    async def _train_export(self, client: Client, params: P.ExportRunConfig) -> P.Reply:
-        from backend import train_config
-
-        config, errors = train_config.normalise(params.config)
-        try:
-            path = self._config_path(params.path)
-        except ValueError as exc:
-            return P.Reply("", "refused", reason=str(exc), code=P.BAD_MESSAGE)
-        if path.suffix.lower() != ".toml":
-            # Never another kind of file (the store, a model's weights, a shell profile).
-            return P.Reply("", "refused", {"path": str(path)}, code=P.BAD_MESSAGE,
-                           reason=f"{path} is not a .toml file: a run config is written as name.toml")
-        if path.exists() and not params.overwrite:
-            return P.Reply("", "refused", {"path": str(path)}, reason=f"{path} exists: confirm to overwrite it",
-                           code=P.CONFIRM)
-        try:
-            text = train_config.dumps_toml(config)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(path.write_text, text, "utf-8")
-        except (OSError, TypeError, ValueError) as exc:
-            return P.Reply("", "error", {"path": str(path)}, reason=f"cannot write {path}: {exc}", code=P.FAILED)
-        return P.Reply("", "ok", {"path": str(path), "errors": errors})
-
-    async def _train_import(self, client: Client, params: P.ImportRunConfig) -> P.Reply:
-        from backend import train_config
-
-        try:
-            path = self._config_path(params.path)
-        except ValueError as exc:
-            return P.Reply("", "refused", reason=str(exc), code=P.BAD_MESSAGE)
-        config, errors = await asyncio.to_thread(train_config.read_toml, path)
-        if "file" in errors:
-            return P.Reply("", "error", {"config": None, "errors": errors}, reason=errors["file"], code=P.FAILED)
-        return P.Reply("", "ok", {"config": config, "errors": errors, "path": str(path)})
 
     # GPU --------------------------------------------------------------------------------------
 

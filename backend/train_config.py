@@ -36,6 +36,7 @@ import json
 import math
 import re
 import tomllib
+from pathlib import Path
 from typing import Any, Mapping
 
 from backend import protocol as P
@@ -718,3 +719,48 @@ def apply_env(raw: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[dict[
         else:
             node[path[1]] = value
     return raw, errors
+
+
+# The model section, resolved ------------------------------------------------------------------
+# (here, not in backend/train/, so that adapters, chat and evaluate read a run's model section
+# without importing the training package: no import circle)
+
+
+def tiny_path(home: Path) -> Path:
+    from backend import tiny
+
+    return tiny.tiny_model_path(home)
+
+
+def is_embedded_model(source: str, home: Path) -> bool:
+    """True for the embedded tiny model: an empty source, its id, or its folder."""
+    from backend import tiny
+
+    s = source.strip()
+    if not s or s == tiny.TINY_MODEL_ID:
+        return True
+    try:
+        return Path(s).expanduser().resolve() == tiny_path(home).resolve()
+    except OSError:
+        return False
+
+
+def model_settings(model: dict[str, Any], home: Path, build: bool = False, progress=None,
+                   cancelled=None) -> P.ModelSettings:
+    """The :class:`~backend.protocol.ModelSettings` of a config's model section, with the embedded
+    tiny model's folder for an empty source (built first when ``build``)."""
+    from backend import tiny
+    from backend.jobs import JobCancelled
+
+    source = model["source"]
+    if is_embedded_model(source, home):
+        if build:
+            report = progress or (lambda stage, done, total: None)
+            try:
+                source = str(tiny.ensure_tiny_model(
+                    home, progress=lambda st, d, t: report(f"tiny model: {st}", d, t), cancelled=cancelled))
+            except tiny.TinyBuildCancelled:
+                raise JobCancelled() from None
+        else:
+            source = str(tiny_path(home))
+    return P.ModelSettings(**{**model, "source": source})

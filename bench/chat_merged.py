@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.tokens or (16 if args.smoke else 256)
     out_path = args.out or ROOT / "bench" / "results" / ("chat_merged_smoke.json" if args.smoke else "chat_merged.json")
     if args.smoke:
-        from backend import chat as _chat
+        from backend.chat import decode_copy as _decode_copy
 
         os.environ.setdefault("QLW_CHAT_FAST", "1")
-        _chat.COMPILE_OVERRIDE = {"backend": "aot_eager", "mode": None}  # CPU: trace, no kernels
+        _decode_copy.COMPILE_OVERRIDE = {"backend": "aot_eager", "mode": None}  # CPU: trace, no kernels
     from backend import chat, merge, models, protocol as P, tiny
     from backend.holdings import HOLDINGS
 

@@ -2,7 +2,7 @@
 
 ``method`` in the run config picks one: ``sft`` (trl's SFTTrainer), ``dpo`` (DPOTrainer), ``orpo``
 (``trl.experimental.orpo.ORPOTrainer``) and ``kto`` (KTOTrainer). Adding a method is a module here
-plus its settings' dataclass (with catalogue metadata) in ``backend/protocol.py``.
+plus its settings' dataclass (with catalogue metadata) in ``backend/protocol/``.
 Importing this package is cheap: the trl classes are imported when a trainer is built.
 """
 

@@ -13,7 +13,7 @@ template (the roles of ``protocol.PREFERENCE_ROLES`` beside ``instruction``/``co
 
 With the ``chat`` template the rows are conversational (``{"prompt": [messages], "chosen":
 [messages], ...}``) and trl applies the tokenizer's chat template; with ``mistral``, ``alpaca`` and
-``raw`` the prompt is rendered as SFT renders it (backend/data.py) and the answers are text (trl
+``raw`` the prompt is rendered as SFT renders it (backend/data/) and the answers are text (trl
 adds EOS). A malformed pair (an empty side, identical sides, no prompt) is reported by its line
 and skipped, or the run is refused, as the method's ``malformed`` setting says.
 

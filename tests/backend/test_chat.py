@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend import chat, data as D, models, protocol as P, tiny
+from backend import chat, data as D, evaluate, models, protocol as P, tiny
 from backend.holdings import HOLDINGS
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_prompts_follow_the_training_templates(loaded):
 
 def test_an_answer_streams_as_several_deltas(loaded, monkeypatch):
     _base, tokenizer, _adapter = loaded
-    monkeypatch.setattr(chat, "DELTA_INTERVAL_S", 0.02)
+    monkeypatch.setattr(chat.generation, "DELTA_INTERVAL_S", 0.02)
     deltas, times = [], []
 
     def on_delta(text):
@@ -318,7 +318,7 @@ def test_one_compile_serves_base_tuned_and_every_prompt(loaded, monkeypatch):
 
     base, tokenizer, adapter = loaded
     monkeypatch.setenv(chat.FAST_ENV, "1")
-    monkeypatch.setattr(chat, "COMPILE_OVERRIDE", {"backend": "aot_eager", "mode": None})
+    monkeypatch.setattr(chat.decode_copy, "COMPILE_OVERRIDE", {"backend": "aot_eager", "mode": None})
     engine = chat.ENGINE
     engine.release()
     torch._dynamo.reset()
@@ -362,8 +362,11 @@ def test_exports_stay_under_exports_and_ask_before_overwriting(tmp_path):
     assert run(P.ChatExport(path="talks/one.md", format="jsonl", overwrite=True)).status == "ok"
     assert run(P.ChatExport(path="talks")).status == "refused"  # a folder
     room.last_eval = [{"target": "base", "label": "base"}]
-    assert asyncio.run(room.eval_export(None, P.EvalExport(path="../x.csv", format="csv"))).status == "refused"
-    assert asyncio.run(room.eval_export(None, P.EvalExport(path="t.csv", format="csv"))).status == "ok"
+    server.chat = room
+    evaluate.register(server)  # eval.export goes through the chat room's export paths
+    eval_export = server.handlers["eval.export"]
+    assert asyncio.run(eval_export(None, P.EvalExport(path="../x.csv", format="csv"))).status == "refused"
+    assert asyncio.run(eval_export(None, P.EvalExport(path="t.csv", format="csv"))).status == "ok"
     server.store.close()
 
 

@@ -316,7 +316,7 @@ def test_unknown_shape_missing_column_and_nulls(home, tmp_path):
 
 def test_one_enormous_row(home, tmp_path, monkeypatch):
     huge = "가나다라마바사 the quick brown fox " * 20_000  # 640,000 characters in one JSON line
-    monkeypatch.setattr(D, "PREVIEW_MAX_CHARS", 500_000)  # the live preview's limit (1 M), scaled for speed
+    monkeypatch.setattr(D.tokens, "PREVIEW_MAX_CHARS", 500_000)  # the live preview's limit (1 M), scaled for speed
     path = write_jsonl(tmp_path / "huge.jsonl", [DOLLY[0], {"instruction": "Summarise.", "context": huge,
                                                             "response": "Long.", "category": "x"}, DOLLY[2]])
     opened = D.open_source(str(path), home)

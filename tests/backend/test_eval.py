@@ -270,7 +270,7 @@ def test_a_merged_folder_decodes_on_the_fast_path_with_one_compile(setup, clean_
     merged = merge.run_merge({"adapter": str(adapter), "out": "eval-merged-fast", "dtype": "fp32", "into": "dequantized",
                               "max_shard_size": "5GB", "verify": False}, home, chat.QuietContext())["out"]
     monkeypatch.setenv(chat.FAST_ENV, "1")  # the fast path is for 16-bit weights on a GPU; allowed here
-    monkeypatch.setattr(chat, "COMPILE_OVERRIDE", {"backend": "aot_eager", "mode": None})
+    monkeypatch.setattr(chat.decode_copy, "COMPILE_OVERRIDE", {"backend": "aot_eager", "mode": None})
     torch._dynamo.reset()
     counters.clear()
     target = chat.parse_target(f"merged:{merged}")

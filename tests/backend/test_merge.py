@@ -406,7 +406,7 @@ def test_cancel_and_full_disk_leave_nothing(setup, monkeypatch):
         merge.run_merge(params, home, CancelWhileSaving())
     assert not (merged / "tiny-cancelled").exists()
     assert [e.name for e in merged.iterdir() if e.name.startswith(".tiny-cancelled")] == []
-    monkeypatch.setattr(merge, "_disk_free", lambda path: 1000)
+    monkeypatch.setattr(merge.planning, "_disk_free", lambda path: 1000)
     assert any("disk space" in w for w in merge.plan(str(adapter), "tiny-full", home, "fp32", device="cpu")["warnings"])
     with pytest.raises(JobError, match="not enough disk space") as full:
         merge.run_merge({**params, "out": "tiny-full"}, home, Ctx())

@@ -177,7 +177,7 @@ def test_load_each_precision_on_cpu_runs_and_stays_close_to_fp32(tiny_folder):
 def test_8bit_refused_clearly_where_bitsandbytes_cannot(tiny_folder, monkeypatch):
     """bitsandbytes 0.50 runs 8-bit on the CPU (loaded above); where it cannot (an older build,
     another device), the estimate and the load say so before loading anything."""
-    monkeypatch.setattr(models, "bitsandbytes_devices", lambda: {"cuda"})
+    monkeypatch.setattr(models.costs, "bitsandbytes_devices", lambda: {"cuda"})
     for precision in ("8bit", "4bit"):
         with pytest.raises(JobError, match="bitsandbytes cannot quantize on cpu") as err:
             models.load_base_model(settings(tiny_folder, precision=precision))

@@ -185,7 +185,7 @@ def test_a_run_with_the_levers_logs_the_losses_of_a_run_without(tiny_folder, mon
         eff["training"]["gradient_checkpointing"] = False
         return p
 
-    monkeypatch.setattr(train, "plan_speed", forced)
+    monkeypatch.setattr(train.runs, "plan_speed", forced)
     monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     fast, logs = run(tmp_path / "b", True)

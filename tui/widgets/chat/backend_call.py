@@ -2,7 +2,7 @@
 evaluation, Merge and upload requests.
 
 The panes name requests by their protocol method (fixed by the issue's contract) rather than by
-the dataclass that backend/protocol.py registers for it, so they do not depend on what the
+the dataclass that backend/protocol/ registers for it, so they do not depend on what the
 class is called. When the protocol does not know the method (an older backend checkout), the
 parameters are still sent as a plain object; the backend then answers ``unknown_method``, which
 the panes show as a refusal.
