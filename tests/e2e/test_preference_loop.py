@@ -56,6 +56,13 @@ def tab(tmux: Tmux, name: str, times: int) -> None:
         time.sleep(0.15)
 
 
+def tab_to(tmux: Tmux, name: str, times: int, label: str, what: str) -> None:
+    """Tab ``times`` and wait until the control after ``label`` (a regular expression) has the
+    focus: a key sent before that could still reach the control the focus left."""
+    tab(tmux, name, times)
+    tmux.wait_until(name, lambda _: tmux.focused(name, label), f"{what} never took the focus")
+
+
 def clear_field(tmux: Tmux, name: str) -> None:
     """ctrl+u empties the text field that has the focus (on its own: text sent in the same burst
     can be lost with it)."""
@@ -69,21 +76,38 @@ def import_run(tmux: Tmux, name: str, toml_path, run_name: str) -> None:
     tmux.keys(name, "4")
     tmux.wait_for(name, "LoRA · peft LoraConfig")
     tmux.wait_for(name, "^o Import")  # the footer has the pane's keys: the focus is on its first button
-    tab(tmux, name, 2)  # presets, then the run config file's path box
+    tab_to(tmux, name, 2, r"^ preset .*small-gpu", "the run config file's path box")  # past the presets
     clear_field(tmux, name)
     tmux.keys(name, str(toml_path))
     tmux.wait_for(name, toml_path.name)
     tmux.keys(name, "C-o")
     tmux.wait_for(name, f"imported {toml_path.name}", timeout=30)
     screen = tmux.wait_for(name, f"· {STEPS} steps", timeout=60)
-    assert run_name in screen and "fits" in screen
+    assert run_name in screen
+    tmux.wait_until(name, checked, "the imported settings were never checked", timeout=60)
+
+
+def checked(screen: str) -> bool:
+    """The LoRA tab's check line holds the backend's answer for the settings as they are now."""
+    result = re.search(r"^ (⧗ )?memory .*fits", screen, re.M)  # ⧗: the previous settings' result
+    return bool(result and not result.group(1) and "✖" not in screen)
 
 
 def train(tmux: Tmux, name: str, run_name: str) -> tuple[str, str]:
     """Start (f5; the Train tab follows the run) and wait for the end; (the screen, the adapter
     folder). The focus is still in a text field of the form: no number key while it may be."""
-    tmux.keys(name, "F5")
-    tmux.wait_for(name, f"{run_name} · trainable", timeout=120)  # this run's header: the last run's lines are gone
+    header = f"{run_name} · trainable"  # this run's header: the last run's lines are gone
+    for attempt in range(3):
+        tmux.keys(name, "F5")
+        screen = tmux.wait_until(name, lambda s: header in s or "Cannot start" in s,
+                                 "the run never started", timeout=120)
+        if header in screen:
+            break
+        # Start said no (as a notice): "yet" while something still runs or is being checked
+        # (a user presses f5 again once it is done); anything else is a failure.
+        assert "Cannot start yet" in screen and attempt < 2, screen
+        tmux.wait_until(name, lambda s: "Cannot start" not in s and checked(s),
+                        "the settings were never checked after Start said no", timeout=60)
     tmux.wait_for(name, f"finished at step {STEPS}/{STEPS}", timeout=300)
     screen, _ = tmux.wait_match(name, ROW.format(step=STEPS), timeout=30, flags=re.M)
     adapter = re.search(r"adapter: (\S+)", screen)
@@ -101,8 +125,7 @@ def open_preference_sample(tmux: Tmux, name: str) -> None:
     tmux.wait_for(name, "^o Open")  # the footer has the pane's keys: the focus is on the Open button
     time.sleep(0.5)  # the tab's focus settles
     # ctrl+o would open the path already in the box (the instruction sample) again: tab to it.
-    tab(tmux, name, 1)
-    time.sleep(0.3)
+    tab_to(tmux, name, 1, r"^\s*Open\b", "the path box")
     tmux.keys(name, "End")
     time.sleep(0.3)
     clear_field(tmux, name)
@@ -119,7 +142,7 @@ def open_preference_sample(tmux: Tmux, name: str) -> None:
 
 def choose_dpo_from(tmux: Tmux, name: str, sft_adapter: str) -> None:
     """From the path box: Export, Import, the form, its name, then the method Select."""
-    tab(tmux, name, 5)
+    tab_to(tmux, name, 5, r"^ method\b", "the method")
     tmux.keys(name, "Enter")  # open the method's choices
     tmux.wait_for(name, "orpo")
     tmux.keys(name, "Down")
@@ -130,16 +153,13 @@ def choose_dpo_from(tmux: Tmux, name: str, sft_adapter: str) -> None:
     # The finished SFT run's adapter is offered as the start: its path completes the input.
     assert sft_adapter in screen, screen
     time.sleep(1)  # the focus settles back on the Select as its list closes
-    tab(tmux, name, 5)  # beta, malformed, loss_type, label_smoothing, start_adapter
+    # beta, malformed, loss_type, label_smoothing, start_adapter
+    tab_to(tmux, name, 5, r"^ start_adapter\b", "the start adapter box")
     tmux.keys(name, "/")
     # The box takes the "/" (its placeholder goes) and completes it to the SFT adapter.
     tmux.wait_match(name, rf"^ start_adapter\s+{re.escape(sft_adapter)}(\s|$)", timeout=30, flags=re.M)
     tmux.keys(name, "Right")  # take the completion
-
-    def checked(screen: str) -> bool:  # the backend checked the DPO run from that adapter ("/" alone: ✖)
-        result = re.search(r"^ (⧗ )?memory .*fits", screen, re.M)  # ⧗: the previous settings' result
-        return bool(result and not result.group(1) and "✖" not in screen)
-
+    # The backend checked the DPO run from that adapter ("/" alone would be refused: ✖).
     tmux.wait_until(name, checked, "the start adapter was never taken and checked", timeout=60)
 
 
