@@ -25,6 +25,41 @@ def qlw_command(home: Path) -> str:
 STALL_S = float(os.environ.get("QLW_TEST_STALL_S", "180"))
 
 
+#: Textual's default dark theme at 256 colours (TERM=xterm-256color, as :func:`qlw_command` sets):
+#: a focused Input or Select is drawn on colour 235 (234 without the focus), an Input's cursor
+#: cell on 253, and the text an Input selects as it takes the focus on 24.
+FOCUS_BACKGROUNDS = {"235", "253", "24"}
+
+
+def _cells(line: str) -> tuple[str, list[str | None]]:
+    """A captured line's text and, for each character, its background colour (the 256-colour
+    number as text, None for the default)."""
+    import re
+
+    text: list[str] = []
+    backgrounds: list[str | None] = []
+    bg: str | None = None
+    for i, part in enumerate(re.split(r"\x1b\[([0-9;]*)m", line)):
+        if i % 2:  # an SGR sequence: follow the background through it
+            codes = part.split(";") if part else ["0"]
+            j = 0
+            while j < len(codes):
+                if codes[j] in ("0", "49"):
+                    bg = None
+                elif codes[j] == "48" and j + 2 < len(codes) and codes[j + 1] == "5":
+                    bg = codes[j + 2]
+                    j += 2
+                elif codes[j] in ("38", "48") and j + 1 < len(codes) and codes[j + 1] == "2":
+                    j += 4  # a 24-bit colour: not used at 256 colours
+                elif codes[j] == "38" and j + 2 < len(codes):
+                    j += 2
+                j += 1
+        else:
+            text.append(part)
+            backgrounds.extend([bg] * len(part))
+    return "".join(text), backgrounds
+
+
 class Tmux:
     """A private tmux server (its own socket) running one command per session. ``home``: the
     data home whose files count as progress for the waits."""
@@ -56,6 +91,28 @@ class Tmux:
 
     def screen(self, name: str) -> str:
         return self.tmux("capture-pane", "-p", "-t", name)
+
+    def styled_screen(self, name: str) -> str:
+        """The screen with its colours (SGR escape sequences), as :meth:`focused` reads it."""
+        return self.tmux("capture-pane", "-p", "-e", "-t", name)
+
+    def focused(self, name: str, label: str) -> bool:
+        """Whether the control right after ``label`` (a regular expression matched on the first
+        line of the screen it matches) has the focus: its first character is drawn on the focus
+        background (or is an Input's cursor). A key sent right after one that moves the focus can
+        reach the widget that had it before (Textual routes a key to the focused widget before
+        the last key's binding has moved the focus): wait for this first."""
+        import re
+
+        for line in self.styled_screen(name).splitlines():
+            text, backgrounds = _cells(line)
+            m = re.search(label, text)
+            if m is None:
+                continue
+            rest = text[m.end():]
+            start = m.end() + len(rest) - len(rest.lstrip(" "))
+            return start < len(text) and backgrounds[start] in FOCUS_BACKGROUNDS
+        return False
 
     def keys(self, name: str, *keys: str) -> None:
         self.tmux("send-keys", "-t", name, *keys)
