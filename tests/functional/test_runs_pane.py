@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import math
+import re
 import time
 from typing import Any
 
@@ -180,7 +181,7 @@ def test_table_sorts_filters_and_marks(qlw_home, ledger):
         async with app.run_test(size=LARGE) as pilot:
             rp = await show_runs(pilot)
             table = rp.table
-            assert column(table, "name") == ["lr 0.003", "lr 0.002", "lr 0.001", "(unnamed 20261207)"]
+            assert column(table, "name") == ["lr 0.003", "lr 0.002", "lr 0.001", "(unnamed)"]
             first = rows(table)[0]
             assert first[1:10] == ["lr 0.003", "finished", "40/40", "1.6000", "1.6000", "1,300", "1:35",
                                    "793 KiB", "ME·"]
@@ -190,14 +191,14 @@ def test_table_sorts_filters_and_marks(qlw_home, ledger):
 
             # s: the next column (Run, then Status, ... ); S reverses; a header click sorts by it.
             await pilot.press("s")
-            assert rp.sort_key == "name" and column(table, "name")[0] == "(unnamed 20261207)"
+            assert rp.sort_key == "name" and column(table, "name")[0] == "(unnamed)"
             rp.sort_by("best_eval_loss")
             await pilot.pause()
-            assert column(table, "name") == ["lr 0.001", "lr 0.002", "lr 0.003", "(unnamed 20261207)"]
+            assert column(table, "name") == ["lr 0.001", "lr 0.002", "lr 0.003", "(unnamed)"]
             assert str(table.columns[next(k for k in table.columns if k.value == "best_eval_loss")].label) == "Best val ▲"
             await pilot.press("S")
             # A run without the figure stays last either way.
-            assert column(table, "name") == ["lr 0.003", "lr 0.002", "lr 0.001", "(unnamed 20261207)"]
+            assert column(table, "name") == ["lr 0.003", "lr 0.002", "lr 0.001", "(unnamed)"]
             rp.sort_by("tokens_per_s", reverse=True)
             await pilot.pause()
             assert column(table, "name")[0] == "lr 0.002"
@@ -210,7 +211,7 @@ def test_table_sorts_filters_and_marks(qlw_home, ledger):
             # The filter: words in any column, column:value, numbers compared.
             await pilot.press("slash")
             assert isinstance(app.screen.focused, Input)
-            for query, names in (("status:failed", ["(unnamed 20261207)"]),
+            for query, names in (("status:failed", ["(unnamed)"]),
                                  ("best:<1.45", ["lr 0.001"]),
                                  ("merged:yes", ["lr 0.003"]),
                                  ("0.00 tok:>1500", ["lr 0.002"]),
@@ -391,3 +392,157 @@ def test_compare_snapshot(snap_compare, qlw_home, ledger, size):
         await pilot.pause(0.2)
 
     assert snap_compare(make_app(qlw_home), terminal_size=size, run_before=settle)
+
+
+# Against a real backend: three tiny runs that differ only in learning_rate ------------------------
+
+LRS = (1e-3, 2e-3, 3e-3)
+
+
+async def train_runs(home) -> list[str]:
+    """Train one tiny run per learning rate through train.start, one after the other; their
+    session ids, in order."""
+    from tests.functional.helpers import tiny_run_config
+    from tests.waits import Budget
+    from tui.client import Connection
+
+    events: list[P.Event] = []
+    conn = await Connection.open(P.socket_path(home), "test-runs", events.append)
+    ids = []
+    try:
+        await conn.call(P.Attach())
+        for lr in LRS:
+            config = tiny_run_config(steps=4)
+            config["name"] = f"lr {lr:g}"
+            config["training"].update(learning_rate=lr, eval_steps=2, seed=3)
+            job = (await conn.call(P.StartTraining(config=config)))["job_id"]
+            budget = Budget(180)
+            while not any(e.kind == "job.finished" and e.payload.get("job_id") == job for e in events):
+                assert not budget.spent(), (home / "backend-test.log").read_text()[-2000:]
+                await asyncio.sleep(0.1)
+            done = next(e for e in events if e.kind == "job.finished" and e.payload.get("job_id") == job)
+            assert done.payload["status"] == "done", done.payload
+            ids.append(next(e.session for e in events if e.kind == "job.started" and e.payload.get("job_id") == job))
+    finally:
+        await conn.close()
+    return ids
+
+
+@pytest.fixture(scope="module")
+def three_runs(tiny_folder):
+    """A backend on a data home holding three finished tiny runs (lr 0.001, 0.002, 0.003): the
+    home and the runs' ids. Trained once for the module's tests."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from backend import tiny
+    from tests.conftest import start_backend, stop_backend
+
+    home = Path(tempfile.mkdtemp(prefix="qlw-", dir="/tmp"))
+    shutil.copytree(tiny_folder, tiny.tiny_model_path(home))
+    proc = start_backend(home)
+    try:
+        ids = asyncio.run(train_runs(home))
+        yield home, ids
+    finally:
+        stop_backend(proc)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def connected_runs_tab(pilot, count: int) -> RunsPane:
+    app = pilot.app
+    await until(pilot, lambda: app.connection.state == "connected", "connected", timeout=20)
+    await pilot.press("8")
+    rp = pane(app)
+    await until(pilot, lambda: len(rp.records) == count, f"{count} runs listed", timeout=20)
+    await pilot.pause()
+    return rp
+
+
+@pytest.mark.slow
+def test_three_tiny_runs_listed_compared_and_opened(three_runs):
+    home, ids = three_runs
+
+    async def body():
+        app = make_app(home)
+        async with app.run_test(size=LARGE) as pilot:
+            rp = await connected_runs_tab(pilot, 3)
+            table = rp.table
+            assert column(table, "name") == ["lr 0.003", "lr 0.002", "lr 0.001"]  # newest first
+            assert column(table, "id") == ids[::-1]
+            assert column(table, "status") == ["finished"] * 3 and column(table, "steps") == ["4/4"] * 3
+            for r in rp.records:
+                cells = dict(zip(table.columns, rows(table)[rp.shown.index(r["id"])]))
+                assert str(cells["best_eval_loss"]) == f"{r['best_eval_loss']:.4f}"
+                assert str(cells["last_eval_loss"]) == f"{r['last_eval_loss']:.4f}"
+                assert r["tokens_per_s"] > 0 and str(cells["tokens_per_s"]) != "—"
+                assert r["adapter_bytes"] > 0 and str(cells["adapter_bytes"]).endswith("iB")
+                assert r["method"] == "sft" and str(cells["flags"]) == "···"
+
+            # Compare: the three curves on one plot, and only learning_rate differs.
+            await mark(pilot, rp, ["lr 0.001", "lr 0.002", "lr 0.003"])
+            await pilot.press("c")
+            await until(pilot, lambda: isinstance(app.screen, RunCompareScreen) and app.screen.loaded,
+                        "the compare view", timeout=20)
+            screen = app.screen
+            series = screen.curve.series()
+            assert [name for name, _, _ in series] == ["lr 0.001", "lr 0.002", "lr 0.003"]
+            assert [[s for s, _ in train] for _, train, _ in series] == [[1, 2, 3, 4]] * 3
+            assert [[s for s, _ in evals] for _, _, evals in series] == [[2, 4]] * 3
+            assert len({tuple(train) for _, train, _ in series}) == 3  # three different curves
+            assert rows(screen.query_one("#compare-diff", DataTable)) == [
+                ["training.learning_rate", "0.001", "0.002", "0.003"]]
+            assert [r[0] for r in rows(screen.query_one("#compare-evals", DataTable))] == ["2", "4"]
+            await pilot.press("t")
+            assert all(train for _, train, _ in screen.curve.series())  # the rows counted their tokens
+            await pilot.press("escape")
+
+            # Enter on a run: its rows.
+            rp.table.move_cursor(row=rp.shown.index(ids[1]))
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.detail is not None,
+                        "the run's detail", timeout=20)
+            detail = app.screen
+            assert detail.run_id == ids[1]
+            assert [r[0] for r in rows(detail.query_one(LossTable))] == ["1", "2", "3", "4"]
+            assert rows(detail.query_one(LossTable))[1][2] != "—"  # step 2's validation loss
+            assert re.search(r"^training\.learning_rate +=\s0\.002$", str(detail.query_one("#run-config-text").content),
+                             re.M)
+            assert column(detail.query_one("#run-checkpoint-table", DataTable), "step") == ["4"]
+            kinds = column(detail.query_one("#run-artifact-table", DataTable), "kind")
+            assert {"adapter", "checkpoint"} <= set(kinds)
+
+    asyncio.run(body())
+
+
+@pytest.mark.slow
+def test_rename_and_delete_a_tiny_run(three_runs):
+    home, ids = three_runs
+
+    async def body():
+        app = make_app(home)
+        async with app.run_test(size=LARGE) as pilot:
+            rp = await connected_runs_tab(pilot, 3)
+            rp.table.move_cursor(row=rp.shown.index(ids[0]))
+            await pilot.press("n")
+            await until(pilot, lambda: isinstance(app.screen, RenameScreen), "the rename dialog")
+            app.screen.query_one(Input).value = "baseline"
+            await pilot.press("enter")
+            # The backend's session.renamed event refreshes the list.
+            await until(pilot, lambda: "baseline" in column(rp.table, "name"), "the new name", timeout=20)
+            assert rp.highlighted == ids[0]
+
+            folder = home / "runs" / ids[0]
+            assert folder.is_dir()
+            await pilot.press("d")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirm dialog", timeout=20)
+            text = str(app.screen.query_one("#confirm-detail").content)
+            assert str(folder.resolve()) in text and "1 path(s)" in text and "iB" in text
+            assert "'baseline'" in str(app.screen.query_one("#confirm-question").content)
+            await pilot.press("y")
+            await until(pilot, lambda: len(rp.records) == 2, "the run gone", timeout=20)
+            assert not folder.exists() and (home / "runs" / ids[1]).is_dir()
+            assert column(rp.table, "name") == ["lr 0.003", "lr 0.002"]
+
+    asyncio.run(body())

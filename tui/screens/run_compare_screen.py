@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Footer, Static
 from backend import protocol_runs as R
 from tui.widgets.backend_requests import BackendRequests
 from tui.widgets.sessions.compare_curve import CompareCurve, legend
-from tui.widgets.sessions.runs_format import run_name, setting_value, short
+from tui.widgets.sessions.runs_format import named, setting_value, short
 from tui.widgets.train.train_format import loss
 
 
@@ -66,7 +66,7 @@ class RunCompareScreen(BackendRequests, Screen):
         return self.query_one(CompareCurve)
 
     def _names(self) -> list[str]:
-        names = [run_name(r) for r in self.records]
+        names = [str(r["name"]) if named(r) else str(r["id"]) for r in self.records]
         # Runs of the same name are told apart by their id.
         return [f"{n} ({r['id'][:6]})" if names.count(n) > 1 else n for n, r in zip(names, self.records)]
 

@@ -70,7 +70,7 @@ def named(record: dict[str, Any]) -> bool:
 
 
 def run_name(record: dict[str, Any]) -> str:
-    return str(record["name"]) if named(record) else f"(unnamed {str(record.get('id', ''))[:8]})"
+    return str(record["name"]) if named(record) else "(unnamed)"
 
 
 def steps(record: dict[str, Any]) -> str:
@@ -109,7 +109,7 @@ def cell(key: str, record: dict[str, Any]) -> str:
     if key in ("base_model", "dataset"):
         return short(record.get(key)) or MISSING
     if key == "id":
-        return str(record.get("id", ""))[:12]
+        return str(record.get("id", ""))
     value = record.get(key)
     return MISSING if value is None or value == "" else str(value)
 

@@ -63,13 +63,15 @@ class RunsPane(RunActions, Vertical):
                 tooltip="Give the highlighted run a new name."),
         Binding("d,delete", "delete", "Delete", id="runs.delete",
                 tooltip="Delete the highlighted run, its records and its files (asks first, saying what goes)."),
-        Binding("v", "toggle_view", "Sessions", id="runs.toggle-view",
+        # v and r are left out of the footer: at 80 columns it keeps q Quit (issue 15); ? lists them.
+        Binding("v", "toggle_view", "Sessions", id="runs.toggle-view", show=False,
                 tooltip="Show every session of the store (jobs that were not training runs too), or the runs again."),
-        Binding("r", "refresh", "Refresh", id="runs.refresh",
+        Binding("r", "refresh", "Refresh", id="runs.refresh", show=False,
                 tooltip="Read the runs from the backend again."),
     ]
 
-    EMPTY = "No runs yet: set one up in the LoRA tab and press Start (f5); ctrl+t prepares the tiny model."
+    EMPTY = ("No runs yet: set one up in the LoRA tab and press Start (f5); ctrl+t prepares the tiny model; "
+             "v shows every session.")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
