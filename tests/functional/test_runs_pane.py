@@ -546,3 +546,17 @@ def test_rename_and_delete_a_tiny_run(three_runs):
             assert column(rp.table, "name") == ["lr 0.003", "lr 0.002"]
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("tab", ["1", "3"], ids=["rows", "checkpoints"])
+def test_detail_snapshot(snap_compare, qlw_home, ledger, tab):
+    async def settle(pilot):
+        app = pilot.app
+        await show_runs(pilot)
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: isinstance(app.screen, RunDetailScreen) and app.screen.detail is not None,
+                    "the run's detail")
+        await pilot.press(tab)
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(qlw_home), terminal_size=SMALL, run_before=settle)
