@@ -70,8 +70,7 @@ class RunsPane(RunActions, Vertical):
                 tooltip="Read the runs from the backend again."),
     ]
 
-    EMPTY = ("No runs yet: set one up in the LoRA tab and press Start (f5); ctrl+t prepares the tiny model; "
-             "v shows every session.")
+    EMPTY = "No runs yet: the LoRA tab sets one up, f5 starts it · v shows every session"
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
