@@ -23,6 +23,7 @@ from tests.waits import Budget
 from tui.app import QlwApp
 from tui.client import Connection
 from tui.screens.main_screen import TABS, MainScreen
+from tui.widgets.sessions.runs_pane import RunsPane
 from tui.widgets.sessions.sessions_pane import SessionsPane
 from tui.widgets.shell.connection_indicator import ConnectionIndicator
 from tui.widgets.shell.job_indicator import JobIndicator
@@ -92,7 +93,7 @@ def test_import_is_light():
 
 
 def test_every_binding_has_id_and_tooltip_and_a_palette_command(qlw_home):
-    bindings = [*QlwApp.BINDINGS, *MainScreen.BINDINGS, *SessionsPane.BINDINGS]
+    bindings = [*QlwApp.BINDINGS, *MainScreen.BINDINGS, *RunsPane.BINDINGS, *SessionsPane.BINDINGS]
     assert all(b.id and b.tooltip for b in bindings), [b for b in bindings if not (b.id and b.tooltip)]
     assert len({b.id for b in bindings}) == len(bindings)
 
@@ -137,6 +138,8 @@ def test_sessions_tab_and_job_line_follow_the_backend(backend):
 
             await pilot.press("8")
             assert app.screen.query_one(TabbedContent).active == "sessions"
+            # The tab shows the runs ledger (none here: no training ran); v shows every session.
+            await pilot.press("v")
             await until(pilot, lambda: len(table_rows(app)) == 3, "three sessions")
             rows = table_rows(app)
             assert [r[0] for r in rows] == ["gamma", "beta", "alpha"]  # newest first

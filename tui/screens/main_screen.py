@@ -38,7 +38,8 @@ TABS = [
     ("chat", "Chat", "tui.widgets.chat.chat_pane:ChatPane", "talk to the base model or a trained adapter"),
     ("merge", "Merge", "tui.widgets.merge.merge_pane:MergePane",
      "merge an adapter into its base model and upload it"),
-    ("sessions", "Sessions", "tui.widgets.sessions.sessions_pane:SessionsPane", "past and present runs"),
+    ("sessions", "Sessions", "tui.widgets.sessions.runs_pane:RunsPane",
+     "past and present runs: open, compare, rename, delete; every session"),
 ]
 
 

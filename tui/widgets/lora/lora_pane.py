@@ -737,6 +737,17 @@ class LoraPane(BackendRequests, Vertical):
         self.form.set_values(flatten(config), name=str(config.get("name") or ""))
         self.sync_sections()
 
+    def resume_run(self, config: dict[str, Any], checkpoint: str, origin: str) -> None:
+        """The Runs tab's "resume from here": the form takes the run's ``config`` and the resume
+        choice becomes its ``checkpoint`` (chosen once train.checkpoints offers it); Start (f5)
+        then continues that run."""
+        if config:
+            self.apply_config(config, origin)
+        self._wanted_resume = checkpoint
+        self._offer_resume()
+        self.read_checkpoints()
+        self.save_state()
+
     def action_resume(self) -> None:
         self.read_checkpoints()
         self.query_one("#lora-resume", Select).focus()

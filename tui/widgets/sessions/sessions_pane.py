@@ -33,6 +33,7 @@ STATUS_STYLES = {
     "failed": ("error", "bold"),
     "interrupted": ("error", ""),
     "cancelled": (None, "dim"),
+    "stopped": ("warning", ""),
 }
 
 
