@@ -303,6 +303,7 @@ def step_timer(cuda: bool):
             self.t: dict[int, float] = {}
             self.tokens: dict[int, float] = {}
             self.loss: dict[int, float] = {}
+            self.counted: dict[int, float] = {}  # count_tokens, where a trainer logs no num_tokens
             self.peak_alloc = self.peak_reserved = None
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -432,6 +433,7 @@ def run_plain(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workd
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, callbacks=[timer],
                          peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=list(SEVEN),
                                                 task_type="CAUSAL_LM"))
+    count_tokens(trainer, timer)  # beside trl's num_tokens: checks the count U's figures rest on
     t0 = time.perf_counter()
     trainer.train()
     out = {"train_s": round(time.perf_counter() - t0, 2), "timer": timer}
@@ -470,15 +472,48 @@ def run_unsloth(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], wor
         dataset_text_field="text", report_to="none", disable_tqdm=True, **extra)
     timer = step_timer(True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, callbacks=[timer])
+    count_tokens(trainer, timer)  # Unsloth's trainer logs no num_tokens
     t0 = time.perf_counter()
     trainer.train()
     out = {"train_s": round(time.perf_counter() - t0, 2), "timer": timer}
+    if not timer.tokens and timer.counted:
+        timer.tokens.update(timer.counted)
+    elif not timer.tokens and ds["p50"] == ds["longest"] == ds["max_length"]:
+        # Every row full length (fixed): the step's tokens are known without counting.
+        per_step = s["batch"] * s["ga"] * ds["max_length"]
+        timer.tokens.update({k: float(k * per_step) for k in timer.t})
     del trainer, model
     import gc
 
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+def count_tokens(trainer, timer) -> None:
+    """Count each micro-batch's real tokens as the trainer takes it (attention mask, else every
+    token: padding-free and packed batches have no padding), into ``timer.counted`` by step end,
+    for trainers that log no ``num_tokens`` (trl's count, which the other variants use)."""
+    original = trainer.training_step
+    seen = {"n": 0.0}
+
+    def training_step(model, inputs, *args, **kwargs):
+        mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
+        ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+        if mask is not None:
+            seen["n"] += float(mask.sum())
+        elif ids is not None:
+            seen["n"] += float(ids.numel())
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.training_step = training_step
+    from transformers import TrainerCallback
+
+    class Counted(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            timer.counted[int(state.global_step)] = seen["n"]
+
+    trainer.add_callback(Counted())
 
 
 def profiler_callback(at_step: int, label: str):
@@ -583,7 +618,8 @@ def run_qlw(spec: dict[str, Any], ds: dict[str, Any], s: dict[str, Any], workdir
     extra = ([profiler_callback(max(spec["warmup"], 1), f"{spec['variant']} {ds['name']}")]
              if spec.get("profile") and cuda and ds["name"] == "fixed" else [])
     t0 = time.perf_counter()
-    result = train.run_training(qlw_config(spec, ds, s), home, run, callbacks=[timer, *extra])
+    # The profiler before the timer: its summary (seconds of Python) ends the warm-up, not the first timed step.
+    result = train.run_training(qlw_config(spec, ds, s), home, run, callbacks=[*extra, timer])
     out = {"train_s": round(time.perf_counter() - t0, 2), "timer": timer, "result": result, "logs": logs,
            **event_figures(_event_rows(rows, timer), spec["warmup"], spec["warmup"] + spec["steps"])}
     store.close()
@@ -703,6 +739,8 @@ def run_one(spec: dict[str, Any], ds: dict[str, Any], workdir: Path) -> dict[str
             out = runner(spec, ds, s, workdir)
         timer = out["timer"]
         row.update(timed_figures(timer.t, timer.tokens, warm, last))
+        if timer.counted and last in timer.counted and warm in timer.counted and spec["steps"]:
+            row["tokens_counted_per_step"] = round((timer.counted[last] - timer.counted[warm]) / spec["steps"], 1)
         losses = timer.loss
         row.update(train_s=out["train_s"], nvml_gib=nvml.gib() if cuda else None,
                    peak_alloc_gib=round(timer.peak_alloc / GIB, 3) if timer.peak_alloc else None,

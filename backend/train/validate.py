@@ -24,10 +24,14 @@ OPTIMIZER_STATE_BYTES = {
     "paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8,
     "adamw_torch_fused": 8, "adafactor": 1, "sgd": 0,
 }
-#: Activation bytes per token and layer, in units of hidden_size, for a 16-bit transformer block
-#: with fused (sdpa) attention: about 34 without checkpointing (Korthikanti et al. 2022); with
-#: gradient checkpointing each layer keeps its 16-bit input (2) and one layer is recomputed.
-ACTIVATION_FACTOR = 34
+#: Activation bytes per token and layer, in units of hidden_size, without checkpointing: about 34
+#: for a 16-bit transformer block with fused (sdpa) attention (Korthikanti et al. 2022), plus what
+#: LoRA keeps: each adapted projection's (dropped-out) input and its dropout mask. Measured on an
+#: H100 (bench/README.md, issue 14, 2026-12-07; Mistral-7B shape, r=16 on all seven projections,
+#: compiled layers): 51-57 from the peaks of 4,096-, 2,048- and 8,192-token micro-steps; 34 had
+#: the estimate 20-44% low, and a plan chosen on it ran at the card's limit.
+ACTIVATION_FACTOR = 58
+#: With gradient checkpointing each layer keeps its 16-bit input (2) and one layer is recomputed.
 CHECKPOINTED_FACTOR = 2
 
 
