@@ -218,7 +218,8 @@ def run_launched(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     ctx.emit("log", {"level": "info", "message": f"training in {n} processes ({how}) started with accelerate: "
                                                  f"{' '.join(cmd[1:])}; their log: {log_path}"})
     tail = _Tail(ldir / launch.EVENTS_FILE)
-    seen: dict[str, Any] = {"started": False, "finished": False, "step": 0, "checkpoint": "", "total_steps": 0}
+    seen: dict[str, Any] = {"started": False, "finished": False, "step": 0, "checkpoint": "", "total_steps": 0,
+                            "t0": time.monotonic()}
 
     def dispatch(line: dict[str, Any]) -> None:
         kind, payload = line.get("kind"), line.get("payload") or {}
@@ -229,7 +230,8 @@ def run_launched(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
             record(payload["kind"], payload["path"])
         elif kind in FORWARDED:
             if kind == "train.started":
-                seen.update(started=True, total_steps=payload.get("total_steps", 0), step=payload.get("start_step", 0))
+                seen.update(started=True, total_steps=payload.get("total_steps", 0), step=payload.get("start_step", 0),
+                            t0=time.monotonic())
             elif kind == "train.log":
                 seen["step"] = max(seen["step"], int(payload.get("step") or 0))
             elif kind == "train.checkpoint":
@@ -297,7 +299,8 @@ def run_launched(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     if seen["started"] and not seen["finished"]:
         ctx.emit("train.finished", {"job_id": ctx.job_id, "status": "failed", "step": seen["step"],
                                     "total_steps": seen["total_steps"], "final_loss": None, "final_eval_loss": None,
-                                    "adapter_path": "", "checkpoint_path": checkpoint, "elapsed_s": 0.0,
+                                    "adapter_path": "", "checkpoint_path": checkpoint,
+                                    "elapsed_s": round(time.monotonic() - seen["t0"], 3),
                                     "tokens_per_s": None, "peak_memory": {}})
     who = f"rank {failure['rank']} of {n}" if failure.get("rank") is not None else f"the launch of {n} processes"
     at = f" at step {step}" if step else " before the first step"
