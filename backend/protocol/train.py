@@ -237,7 +237,11 @@ class LaunchSettings:
     and ``qlw train --check`` show it. To keep a one-process run's math on N processes, divide
     ``per_device_train_batch_size`` (or ``gradient_accumulation_steps``) by N: the same rows then
     make each step, in the same order (accelerate deals the sampler's batches out to the
-    processes in turn), and the losses are the same (tests/backend/test_multi.py)."""
+    processes in turn), and the training losses are the same (tests/backend/test_multi.py). The
+    validation loss is transformers' mean of per-batch losses, and an evaluation batch is
+    ``per_device_train_batch_size`` rows per process: it comes close (within 1% on the tiny
+    model), not equal. LoRA dropout draws its masks in each process: leave it at 0 to compare
+    runs step by step."""
 
     processes: int = setting(1, help="Processes (one per GPU) that train the run; above 1 the run is "
                              "launched with accelerate (global batch = batch size x accumulation x this).", minimum=1)

@@ -2,7 +2,7 @@
 writes (DDP, and FSDP-QLoRA's settings), and real two-process runs of the tiny model on the CPU
 (``accelerate launch`` starting torchrun, gloo between the ranks): through ``qlw train --processes
 2`` and through the backend's ``train.start`` job, each step's loss equals one process's with the
-same global batch; a stop saves a checkpoint in both ranks and ends the run; a killed rank ends the
+same global batch (the validation loss, an average of per-batch means, only comes close); a stop saves a checkpoint in both ranks and ends the run; a killed rank ends the
 run with its rank named and the last checkpoint; a re-attaching client replays the run's events.
 
 Equal losses need the same rows in each step, in the same order: one process with
@@ -105,7 +105,10 @@ def assert_same_curve(ours: dict[int, dict], theirs: dict[int, dict]) -> None:
         assert ours[step]["grad_norm"] == pytest.approx(theirs[step]["grad_norm"], abs=1e-5), step
         assert ours[step]["learning_rate"] == pytest.approx(theirs[step]["learning_rate"], rel=1e-9), step
     for step in (3, 6):
-        assert ours[step]["eval_loss"] == pytest.approx(theirs[step]["eval_loss"], abs=1e-5), step
+        # transformers averages the losses of the evaluation batches (each a mean over its tokens):
+        # batches of 2 rows in each of two processes weigh the rows otherwise than batches of 4
+        # (measured: 4.1288 against 4.1645 at step 3), so the validation loss is close, not equal.
+        assert ours[step]["eval_loss"] == pytest.approx(theirs[step]["eval_loss"], rel=0.02), step
 
 
 # The launch section, the accelerate config ---------------------------------------------------------------
@@ -238,7 +241,7 @@ def test_qlw_train_with_two_processes_matches_one_process(home):
     assert_same_curve(rows_of(events), theirs)
     folder = train.run_dir(home, session.id)
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in (folder / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert (folder / "launch" / "accelerate.yaml").is_file()
 
 
