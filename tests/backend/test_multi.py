@@ -260,7 +260,8 @@ async def wait_for(cond, timeout=300.0, what="condition"):
 def test_train_start_with_two_processes_stop_a_killed_rank_and_replay(tiny_folder):
     """The backend's train.start job: (1) two processes give one process's curve, and a client
     attaching afresh replays every row of the run from the store; (2) a stop: both ranks save a
-    checkpoint at the same step and the run ends cancelled, its adapter saved; (3) rank 1 killed
+    checkpoint at the same step and the run ends cancelled, its adapter saved; resuming from that
+    checkpoint runs the rest of the steps in two processes; (3) rank 1 killed
     (SIGKILL) after a checkpoint: the run fails naming rank 1 and the checkpoint to resume from,
     and the backend stays up."""
     from tui.client import Connection
@@ -301,8 +302,8 @@ def test_train_start_with_two_processes_stop_a_killed_rank_and_replay(tiny_folde
             await again.close()
 
             # (2) a stop: a checkpoint at the step both ranks agreed on, then the end.
-            job = await conn.call(P.StartTraining(config=config(2, processes=2, max_steps=400, save_steps=0,
-                                                                eval_steps=0)))
+            long_run = config(2, processes=2, max_steps=40, save_steps=0, eval_steps=0)
+            job = await conn.call(P.StartTraining(config=long_run))
             second = job["session"]
             await wait_for(lambda: any(r["loss"] is not None and r["step"] >= 2 for r in of(second, "train.log")),
                            what="the rows of the run to stop")
@@ -312,10 +313,18 @@ def test_train_start_with_two_processes_stop_a_killed_rank_and_replay(tiny_folde
             assert end["status"] == "cancelled", end
             finished = of(second, "train.finished")[0]
             step = finished["step"]
-            assert finished["status"] == "stopped" and 2 <= step < 400 and finished["adapter_path"]
+            assert finished["status"] == "stopped" and 2 <= step < 40 and finished["adapter_path"]
             assert [c["step"] for c in of(second, "train.checkpoint")] == [step]
             ckpt = Path(of(second, "train.checkpoint")[0]["path"])
             assert {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+            # ... and resuming from that checkpoint continues the run in two processes to its end.
+            job = await conn.call(P.StartTraining(config=long_run, resume_from=str(ckpt)))
+            resumed = job["session"]
+            await wait_for(lambda: of(resumed, "job.finished"), what="the resumed run's end")
+            assert of(resumed, "job.finished")[0]["status"] == "done"
+            started = of(resumed, "train.started")[0]
+            assert (started["start_step"], started["resumed_from"], started["processes"]) == (step, str(ckpt), 2)
+            assert sorted({r["step"] for r in of(resumed, "train.log")}) == list(range(step + 1, 41))
 
             # (3) rank 1 killed after the first checkpoint.
             job = await conn.call(P.StartTraining(config=config(2, processes=2, max_steps=400, save_steps=2,
