@@ -200,6 +200,15 @@ def run_launched(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     shutil.rmtree(ldir, ignore_errors=True)  # a folder left by an earlier launch of this session
     ldir.mkdir(parents=True)
     _prepare(run, home, ctx)
+    if device.startswith("cuda"):
+        from backend import models
+        from backend.holdings import HOLDINGS
+
+        if HOLDINGS.get("base") is not None:
+            # Each rank loads its own copy on its GPU: one held here would take rank 0's room.
+            models.release_base_model()
+            ctx.emit("log", {"level": "info", "message": "released the held base model: each of the "
+                                                         f"{n} processes loads its own copy"})
 
     layers = launch.decoder_layer_classes(eff["model"], home) if how == "fsdp" and device != "cpu" else None
     config_file = ldir / launch.CONFIG_FILE
