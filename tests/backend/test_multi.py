@@ -210,6 +210,19 @@ Root Cause (first observed failure):
     found = multi.torchrun_failures(text)
     assert found[0] == {"rank": 1, "exitcode": -9, "traceback": "Signal 9 (SIGKILL) received by PID 27810"}
     assert {f["rank"] for f in found} == {0, 1}
+    folder = Path(tempfile.mkdtemp(prefix="qlw-mf-", dir="/tmp"))
+    try:
+        assert multi.find_failure(folder, text, 1)["message"] == "the process was killed by SIGKILL"
+        # A rank whose error is only that its peer went away is not the cause when another says more.
+        (folder / "rank-0.error.json").write_text(json.dumps(
+            {"rank": 0, "time": 1.0, "step": 4, "message": "DistBackendError: Connection closed by peer"}))
+        assert multi.find_failure(folder, text, 1)["rank"] == 1
+        (folder / "rank-1.error.json").write_text(json.dumps(
+            {"rank": 1, "time": 2.0, "step": 4, "message": "ValueError: a bad row", "where": "x.py:3"}))
+        failure = multi.find_failure(folder, text, 1)
+        assert (failure["rank"], failure["message"]) == (1, "ValueError: a bad row")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # Two processes on the CPU ---------------------------------------------------------------------------------
