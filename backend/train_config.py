@@ -2,7 +2,8 @@
 
 A *run config* (``backend.protocol.RunConfig`` as a dict) is everything a training run needs:
 ``{"version": 1, "name": ..., "method": "sft", "model": ModelSettings, "data": PreparedData,
-"lora": LoraSettings, "training": TrainingSettings, "dpo": DPOSettings, "orpo": ..., "kto": ...}``
+"lora": LoraSettings, "training": TrainingSettings, "dpo": DPOSettings, "orpo": ..., "kto": ...,
+"launch": LaunchSettings}``
 (``method`` picks the module of ``backend/methods/``; its section holds its own settings). The
 checks of catalogued settings are made from their metadata (``protocol.setting``). Field names are those of transformers (``ModelSettings`` mirrors
 ``from_pretrained``/``BitsAndBytesConfig``), peft's ``LoraConfig`` and trl's ``SFTConfig``, so users
@@ -22,7 +23,7 @@ to import: the server, the LoRA form's validation and ``qlw train`` all use it.
 - :func:`env_overrides`: ``QLW_<SECTION>__<FIELD>=value`` (nested: ``QLW_DATA__SOURCE__PATH``)
   overrides a field of a config read by ``qlw train``. Values are read as JSON where they parse
   (``2e-4``, ``true``, ``[\"q_proj\", \"v_proj\"]``, ``null``), else as plain text
-  (``QLW_MODEL__SOURCE=mistralai/Mistral-7B-v0.3``). Sections: model, data, lora, training, dpo, orpo, kto; an
+  (``QLW_MODEL__SOURCE=mistralai/Mistral-7B-v0.3``). Sections: model, data, lora, training, dpo, orpo, kto, launch; an
   unknown section or field is an error naming the variable. The backend daemon does not read
   them (a long-lived process should not train differently because of how it was started).
 """

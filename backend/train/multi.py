@@ -224,8 +224,8 @@ def run_launched(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     log_path = ldir / launch.LOG_FILE
     ctx.progress("launching", 0, 0, "", f"{n} processes ({how})")
-    ctx.emit("log", {"level": "info", "message": f"training in {n} processes ({how}) started with accelerate: "
-                                                 f"{' '.join(cmd[1:])}; their log: {log_path}"})
+    ctx.emit("log", {"level": "info", "message": f"training in {n} processes ({how}): accelerate launch "
+                                                 f"{' '.join(cmd[3:])}; their log: {log_path}"})
     tail = _Tail(ldir / launch.EVENTS_FILE)
     seen: dict[str, Any] = {"started": False, "finished": False, "step": 0, "checkpoint": "", "total_steps": 0,
                             "t0": time.monotonic()}
