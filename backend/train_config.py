@@ -2,7 +2,8 @@
 
 A *run config* (``backend.protocol.RunConfig`` as a dict) is everything a training run needs:
 ``{"version": 1, "name": ..., "method": "sft", "model": ModelSettings, "data": PreparedData,
-"lora": LoraSettings, "training": TrainingSettings, "dpo": DPOSettings, "orpo": ..., "kto": ...}``
+"lora": LoraSettings, "training": TrainingSettings, "dpo": DPOSettings, "orpo": ..., "kto": ...,
+"launch": LaunchSettings}``
 (``method`` picks the module of ``backend/methods/``; its section holds its own settings). The
 checks of catalogued settings are made from their metadata (``protocol.setting``). Field names are those of transformers (``ModelSettings`` mirrors
 ``from_pretrained``/``BitsAndBytesConfig``), peft's ``LoraConfig`` and trl's ``SFTConfig``, so users
@@ -22,7 +23,7 @@ to import: the server, the LoRA form's validation and ``qlw train`` all use it.
 - :func:`env_overrides`: ``QLW_<SECTION>__<FIELD>=value`` (nested: ``QLW_DATA__SOURCE__PATH``)
   overrides a field of a config read by ``qlw train``. Values are read as JSON where they parse
   (``2e-4``, ``true``, ``[\"q_proj\", \"v_proj\"]``, ``null``), else as plain text
-  (``QLW_MODEL__SOURCE=mistralai/Mistral-7B-v0.3``). Sections: model, data, lora, training, dpo, orpo, kto; an
+  (``QLW_MODEL__SOURCE=mistralai/Mistral-7B-v0.3``). Sections: model, data, lora, training, dpo, orpo, kto, launch; an
   unknown section or field is an error naming the variable. The backend daemon does not read
   them (a long-lived process should not train differently because of how it was started).
 """
@@ -48,6 +49,7 @@ SECTIONS: dict[str, type] = {
     "lora": P.LoraSettings,
     "training": P.TrainingSettings,
     **P.METHOD_SETTINGS,  # dpo, orpo, kto: the settings of the method of that name
+    "launch": P.LaunchSettings,  # issue 19: processes and strategy
 }
 TOP_LEVEL = ("version", "name", "method", *SECTIONS)
 #: The optimizers that need CUDA (bitsandbytes' paged and 8-bit ones).
@@ -98,7 +100,8 @@ def defaults() -> dict[str, Any]:
                              mapping={role: "" for role in P.DATA_ROLES})
     return {"version": VERSION, "name": "", "method": "sft", "model": model, "data": data,
             "lora": _section_defaults(P.LoraSettings), "training": _section_defaults(P.TrainingSettings),
-            **{m: _section_defaults(cls) for m, cls in P.METHOD_SETTINGS.items()}}
+            **{m: _section_defaults(cls) for m, cls in P.METHOD_SETTINGS.items()},
+            "launch": _section_defaults(P.LaunchSettings)}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -346,6 +349,7 @@ RULES: dict[str, dict[str, Any]] = {
     "lora": _catalogued(P.LoraSettings, target_modules=target_modules),
     "training": _catalogued(P.TrainingSettings, report_to=report_to),  # report_to: issue 18
     **{m: _catalogued(cls) for m, cls in P.METHOD_SETTINGS.items()},
+    "launch": _catalogued(P.LaunchSettings),
 }
 for _section, _cls in SECTIONS.items():  # every protocol field has a rule, and no rule lacks a field
     assert set(RULES[_section]) == {f.name for f in dataclasses.fields(_cls)}, _section
@@ -436,6 +440,31 @@ def _cross_checks(c: dict[str, Any], errors: Errors) -> None:
         errors["data.validation_split"] = "split_mode \"split\" needs the name of the source's validation split"
     if c["model"].get("precision") == "8bit" and t.get("bf16") is True:
         errors["training.bf16"] = "8-bit (LLM.int8) models compute in fp16: use fp16 or leave bf16 unset"
+    launch = c.get("launch") or {}
+    if launch.get("strategy") == "fsdp" and c["model"].get("precision") == "8bit" and "launch.strategy" not in errors:
+        errors["launch.strategy"] = ("FSDP shards 4-bit (FSDP-QLoRA) or 16/32-bit weights, not 8-bit ones: "
+                                     "load the model in 4bit, or use strategy ddp")
+    if (_int(launch.get("processes")) or 1) > 1 and t.get("auto_find_batch_size") is True:
+        errors["training.auto_find_batch_size"] = ("cannot halve the batch of several processes in step: turn it "
+                                                   "off and set per_device_train_batch_size")
+
+
+def global_batch(config: Mapping[str, Any]) -> int:
+    """Rows (preference methods: pairs; packed SFT: packed sequences) that one optimizer step sees:
+    ``per_device_train_batch_size x gradient_accumulation_steps x launch.processes`` (issue 19)."""
+    t = config["training"]
+    processes = (config.get("launch") or {}).get("processes") or 1
+    return int(t["per_device_train_batch_size"]) * int(t["gradient_accumulation_steps"]) * int(processes)
+
+
+def batch_text(config: Mapping[str, Any]) -> str:
+    """How the global batch is made, in words: ``4 rows x 2 accumulation x 2 processes = 16``."""
+    t = config["training"]
+    processes = int((config.get("launch") or {}).get("processes") or 1)
+    parts = [f"{t['per_device_train_batch_size']} per device", f"{t['gradient_accumulation_steps']} accumulation"]
+    if processes > 1:
+        parts.append(f"{processes} processes")
+    return f"global batch {global_batch(config)} ({' x '.join(parts)})"
 
 
 def warnings_for(config: dict[str, Any]) -> Errors:
@@ -449,6 +478,9 @@ def warnings_for(config: dict[str, Any]) -> Errors:
         out["training.learning_rate"] = f"{lr:g} is very high for LoRA (usual: 1e-5 to 5e-4); expect a diverging loss"
     if d.get("split_mode") == "none" and _int(t.get("eval_steps")):
         out["training.eval_steps"] = "there are no validation rows (data.split_mode = \"none\"): nothing is evaluated"
+    launch = config.get("launch") or {}
+    if launch.get("strategy") == "fsdp" and (_int(launch.get("processes")) or 1) < 2:
+        out["launch.strategy"] = "fsdp with one process shards nothing: the run trains as one process"
     if t.get("packing") and config["model"].get("attn_implementation") not in PACKING_SAFE_ATTENTION:
         out["training.packing"] = (f"packing puts several rows in one sequence; with attention "
                                    f"{config['model'].get('attn_implementation')!r} they may attend to each other: "
@@ -487,6 +519,10 @@ def for_device(config: dict[str, Any], device: str, bf16_supported: bool | None 
     m, t = c["model"], c["training"]
     errors: Errors = {}
     warnings: Errors = {}
+    launch = c.get("launch") or {}
+    if device == "cpu" and launch.get("strategy") == "fsdp" and (launch.get("processes") or 1) > 1:
+        errors["launch.strategy"] = ("FSDP needs CUDA GPUs (and bitsandbytes' 4-bit layers there); on the CPU several "
+                                     "processes train with strategy ddp (gloo)")
     if device == "cpu":
         if t["use_liger_kernel"]:
             warnings["training.use_liger_kernel"] = "Liger's kernels need a CUDA GPU: off on the CPU"

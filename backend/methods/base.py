@@ -99,6 +99,12 @@ def training_kwargs(eff: dict[str, Any], config_class: type, output_dir: Path, d
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name: a warning).
     key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     kwargs[key] = t["gradient_checkpointing"]
+    from backend.train import launch
+
+    if launch.world_size() > 1 and "ddp_find_unused_parameters" in names:
+        # A rank of a launched run (issue 19): every LoRA weight gets a gradient each step, so DDP
+        # need not walk the graph for unused ones (transformers' default does, without checkpointing).
+        kwargs["ddp_find_unused_parameters"] = False
     for name in ("use_liger_kernel", "activation_offloading"):  # speed options; off: trl's defaults
         if t.get(name) and name in names:
             kwargs[name] = True

@@ -159,6 +159,14 @@ def disable_cpu_4bit_layout(model) -> int:
     return n
 
 
+#: Set by backend/train/worker.py in a rank of an FSDP run (issue 19), for that process only: the
+#: weights load as peft's FSDP-QLoRA guide loads them: no device_map (FSDP puts each shard on its
+#: rank's GPU; with cpu_ram_efficient_loading only rank 0 reads the weights), and 4-bit weights
+#: stored in the compute dtype (``bnb_4bit_quant_storage``, the model's dtype with it), which is
+#: what lets FSDP shard them (it shards float tensors only).
+FSDP_RANK = False
+
+
 def _from_pretrained_kwargs(s: P.ModelSettings, src: Source, device: str) -> dict[str, Any]:
     import torch
 
@@ -174,9 +182,10 @@ def _from_pretrained_kwargs(s: P.ModelSettings, src: Source, device: str) -> dic
         from transformers import BitsAndBytesConfig
 
         compute = getattr(torch, DTYPE_NAMES[s.compute_dtype])
+        storage = {"bnb_4bit_quant_storage": compute} if FSDP_RANK else {}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=s.quant_type, bnb_4bit_use_double_quant=s.double_quant,
-            bnb_4bit_compute_dtype=compute)
+            bnb_4bit_compute_dtype=compute, **storage)
         kwargs["dtype"] = compute  # the modules bitsandbytes leaves alone compute in the same dtype
     elif s.precision == "8bit":
         from transformers import BitsAndBytesConfig
@@ -185,6 +194,8 @@ def _from_pretrained_kwargs(s: P.ModelSettings, src: Source, device: str) -> dic
         kwargs["dtype"] = getattr(torch, DTYPE_NAMES[INT8_DTYPE])
     else:
         kwargs["dtype"] = getattr(torch, DTYPE_NAMES[s.precision])
+    if FSDP_RANK:
+        kwargs.pop("device_map")
     return kwargs
 
 

@@ -53,8 +53,8 @@ from backend.protocol.models import (  # noqa: F401
 )
 from backend.protocol.train import (  # noqa: F401
     RUN_CONFIG_VERSION, LR_SCHEDULERS, OPTIMIZERS, SPEEDS, LORA_BIASES, TRAIN_PRESETS,
-    TRAINING_METHODS, MALFORMED_PAIRS, DPO_LOSS_TYPES, KTO_LOSS_TYPES, LoraSettings,
-    TrainingSettings, PreferenceSettings, DPOSettings, ORPOSettings, KTOSettings, METHOD_SETTINGS,
+    TRAINING_METHODS, MALFORMED_PAIRS, DPO_LOSS_TYPES, KTO_LOSS_TYPES, LAUNCH_STRATEGIES, LoraSettings,
+    TrainingSettings, PreferenceSettings, DPOSettings, ORPOSettings, KTOSettings, LaunchSettings, METHOD_SETTINGS,
     METHOD_LOG_COLUMNS, RunConfig, TrainPresets, ValidateRun, StartTraining, ListCheckpoints,
     ExportRunConfig, ImportRunConfig, TrainStarted, TrainLog, TrainCheckpoint, TrainAlert,
     TrainFinished,

@@ -45,6 +45,11 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "
                   "apo_zero", "apo_down", "sigmoid_norm")
 #: trl's ``KTOConfig.loss_type`` values.
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+#: ``launch.strategy`` (issue 19): how several processes share the work. ``ddp``: each process
+#: holds the whole (4-bit) model and trains on its share of each batch, gradients averaged
+#: (torch DistributedDataParallel); ``fsdp``: the model's weights, gradients and optimizer states
+#: are sharded across the processes (torch FSDP, with the FSDP-QLoRA settings of peft's guide).
+LAUNCH_STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -221,6 +226,30 @@ class KTOSettings(PreferenceSettings):
                                         low_open=True, what="a positive number")
 
 
+@dataclass
+class LaunchSettings:
+    """How many processes train the run (issue 19), and how they share it. With ``processes`` above
+    1 the backend starts ``accelerate launch`` (the accelerate CLI, in its own process group,
+    supervised by the backend: backend/train/multi.py); each process trains on its share of every
+    batch. The batch fields keep transformers' meaning: ``per_device_train_batch_size`` rows per
+    process and micro-step, so the *global batch* (what one optimizer step sees) is
+    ``per_device_train_batch_size x gradient_accumulation_steps x processes``; ``train.validate``
+    and ``qlw train --check`` show it. To keep a one-process run's math on N processes, divide
+    ``per_device_train_batch_size`` (or ``gradient_accumulation_steps``) by N: the same rows then
+    make each step, in the same order (accelerate deals the sampler's batches out to the
+    processes in turn), and the training losses are the same (tests/backend/test_multi.py). The
+    validation loss is transformers' mean of per-batch losses, and an evaluation batch is
+    ``per_device_train_batch_size`` rows per process: it comes close (within 1% on the tiny
+    model), not equal. LoRA dropout draws its masks in each process: leave it at 0 to compare
+    runs step by step."""
+
+    processes: int = setting(1, help="Processes (one per GPU) that train the run; above 1 the run is "
+                             "launched with accelerate (global batch = batch size x accumulation x this).", minimum=1)
+    strategy: str = setting("ddp", help="ddp: every process holds the whole model (fastest when it fits one GPU); "
+                            "fsdp: weights, gradients and optimizer states sharded across the GPUs (FSDP-QLoRA: "
+                            "a model too big for one GPU).", choices=LAUNCH_STRATEGIES)
+
+
 #: The settings section of each method (SFT has none beyond ``training``); its name in the run
 #: config is the method's.
 METHOD_SETTINGS: dict[str, type] = {"dpo": DPOSettings, "orpo": ORPOSettings, "kto": KTOSettings}
@@ -245,6 +274,8 @@ class RunConfig:
     dpo: dict[str, Any] = field(default_factory=dict)
     orpo: dict[str, Any] = field(default_factory=dict)
     kto: dict[str, Any] = field(default_factory=dict)
+    #: :class:`LaunchSettings` (issue 19: several processes).
+    launch: dict[str, Any] = field(default_factory=dict)
 
 
 @request("train.presets")
@@ -316,6 +347,10 @@ class TrainStarted:
     output_dir: str
     resumed_from: str = ""
     start_step: int = 0
+    #: Processes training the run (issue 19: ``launch.processes``; 1 for a run in the backend).
+    processes: int = 1
+    #: Rows an optimizer step sees: per-device batch x accumulation x processes (0: not told).
+    global_batch: int = 0
 
 
 @event("train.log")

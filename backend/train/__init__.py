@@ -32,7 +32,10 @@ cleared, so a backend started with it fails one run and trains normally after.
 
 The package's modules: ``checks`` (paths, the fault seam, the model and data resolved, the run
 checked, checkpoints), ``validate`` (``train.validate``), ``report`` (trl's logs as events),
-``runs`` (:func:`run_training`, :func:`train_job`) and ``cli`` (``qlw train`` and its printers).
+``runs`` (:func:`run_training`, :func:`train_job`) and ``cli`` (``qlw train`` and its printers); for a
+run in several processes (issue 19: ``[launch] processes``), ``launch`` (the accelerate config qlw
+writes, the checks, the global batch), ``multi`` (:func:`~backend.train.multi.run_launched`: starts
+``accelerate launch`` in its own process group and supervises it) and ``worker`` (one rank).
 A config's model section is resolved by :func:`backend.train_config.model_settings`, re-exported
 here. Names are re-exported too; a test that replaces a function (``plan_speed``) does it in the
 module that calls it (``runs``).

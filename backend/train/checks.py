@@ -109,7 +109,10 @@ def effective_config(config: dict[str, Any]) -> tuple[dict[str, Any], str, dict[
     """``(effective config, device, errors, warnings)``: the checked config adapted to its device."""
     device = resolve_device(config["model"])
     eff, errors, warnings = TC.for_device(config, device, bf16_supported(device))
-    return eff, device, errors, warnings
+    from backend.train.launch import launch_checks
+
+    more_errors, more_warnings = launch_checks(eff, device)  # issue 19: several processes
+    return eff, device, {**errors, **more_errors}, {**warnings, **more_warnings}
 
 
 def preflight(config: dict[str, Any], home: Path) -> dict[str, str]:

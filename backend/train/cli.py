@@ -15,6 +15,7 @@ from typing import Any, Callable
 from backend import protocol as P, train_config as TC, watch
 from backend.jobs import JobCancelled, JobError, print_job_error
 from backend.train.checks import GIB, check_run, take_fault
+from backend.train.launch import is_launched
 from backend.train.validate import validate_run
 from backend.train.runs import run_training
 
@@ -112,6 +113,10 @@ def add_cli_arguments(parser) -> None:
                         help="a checkpoint-N folder of an earlier run to continue from")
     parser.add_argument("--name", default="", help="the session's name (default: the config's name)")
     parser.add_argument("--check", action="store_true", help="only check the config (and the device); train nothing")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="train in N processes (one per GPU; on the CPU over gloo), started with accelerate "
+                             "launch: overrides launch.processes. The global batch is per_device_train_batch_size "
+                             "x gradient_accumulation_steps x N")
     parser.add_argument("--home", type=Path, default=None, help="data home (default: $QLW_HOME or the user data dir)")
 
 
@@ -134,6 +139,10 @@ def cli(args) -> int:
         return 2
     home = (args.home or P.data_home()).expanduser().resolve()
     config, errors = TC.read_toml(args.config, os.environ)
+    if getattr(args, "processes", None) is not None:
+        config["launch"]["processes"], error = TC.RULES["launch"]["processes"](args.processes)
+        if error:
+            errors["launch.processes"] = f"--processes {error}"
     if errors:
         _print_errors(errors, args.config)
         return 2
@@ -160,6 +169,8 @@ def cli(args) -> int:
                   f"{mem['device_name']}: {mem['verdict']} (GiB: {parts})")
         if checked["total_steps"] is not None:
             print(f"steps: {checked['total_steps']:,}")
+        if checked.get("launch"):
+            print(checked["launch"]["text"])
         print(f"{args.config}: ok (device {device})")
         return 0
     from sessions.store import Store
@@ -198,10 +209,13 @@ def cli(args) -> int:
     status, error, result, code = "done", None, {}, 0
     try:
         with printer, watch.Notices(run, checked_run.config) as watched:  # issue 18: notices, webhook, stalls
-            result = run_training(config, home, watched, resume_from=args.resume_from,
-                                  record_artifact=lambda kind, path: store.add_artifact(info.id, kind, path),
-                                  set_config=lambda cfg: store.set_config(info.id, cfg), fault=take_fault(),
-                                  checked=checked_run)
+            train = run_training
+            if is_launched(checked_run.effective):  # issue 19: N processes, supervised from here
+                from backend.train.multi import run_launched as train
+            result = train(config, home, watched, resume_from=args.resume_from,
+                           record_artifact=lambda kind, path: store.add_artifact(info.id, kind, path),
+                           set_config=lambda cfg: store.set_config(info.id, cfg), fault=take_fault(),
+                           checked=checked_run)
         if result.get("status") == "stopped":
             status, code = "cancelled", 130
     except JobCancelled:
@@ -247,8 +261,10 @@ class _PlainPrinter:
             t = payload
             resumed = f", resumed from {t['resumed_from']} at step {t['start_step']}" if t["resumed_from"] else ""
             self.method = str((t.get("config") or {}).get("method") or "sft")
-            self.line(f"training {t['total_steps']} steps ({self.method}); {t['trainable_params']:,} trainable of "
-                      f"{t['total_params']:,} parameters{resumed}")
+            procs = f", {t['processes']} processes" if (t.get("processes") or 1) > 1 else ""
+            batch = f", global batch {t['global_batch']}" if t.get("global_batch") else ""
+            self.line(f"training {t['total_steps']} steps ({self.method}{procs}{batch}); {t['trainable_params']:,} "
+                      f"trainable of {t['total_params']:,} parameters{resumed}")
             self.line(row_header(self.method))
         elif kind == "train.log":
             self.line(format_row(payload, self.method))

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from backend import train_config as TC
 from backend.methods import base as methods_base
+from backend.train import launch
 
 
 # Building the trainer ------------------------------------------------------------------------------------
@@ -80,7 +82,8 @@ class Reporter:
         self.ctx.emit("train.started", {
             "job_id": self.ctx.job_id, "config": self.config, "total_steps": self.total_steps,
             "trainable_params": self.trainable, "total_params": self.total_params,
-            "output_dir": str(self.output_dir), "resumed_from": self.resumed_from, "start_step": self.start_step})
+            "output_dir": str(self.output_dir), "resumed_from": self.resumed_from, "start_step": self.start_step,
+            "processes": launch.world_size(), "global_batch": TC.global_batch(self.config)})
         self.ctx.progress("training", self.step, self.total_steps, "steps")
 
     def on_step_end(self, state) -> None:
@@ -171,12 +174,16 @@ def make_callback(reporter: Reporter, ctx, has_eval: bool):
     at the last step."""
     from transformers import TrainerCallback
 
+    at_step_end = getattr(ctx, "at_step_end", None)
+
     class QlwCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             reporter.on_train_begin(state)
 
         def on_step_end(self, args, state, control, **kwargs):
             reporter.on_step_end(state)
+            if at_step_end is not None:
+                at_step_end()  # a rank of a launched run: the ranks agree on a stop (backend/train/worker.py)
             if ctx.cancelled:
                 # The stop the user asked for: save a checkpoint, then end the loop.
                 control.should_save = True

@@ -17,6 +17,7 @@ from backend.train.checks import (
     CheckedRun, MIB, check_run, checkpoint_info, data_settings, partial_checkpoints, run_dir, take_fault,
 )
 from backend.train.validate import count_trainable, estimate_memory
+from backend.train import launch
 from backend.train.report import Reporter, make_callback
 
 
@@ -221,8 +222,10 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     folder = run_dir(home, ctx.session)
     output_dir = folder / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(TC.dumps_toml(cfg), encoding="utf-8")
-    record("config", str(folder / "config.toml"))
+    main_rank = launch.rank() == 0  # a launched run's rank 0 (issue 19) writes what is written once
+    if main_rank:
+        (folder / "config.toml").write_text(TC.dumps_toml(cfg), encoding="utf-8")
+        record("config", str(folder / "config.toml"))
     guard = watch.Guard(eff, ctx, folder)  # issue 18: logs, the divergence stop, early stopping (backend/watch.py)
     progress = lambda st, d, t: ctx.progress(st, d, t)  # noqa: E731
     cancelled = lambda: ctx.cancelled  # noqa: E731
@@ -311,13 +314,20 @@ def run_training(config: dict[str, Any], home: Path, ctx, *, resume_from: str = 
     if trainer is not None and oom is None and failure is None and reporter.started:
         adapter_dir = folder / "adapter"
         try:
-            # Only the trained adapter: a preference run from an earlier adapter also holds trl's
-            # frozen "ref" copy of it, which is no part of the result.
-            extra = {"selected_adapters": ["default"]} if len(getattr(trainer.model, "peft_config", {})) > 1 else {}
-            trainer.model.save_pretrained(str(adapter_dir), **extra)  # safetensors
-            tokenizer.save_pretrained(str(adapter_dir))
-            adapter_path = str(adapter_dir)
-            record("adapter", adapter_path)
+            if launch.is_fsdp_rank():
+                # FSDP: every rank gives its shard of the adapter to a full state dict that rank 0
+                # writes (peft's FSDP guide); the trainer's save does both.
+                trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+                trainer.save_model(str(adapter_dir))
+            elif main_rank:
+                # Only the trained adapter: a preference run from an earlier adapter also holds trl's
+                # frozen "ref" copy of it, which is no part of the result.
+                extra = {"selected_adapters": ["default"]} if len(getattr(trainer.model, "peft_config", {})) > 1 else {}
+                trainer.model.save_pretrained(str(adapter_dir), **extra)  # safetensors
+            if main_rank:
+                tokenizer.save_pretrained(str(adapter_dir))
+                adapter_path = str(adapter_dir)
+                record("adapter", adapter_path)
         except Exception as exc:  # disk full: no half-written adapter, and the cleanup below still runs
             import shutil
 
@@ -389,6 +399,11 @@ def train_job(params: P.StartTraining, home: Path, store=None, checked: "Checked
         record = (lambda kind, path: store.add_artifact(ctx.session, kind, path)) if store is not None else None
         set_config = (lambda cfg: store.set_config(ctx.session, cfg)) if store is not None else None
         with watch.Notices(ctx, run_checked.config) as watched:  # issue 18: run.notice, webhook, stall watch
+            if launch.is_launched(run_checked.effective):  # issue 19: several processes, supervised from here
+                from backend.train.multi import run_launched
+
+                return run_launched(run_checked.config, home, watched, resume_from=params.resume_from,
+                                    record_artifact=record, set_config=set_config, fault=fault, checked=run_checked)
             return run_training(run_checked.config, home, watched, resume_from=params.resume_from,
                                 record_artifact=record, set_config=set_config, fault=fault, checked=run_checked)
 

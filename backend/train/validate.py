@@ -13,6 +13,7 @@ from backend import protocol as P, speed, train_config as TC
 from backend.jobs import JobError
 from backend.train_config import is_embedded_model, model_settings
 from backend.train.checks import GIB, MIB, _field_of, effective_config, preflight
+from backend.train import launch
 from backend.train.report import lora_config
 
 
@@ -123,11 +124,12 @@ def train_rows(data: dict[str, Any], home: Path) -> int | None:
         return None
 
 
-def steps_for(rows: int, t: dict[str, Any]) -> int:
-    """Optimizer steps as transformers counts them for ``rows`` training rows."""
+def steps_for(rows: int, t: dict[str, Any], processes: int = 1) -> int:
+    """Optimizer steps as transformers counts them for ``rows`` training rows (each of ``processes``
+    takes every N-th batch: accelerate's sharded sampler, even batches)."""
     if t["max_steps"] > 0:
         return t["max_steps"]
-    batches = math.ceil(rows / t["per_device_train_batch_size"])
+    batches = math.ceil(rows / (t["per_device_train_batch_size"] * max(processes, 1)))
     per_epoch = max(batches // t["gradient_accumulation_steps"] + int(batches % t["gradient_accumulation_steps"] > 0), 1)
     return math.ceil(t["num_train_epochs"] * per_epoch)
 
@@ -151,7 +153,8 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
     peft counts them, a memory estimate against the device, and the number of steps."""
     checked = TC.validate(config)
     out: dict[str, Any] = {**checked, "effective": None, "trainable_params": None, "total_params": None,
-                           "trainable_percent": None, "memory": None, "total_steps": None, "device": None}
+                           "trainable_percent": None, "memory": None, "total_steps": None, "device": None,
+                           "launch": None}
     if checked["errors"]:
         return out
     config = checked["config"]
@@ -225,12 +228,14 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
     method = eff.get("method", "sft")
     if rows is not None and method == "kto" and not (data["mapping"].get("response") and data["mapping"].get("label")):
         rows *= 2  # pairs, unpaired: a desirable and an undesirable row each
+    n = launch.processes(eff)
     if rows is not None and not (eff["training"]["packing"] and method == "sft"):  # packing is SFT's only
-        out["total_steps"] = steps_for(rows, eff["training"])
+        out["total_steps"] = steps_for(rows, eff["training"], n)
     elif eff["training"]["max_steps"] > 0:
         out["total_steps"] = eff["training"]["max_steps"]
     warnings.update(hidden_table_warnings(eff["training"], out["total_steps"],
-                                          steps_for(rows, eff["training"]) if rows is not None else None))
+                                          steps_for(rows, eff["training"], n) if rows is not None else None))
+    out["launch"] = launch.plan(eff, device)  # issue 19: processes, strategy, the global batch
     out.update(ok=not errors, errors=errors, warnings=warnings)
     return out
 

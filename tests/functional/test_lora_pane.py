@@ -401,6 +401,7 @@ def test_export_asks_before_overwriting_and_import_fills_the_form(qlw_home, tmp_
         "data": P.to_dict(P.PreparedData(source={"path": "/data/rows.jsonl"}, template="alpaca", max_length=256)),
         "lora": {**P.to_dict(P.LoraSettings()), "r": 4, "target_modules": ["q_proj", "v_proj"]},
         "training": {**P.to_dict(P.TrainingSettings()), "max_steps": 5, "optim": "adamw_torch"},
+        "launch": {"processes": 2, "strategy": "ddp"},  # issue 19: no fields yet, carried as imported
     }
     fake = FakeBackend(train_export=lambda p: {"path": p.path},
                        train_import={"config": imported, "errors": {"lora.r": "line 9: r=4 is below 8? (a test)"}})
@@ -439,6 +440,7 @@ def test_export_asks_before_overwriting_and_import_fills_the_form(qlw_home, tmp_
             config = pane.config()
             assert config["lora"] == imported["lora"] and config["training"] == imported["training"]
             assert config["model"] == imported["model"] and config["data"] == imported["data"]
+            assert config["launch"] == imported["launch"]
             assert "(from new-run.toml)" in str(pane.query_one("#run-model-line").render())
             assert pane.form.picker.value == ["q_proj", "v_proj"]
             assert error_at(pane, "lora.r") == "line 9: r=4 is below 8? (a test)"

@@ -130,6 +130,11 @@ def test_table_merges_evaluation_rows_and_the_line_follows(qlw_home):
             send(app, run.start(job_id="j3"))
             await until(pilot, lambda: tp.job_id == "j3" and tp.table.row_count == 0, "a fresh run")
             assert tp.curve.train == [] and LossCurve.EMPTY in str(tp.curve.render())
+            assert "processes" not in text_of(app, "#train-info")
+            # Issue 19: a run in several processes says so, with its global batch.
+            send(app, run.start(job_id="j4", processes=2, global_batch=8))
+            await until(pilot, lambda: tp.job_id == "j4", "a run in two processes")
+            assert "2 processes (ddp) · global batch 8" in text_of(app, "#train-info")
 
     asyncio.run(body())
 

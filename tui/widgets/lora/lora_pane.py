@@ -125,6 +125,9 @@ class LoraPane(BackendRequests, Vertical):
         self._data_override_origin = ""
         self._data_seen: Any = None
         self._data_adopted: Any = None
+        #: An imported file's ``[launch]`` section (issue 19: processes, strategy): the form has no
+        #: fields for it yet, so it is carried as imported into the run config.
+        self._launch: dict[str, Any] = {}
         #: The config the backend last found valid, its errors and result.
         self.validated: dict[str, Any] | None = None
         self.validated_result: dict[str, Any] = {}
@@ -446,7 +449,10 @@ class LoraPane(BackendRequests, Vertical):
 
     def config(self) -> dict[str, Any]:
         """The run config as set up now (``protocol.RunConfig`` as a dict)."""
-        return build_config(self.form.values(), self.model, self.data, self.form.run_name)
+        config = build_config(self.form.values(), self.model, self.data, self.form.run_name)
+        if self._launch:
+            config["launch"] = dict(self._launch)
+        return config
 
     def local_errors(self, config: dict[str, Any] | None = None) -> dict[str, str]:
         """Type, range and cross-field errors found without the backend."""
@@ -735,6 +741,8 @@ class LoraPane(BackendRequests, Vertical):
         if ((config.get("data") or {}).get("source") or {}).get("path"):
             self._set_data_override(config["data"], f"from {origin}")
         self.form.set_values(flatten(config), name=str(config.get("name") or ""))
+        launch = dict(config.get("launch") or {})
+        self._launch = launch if (launch.get("processes") or 1) > 1 else {}
         self.sync_sections()
 
     def resume_run(self, config: dict[str, Any], checkpoint: str, origin: str) -> None:

@@ -314,6 +314,10 @@ class TrainPane(BackendRequests, Vertical):
             trainable, total = self.started.get("trainable_params"), self.started.get("total_params")
             if isinstance(trainable, int) and isinstance(total, int) and total:
                 parts.append(f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+            processes = self.started.get("processes") or 1
+            if isinstance(processes, int) and processes > 1:  # issue 19: a launched run
+                strategy = (config.get("launch") or {}).get("strategy") or "ddp"
+                parts.append(f"{processes} processes ({strategy}) · global batch {self.started.get('global_batch') or '?'}")
             if self.started.get("resumed_from"):
                 parts.append(f"resumed from step {self.started.get('start_step', 0):,}")
             if self.started.get("output_dir"):
