@@ -19,13 +19,14 @@ import random
 import sys
 from pathlib import Path
 
-SEED = 20261123
-OUT = Path(__file__).with_name("dolly_sample.jsonl")
 from backend.samples.sample_facts import (  # noqa: F401  (the tables, also for tests)
     CATEGORIES, COUNTRIES, PLANETS, ORDINALS, KO_ORDINALS, ELEMENTS, KO_AMBIGUOUS, CLASSES,
     ANIMALS, ANIMAL_NOTES, UNITS, UNITS_CJK, PROGRAMMING, NAMES, FRUITS, VEGETABLES, LANGUAGES,
     BROWSERS, REVIEWS,
 )
+
+SEED = 20261123
+OUT = Path(__file__).with_name("dolly_sample.jsonl")
 
 
 def row(instruction: str, response: str, category: str, context: str = "") -> dict[str, str]:
