@@ -10,7 +10,10 @@ Model: as ``bench/train_speed.py``, a Mistral-7B-v0.3-shaped model with random w
 ``--model DIR``), loaded through the real 4-bit path (nf4, double quantisation, bf16 compute,
 sdpa); LoRA r=16, lora_alpha 16 on the seven linear projections; learning rate 2e-4 constant,
 max_grad_norm 0.3, ``paged_adamw_8bit``, gradient checkpointing on, seed 42. ``--smoke``: the
-embedded tiny model in fp32 on the CPU (built once into /tmp/qlw-bench-tiny), ``adamw_torch``.
+embedded tiny model in fp32 on the CPU (built once into /tmp/qlw-bench-tiny), ``adamw_torch``;
+with ``--four-bit`` in 4-bit NF4 (bitsandbytes' CPU backend, fp32 compute), where D and R differ
+slightly: bitsandbytes repacks the weights of a 4-bit module in eval mode (R's reference) into its
+bf16 CPU inference format. In fp32 D and R log the same losses and rewards at every step.
 
 Pairs: synthetic, made with the model's tokenizer at fixed lengths (prompt 256 tokens with its
 BOS and the blank line qlw's ``raw`` template ends it with; chosen and rejected 512 tokens each
