@@ -253,6 +253,12 @@ def test_a_kto_run_flags_a_nan_loss_and_ends_cleanly_out_of_memory(home):
 
     config = dpo_config(max_steps=2)
     config["method"] = "kto"
+    # By default the watch stops the run on the NaN, before that step's update (issue 18) ...
+    run, result = train_here(home, config, fault=("nan", 2))
+    assert isinstance(result, JobError) and result.where == "step 2", result
+    assert str(result).startswith("the training loss is nan at step 2 of 2"), result
+    # ... and with the stop off the run flags it on its step and goes on.
+    config["training"]["stop_on_divergence"] = False
     run, result = train_here(home, config, fault=("nan", 2))
     assert isinstance(result, dict) and result["status"] == "done", result
     assert [(a["kind"], a["step"]) for a in run.of("train.alert")] == [("nan", 2)]

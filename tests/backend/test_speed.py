@@ -193,7 +193,7 @@ def test_a_run_with_the_levers_logs_the_losses_of_a_run_without(tiny_folder, mon
     assert sorted(fast) == sorted(plain) and len(plain) == 4
     for step, loss in plain.items():
         assert abs(fast[step] - loss) <= 1e-5, (step, fast[step], loss)
-    from backend import models
+    from backend.holdings import HOLDINGS
 
-    layers = speed.decoder_layers(models.HOLDINGS.get("base")) if models.HOLDINGS.get("base") is not None else []
+    layers = speed.decoder_layers(HOLDINGS.get("base")) if HOLDINGS.get("base") is not None else []
     assert all("_compiled_call_impl" not in layer.__dict__ for layer in layers)  # the held base is eager again
