@@ -35,6 +35,8 @@ def test_whole_backbone_in_a_real_terminal(tmux, qlw_home):
     tmux.wait_for("first", "connected", timeout=60)
     tmux.keys("first", "8")
     tmux.wait_for("first", "Status")
+    tmux.keys("first", "v")  # the runs ledger's other view: every session, jobs that are no training run too
+    tmux.wait_for("first", "Events")
     tmux.keys("first", "C-t")
     tmux.wait_for("first", "tiny.prepare", timeout=30)
     screen = tmux.wait_for("first", "running", timeout=30)
@@ -53,6 +55,9 @@ def test_whole_backbone_in_a_real_terminal(tmux, qlw_home):
     tmux.wait_for("second", "connected", timeout=30)
     tmux.wait_for("second", "tiny.prepare done", timeout=120)
     tmux.keys("second", "8")
+    tmux.wait_for("second", "Status")
+    if "Events" not in tmux.screen("second"):
+        tmux.keys("second", "v")
     screen = tmux.wait_for("second", "finished", timeout=30)
     assert screen.count("finished") >= 1
     assert (qlw_home / "models" / "qlw-tiny-llama" / "config.json").exists()
