@@ -107,26 +107,3 @@ def backend_with_tiny(qlw_home, tiny_folder):
     proc = start_backend(qlw_home)
     yield qlw_home
     stop_backend(proc)
-
-
-@pytest.fixture
-def snap_compare(snap_compare):
-    """pytest-textual-snapshot's ``snap_compare``, its ``run_before`` entered once every tab's
-    pane has mounted (qlw mounts the hidden tabs just after the first paint; ``QlwApp.run_test``
-    waits the same way)."""
-    import inspect
-
-    def compare(app, *args, run_before=None, **kwargs):
-        async def before(pilot):
-            mounted = getattr(pilot.app, "panes_mounted", None)
-            if mounted is not None:
-                await mounted.wait()
-                await pilot.pause()
-            if run_before is not None:
-                result = run_before(pilot)
-                if inspect.isawaitable(result):
-                    await result
-
-        return snap_compare(app, *args, run_before=before, **kwargs)
-
-    return compare

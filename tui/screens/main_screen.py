@@ -98,13 +98,8 @@ class MainScreen(Screen):
 
     async def _mount_hidden_panes(self) -> None:
         tabs = self.query_one("#tabs", TabbedContent)
-        hosts = [tabs.get_pane(tab) for tab, *_ in TABS[1:]]
-        if not all(host.is_mounted for host in hosts):
-            # The tabbed content mounts its tab panes in its own time: again in a moment.
-            self.set_timer(0.01, self._mount_hidden_panes)
-            return
-        for host, (tab, _, pane, _) in zip(hosts, TABS[1:]):
-            await host.mount(pane_class(pane)(id=f"{tab}-pane"))
+        for tab, _, pane, _ in TABS[1:]:
+            await tabs.get_pane(tab).mount(pane_class(pane)(id=f"{tab}-pane"))
         self._panes_mounted = True
         if self.query_one("#tabs", TabbedContent).active != TABS[0][0] and isinstance(self.focused, Tabs):
             self._focus_in_pane()  # a tab's key pressed before its pane was there
