@@ -9,11 +9,9 @@ stops the backend.
 
 from __future__ import annotations
 
-import asyncio
-from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Iterable
+from typing import Iterable
 
 from textual import on
 from textual.app import App, SystemCommand
@@ -28,9 +26,6 @@ from tui.messages import BackendEvent, ConnectionChanged
 from tui.screens.main_screen import MainScreen
 from tui.ui_state import UiState
 from tui.widgets.backend_requests import BackendRequests
-
-if TYPE_CHECKING:
-    from textual.pilot import Pilot
 
 
 class QlwApp(BackendRequests, App[None]):
@@ -63,33 +58,15 @@ class QlwApp(BackendRequests, App[None]):
         #: What the user typed and chose in each pane, kept by the backend (tui/ui_state.py).
         self.ui_state = UiState(self)
         self._client_worker: Worker | None = None
-        #: Set once every tab's pane has mounted and the client may attach.
-        self.panes_mounted = asyncio.Event()
 
     def get_default_screen(self) -> Screen:
         return MainScreen(id="main")
 
     def on_mount(self) -> None:
         self._start_client()
-        # The first screen mounts after the app (its panes subscribe in their on_mount, the
-        # hidden tabs' panes after the first paint): the client attaches once they all have, so
-        # its replay reaches every pane.
-        screen = self.screen
-        when = getattr(screen, "when_panes_mounted", None)
-        screen.call_later(when or (lambda callback: callback()), self._panes_mounted)
-
-    def _panes_mounted(self) -> None:
-        self.panes_mounted.set()
-        self.backend.listen()
-
-    @asynccontextmanager
-    async def run_test(self, **kwargs) -> AsyncIterator[Pilot]:
-        """Textual's test harness, entered once every tab's pane has mounted (the hidden tabs
-        mount just after the first paint)."""
-        async with super().run_test(**kwargs) as pilot:
-            await self.panes_mounted.wait()
-            await pilot.pause()
-            yield pilot
+        # The first screen mounts after the app (its panes subscribe in their on_mount); its
+        # queue runs this once they all have, so the client's replay reaches every pane.
+        self.screen.call_later(self.backend.listen)
 
     # The channel ---------------------------------------------------------------------------
 

@@ -7,8 +7,6 @@ user looks); it takes the stored one only when it attaches."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -18,39 +16,29 @@ from textual.widgets import Footer, Input, TabbedContent, TabPane, Tabs, TextAre
 from backend import protocol as P
 from tui.client import CONNECTED
 from tui.ui_state import UiChange
+from tui.widgets.chat.chat_pane import ChatPane
+from tui.widgets.data.data_pane import DataPane
 from tui.widgets.gpu.gpu_pane import GpuPane
+from tui.widgets.lora.lora_pane import LoraPane
+from tui.widgets.merge.merge_pane import MergePane
+from tui.widgets.model.model_pane import ModelPane
+from tui.widgets.sessions.runs_pane import RunsPane
 from tui.widgets.shell.app_header import AppHeader
 from tui.widgets.shell.error_notice import TITLE, error_notice
 from tui.widgets.shell.job_indicator import JobIndicator
+from tui.widgets.train.train_pane import TrainPane
 
-if TYPE_CHECKING:
-    from tui.widgets.data.data_pane import DataPane
-
-#: (tab id, title, pane class or "module:class", what the tab is for): keys 1..8 in this order.
-#: The first tab's pane paints at once; the others are imported and mounted just after the
-#: first paint (a cold start reads and compiles a third as much before the user sees anything).
+#: (tab id, title, pane class, what the tab is for): keys 1..8 in this order.
 TABS = [
     ("gpu", "GPU", GpuPane, "the card's memory, utilisation and temperature"),
-    ("model", "Model", "tui.widgets.model.model_pane:ModelPane", "load the base model and inspect it"),
-    ("data", "Data", "tui.widgets.data.data_pane:DataPane", "load and preview a dataset"),
-    ("lora", "LoRA", "tui.widgets.lora.lora_pane:LoraPane", "the adapter's and the run's settings"),
-    ("train", "Train", "tui.widgets.train.train_pane:TrainPane", "start, follow and stop a training run"),
-    ("chat", "Chat", "tui.widgets.chat.chat_pane:ChatPane", "talk to the base model or a trained adapter"),
-    ("merge", "Merge", "tui.widgets.merge.merge_pane:MergePane",
-     "merge an adapter into its base model and upload it"),
-    ("sessions", "Sessions", "tui.widgets.sessions.runs_pane:RunsPane",
-     "past and present runs: open, compare, rename, delete; every session"),
+    ("model", "Model", ModelPane, "load the base model and inspect it"),
+    ("data", "Data", DataPane, "load and preview a dataset"),
+    ("lora", "LoRA", LoraPane, "the adapter's and the run's settings"),
+    ("train", "Train", TrainPane, "start, follow and stop a training run"),
+    ("chat", "Chat", ChatPane, "talk to the base model or a trained adapter"),
+    ("merge", "Merge", MergePane, "merge an adapter into its base model and upload it"),
+    ("sessions", "Sessions", RunsPane, "past and present runs: open, compare, rename, delete; every session"),
 ]
-
-
-def pane_class(pane: type | str) -> type:
-    """A TABS entry's pane class (imported now if named by its module)."""
-    if isinstance(pane, str):
-        import importlib
-
-        module, _, name = pane.partition(":")
-        return getattr(importlib.import_module(module), name)
-    return pane
 
 
 #: The key of the shell's state in the backend (tui/ui_state.py).
@@ -88,39 +76,11 @@ class MainScreen(Screen):
         with TabbedContent(initial=TABS[0][0], id="tabs"):
             for n, (tab, title, pane, _) in enumerate(TABS, 1):
                 with TabPane(f"{n} {title}", id=tab):
-                    # The first tab paints at once; the hidden ones mount right after the first
-                    # paint (_mount_hidden_panes): a thousand widgets less before the user sees
-                    # anything.
-                    if n == 1:
-                        yield pane(id=f"{tab}-pane")
+                    yield pane(id=f"{tab}-pane")
         yield JobIndicator(id="job-indicator")
         yield Footer(compact=True)  # every key a little tighter: q Quit stays at 80 columns
 
-    async def _mount_hidden_panes(self) -> None:
-        tabs = self.query_one("#tabs", TabbedContent)
-        for tab, _, pane, _ in TABS[1:]:
-            await tabs.get_pane(tab).mount(pane_class(pane)(id=f"{tab}-pane"))
-        self._panes_mounted = True
-        if self.query_one("#tabs", TabbedContent).active != TABS[0][0] and isinstance(self.focused, Tabs):
-            self._focus_in_pane()  # a tab's key pressed before its pane was there
-        waiting, self._when_mounted = self._when_mounted, []
-        for callback in waiting:
-            callback()
-
-    def when_panes_mounted(self, callback) -> None:
-        """Call ``callback`` once every tab's pane has mounted (and subscribed to the backend's
-        events): the hidden tabs mount after the first paint."""
-        if self._panes_mounted:
-            callback()
-        else:
-            self._when_mounted.append(callback)
-
     def on_mount(self) -> None:
-        self._panes_mounted = False
-        self._when_mounted: list = []
-        # After the first paint. (While the first screen mounts the app is not running yet, and
-        # Textual drops a call_after_refresh made then: the app's queue asks for it once it runs.)
-        self.app.call_later(self.call_after_refresh, self._mount_hidden_panes)
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
         ui_state = getattr(self.app, "ui_state", None)
         if ui_state is not None:
@@ -148,8 +108,6 @@ class MainScreen(Screen):
     def on_data_pane_settings_changed(self, message: DataPane.SettingsChanged) -> None:
         # The LoRA tab's data line and check follow the Data tab even while the LoRA tab is the
         # one shown (a dataset opened again after a re-attach, or in another terminal).
-        from tui.widgets.lora.lora_pane import LoraPane
-
         for pane in self.query(LoraPane):
             pane.data_changed()
 
