@@ -100,7 +100,6 @@ class LoraPane(BackendRequests, Vertical):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.connected = False
-        self._form_refresh_pending = False
         #: Whether ``status`` has said, since the last connect, which job runs (if any).
         self.job_known = False
         #: The running job (``job.started`` payload) or None: Start waits for it to end.
@@ -462,14 +461,6 @@ class LoraPane(BackendRequests, Vertical):
     @on(RunForm.Changed)
     def _form_changed(self, event: RunForm.Changed) -> None:
         event.stop()
-        # A burst of changes (every field's first value while the form mounts, a preset, an
-        # import) is read, checked and saved once: each pass queries the other tabs.
-        if not self._form_refresh_pending:
-            self._form_refresh_pending = True
-            self.call_later(self._form_refresh)
-
-    def _form_refresh(self) -> None:
-        self._form_refresh_pending = False
         self.sync_sections()
         self.check()
         self.save_state()
