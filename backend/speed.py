@@ -13,6 +13,14 @@ None of the levers changes what is computed; each trades memory for time:
   that dtype anyway (bitsandbytes' ``matmul_4bit`` for inputs of more than one row), so the copy
   gives the same products without dequantising in every forward, recompute and backward. The
   4-bit weights stay as they are, and the copy is dropped when the run ends.
+- fused optimizer: torch's fused AdamW (one kernel for every adapter tensor, 32-bit moments) in
+  place of bitsandbytes' AdamW (``paged_adamw_8bit`` and the other bitsandbytes AdamW names), or of
+  the unfused ``adamw_torch``. bitsandbytes updates one tensor at a time and synchronises the GPU
+  after each (``bitsandbytes.utils.sync_gpu``, 448 times a step for r=16 on the seven projections
+  of a 32-layer model), which the H100 profile put at 15% of a step. The 8-bit moments are a
+  block-wise quantisation of the 32-bit ones, so this is the update the 8-bit optimizer
+  approximates (same betas, epsilon, weight decay and learning rate), for 6 more bytes per trainable
+  parameter; the losses are compared step by step in ``bench/train_speed.py --equality``.
 - micro-batch: ``lean`` runs one sequence per micro-step and accumulates the rest (the same rows
   per optimizer step: trl normalises the loss by the tokens of the whole step); ``fast`` halves the
   micro-batch only where that lets checkpointing go.
@@ -35,6 +43,10 @@ DEFAULT_BUDGET_SHARE = 0.9
 #: ``fast`` splits a micro-batch only while each micro-step keeps at least this many tokens
 #: (below it a step is bound by launching kernels, and checkpointing costs less than that).
 MIN_SPLIT_TOKENS = 2048
+#: The optimizers ``fast`` replaces with torch's fused AdamW (the same update rule; see above).
+FUSED_OPTIMIZER = "adamw_torch_fused"
+FUSABLE_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw",
+                      "adamw_torch")
 #: torch.compile's backend for the compiled layers (the CPU tests trace with ``aot_eager``: the
 #: same graphs, without generating kernels).
 COMPILE_BACKEND = "inductor"
@@ -48,6 +60,8 @@ class SpeedPlan:
     compile: bool = False
     gradient_checkpointing: bool = True
     bf16_base: bool = False
+    #: The optimizer the run takes instead of the configured one ("" when it keeps it).
+    optim: str = ""
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     estimate_bytes: int | None = None
@@ -60,7 +74,8 @@ class SpeedPlan:
     def describe(self) -> str:
         """One line for the run's log: the levers taken, the estimate against the budget, why."""
         taken = [name for name, on in (("compiled layers", self.compile),
-                                        ("bf16 copy of the 4-bit weights", self.bf16_base)) if on]
+                                        ("bf16 copy of the 4-bit weights", self.bf16_base),
+                                        (f"{self.optim} optimizer", bool(self.optim))) if on]
         taken.append("gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing")
         taken.append(f"micro-batch {self.per_device_train_batch_size} x accumulation {self.gradient_accumulation_steps}")
         fit = ""
@@ -107,11 +122,13 @@ def plan(training: dict[str, Any], device: str, *, tokens_per_sequence: int, est
     p = SpeedPlan(speed=speed, gradient_checkpointing=bool(training["gradient_checkpointing"]),
                   per_device_train_batch_size=batch, gradient_accumulation_steps=ga, budget_bytes=budget)
 
-    def total(gc: bool, copy: bool, micro: int, acc: int) -> int | None:
+    def total(gc: bool, copy: bool, micro: int, acc: int, optim: str = "") -> int | None:
         if estimate is None:
             return None
         t = {**training, "gradient_checkpointing": gc, "per_device_train_batch_size": micro,
              "gradient_accumulation_steps": acc}
+        if optim:
+            t["optim"] = optim
         return int(estimate(t)) + (copy_bytes if copy else 0)
 
     if speed == "manual":
@@ -133,10 +150,21 @@ def plan(training: dict[str, Any], device: str, *, tokens_per_sequence: int, est
         p.estimate_bytes = total(p.gradient_checkpointing, False, batch, ga)
         p.reasons.append("no memory estimate for this device: checkpointing as set, no weight copy")
         return p
-    for gc, copy, micro, acc in candidates(batch, ga, tokens_per_sequence, can_copy):
-        need = total(gc, copy, micro, acc)
+    configured = str(training.get("optim", ""))
+    optims = (FUSED_OPTIMIZER, "") if configured in FUSABLE_OPTIMIZERS else ("",)
+    for (gc, copy, micro, acc), optim in ((c, o) for c in candidates(batch, ga, tokens_per_sequence, can_copy)
+                                          for o in optims):
+        need = total(gc, copy, micro, acc, optim)
         if need is not None and need <= budget:
-            p.gradient_checkpointing, p.bf16_base = gc, copy
+            p.gradient_checkpointing, p.bf16_base, p.optim = gc, copy, optim
+            if optim:
+                p.reasons.append(f"{optim} in place of {configured}: one fused update for every adapter tensor "
+                                 "(bitsandbytes updates them one at a time with a GPU synchronise after each), "
+                                 "the 32-bit moments the 8-bit ones approximate"
+                                 if "8bit" in configured else f"{optim} in place of {configured}: the same update, "
+                                 "one fused kernel")
+            elif len(optims) > 1:
+                p.reasons.append(f"no room for {FUSED_OPTIMIZER}'s 32-bit moments: {configured} stays")
             p.per_device_train_batch_size, p.gradient_accumulation_steps = micro, acc
             p.estimate_bytes = need
             if micro != batch:

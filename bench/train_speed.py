@@ -951,11 +951,12 @@ class Bench:
             tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
             print("    " + "\n    ".join(tail), flush=True)
 
-    def run(self, order: list[list[str]], specs: dict[str, dict[str, Any]], model: str, workdir: Path) -> None:
+    def run(self, order: list[list[str]], specs: dict[str, dict[str, Any]], model: str, workdir: Path,
+            first_pass: int = 1) -> None:
         logs = workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         print(HEADER, flush=True)
-        for p, variants in enumerate(order, 1):
+        for p, variants in enumerate(order, first_pass):
             for name in variants:
                 if p > 1 and VARIANTS[name].get("once"):
                     continue  # L and S: one run each, to keep the whole bench in one device call
@@ -1073,6 +1074,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--equality", type=int, default=0, metavar="STEPS",
                         help="instead of the speed table: A and B on fixed for STEPS steps from one seed, every "
                              "logged loss compared (written to bench/results/train_equality.json)")
+    parser.add_argument("--prior", type=Path, default=None,
+                        help="an earlier call's JSON (same host): its rows and profiles are kept, this call's passes "
+                             "are numbered after them (pass 2 in the reverse order) and the summary covers both")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -1119,8 +1123,20 @@ def main(argv: list[str] | None = None) -> int:
                       f"grad_accum {s['ga']}", flush=True)
         print(f"{args.warmup} warm-up + {args.steps} timed steps per run; budget {args.budget:.0f} s, "
               f"{bench.remaining():.0f} s left", flush=True)
-        order = [list(args.variants) if p % 2 else list(reversed(args.variants)) for p in range(1, args.passes + 1)]
-        bench.run(order, specs, str(model), workdir)
+        first_pass = 1
+        if args.prior:
+            prior = json.loads(args.prior.read_text(encoding="utf-8"))
+            bench.rows = list(prior.get("rows", []))
+            if prior.get("profiles"):
+                bench.meta["profiles"] = list(prior["profiles"])
+            bench.meta["prior"] = {"file": str(args.prior), "date": prior.get("date"), "command": prior.get("command"),
+                                   "device": prior.get("device"), "skipped": prior.get("skipped", [])}
+            first_pass = max((int(r.get("pass", 1)) for r in bench.rows), default=0) + 1
+            print(f"prior: {len(bench.rows)} rows from {args.prior} ({prior.get('date')}); this call is pass "
+                  f"{first_pass}", flush=True)
+        order = [list(args.variants) if p % 2 else list(reversed(args.variants))
+                 for p in range(first_pass, first_pass + args.passes)]
+        bench.run(order, specs, str(model), workdir, first_pass)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -23,7 +23,7 @@ from backend.train.report import lora_config
 #: Bytes of optimizer state per trainable parameter (two moments; 8-bit ones take a byte each).
 OPTIMIZER_STATE_BYTES = {
     "paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8,
-    "adamw_torch_fused": 8, "adafactor": 1, "sgd": 0,
+    "adamw_torch_fused": 8, "adamw_bnb_8bit": 2, "paged_adamw": 8, "adafactor": 1, "sgd": 0,
 }
 #: Activation bytes per token and layer, in units of hidden_size, without checkpointing: about 34
 #: for a 16-bit transformer block with fused (sdpa) attention (Korthikanti et al. 2022), plus what
@@ -205,7 +205,8 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
             if plan.estimate_bytes is not None:  # the footprint of the levers the run will take
                 planned = {**eff["training"], "gradient_checkpointing": plan.gradient_checkpointing,
                            "per_device_train_batch_size": plan.per_device_train_batch_size,
-                           "gradient_accumulation_steps": plan.gradient_accumulation_steps}
+                           "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+                           **({"optim": plan.optim} if plan.optim else {})}
                 out["memory"] = estimate_memory({**eff, "training": planned}, est, trainable)
                 if plan.bf16_base:
                     out["memory"]["parts"]["bf16_weight_copy"] = copy_bytes

@@ -58,6 +58,32 @@ def test_fast_never_splits_below_the_tokens_that_keep_a_step_busy():
     assert [c[2] for c in speed.candidates(4, 1, 2048, False)] == [4, 2, 1, 4]
 
 
+def optim_estimate(t):
+    """fake_estimate plus the optimizer's moments of 1 GiB-worth of adapter parameters (8 bytes per
+    parameter in 32 bits, 2 in 8 bits: what the form's estimate counts)."""
+    return fake_estimate(t) + (8 if t.get("optim") == speed.FUSED_OPTIMIZER else 2) * GIB // 8
+
+
+def test_fast_fuses_the_optimizer_where_its_moments_fit_and_says_why():
+    t = training(optim="paged_adamw_8bit")
+    p = speed.plan(t, "cuda:0", tokens_per_sequence=2048, estimate=optim_estimate, budget=70 * GIB,
+                   copy_bytes=13 * GIB, quantized_4bit=True)
+    assert p.optim == speed.FUSED_OPTIMIZER and (p.gradient_checkpointing, p.bf16_base) == (False, True)
+    assert p.estimate_bytes == 33 * GIB + GIB and "paged_adamw_8bit" in p.describe()
+    assert t["optim"] == "paged_adamw_8bit"  # the plan says it; run_training writes it into the run's arguments
+    # 33.25 GiB with the 8-bit moments, 34 with the 32-bit ones: the levers first, the optimizer stays.
+    p = speed.plan(t, "cuda:0", tokens_per_sequence=2048, estimate=optim_estimate, budget=int(33.5 * GIB),
+                   copy_bytes=13 * GIB, quantized_4bit=True)
+    assert (p.optim, p.bf16_base, p.gradient_checkpointing) == ("", True, False)
+    assert any("paged_adamw_8bit stays" in r for r in p.reasons)
+    for other in (training(optim="paged_adamw_8bit", speed="lean"), training(optim="paged_adamw_8bit", speed="manual"),
+                  training(optim="adafactor")):
+        p = speed.plan(other, "cuda:0", tokens_per_sequence=2048, estimate=optim_estimate, budget=70 * GIB,
+                       copy_bytes=13 * GIB, quantized_4bit=True)
+        assert p.optim == ""
+    assert speed.plan(t, "cpu", tokens_per_sequence=2048, estimate=optim_estimate, budget=70 * GIB).optim == ""
+
+
 def test_nothing_fits_keeps_checkpointing_and_says_so():
     p = plan(training(), 3)
     assert p.gradient_checkpointing and not p.bf16_base
@@ -151,8 +177,8 @@ def test_weight_copy_and_compiled_layers_compute_the_same_and_go_back(tiny_folde
 
 @pytest.mark.slow
 def test_a_run_with_the_levers_logs_the_losses_of_a_run_without(tiny_folder, monkeypatch, tmp_path):
-    """run_training with compiled layers and checkpointing off (forced: the CPU takes no lever)
-    logs the same losses as with the switches as set."""
+    """run_training with compiled layers, checkpointing off and the fused optimizer (forced: the CPU
+    takes no lever) logs the same losses as with the switches as set (``adamw_torch`` on the CPU)."""
     import torch
 
     from backend import train
@@ -181,15 +207,16 @@ def test_a_run_with_the_levers_logs_the_losses_of_a_run_without(tiny_folder, mon
 
     def forced(eff, settings, model, device):
         p = original(eff, settings, model, device)
-        p.compile, p.gradient_checkpointing = True, False
-        eff["training"]["gradient_checkpointing"] = False
+        p.compile, p.gradient_checkpointing, p.optim = True, False, speed.FUSED_OPTIMIZER
+        eff["training"].update(gradient_checkpointing=False, optim=speed.FUSED_OPTIMIZER)
         return p
 
     monkeypatch.setattr(train.runs, "plan_speed", forced)
     monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     fast, logs = run(tmp_path / "b", True)
-    assert any("compiled layers" in line and "no gradient checkpointing" in line for line in logs)
+    assert any("compiled layers" in line and "no gradient checkpointing" in line
+               and f"{speed.FUSED_OPTIMIZER} optimizer" in line for line in logs)
     assert sorted(fast) == sorted(plain) and len(plain) == 4
     for step, loss in plain.items():
         assert abs(fast[step] - loss) <= 1e-5, (step, fast[step], loss)

@@ -331,6 +331,8 @@ def speed_text(plan: dict[str, Any]) -> str:
     parts.append("checkpointing" if plan.get("gradient_checkpointing") else "no checkpointing")
     if plan.get("bf16_base"):
         parts.append("bf16 weight copy")
+    if plan.get("optim"):
+        parts.append(f"optimizer {plan['optim']}")
     parts.append(f"micro-batch {plan.get('per_device_train_batch_size')}×{plan.get('gradient_accumulation_steps')}")
     return ": ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
