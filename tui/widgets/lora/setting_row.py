@@ -28,12 +28,16 @@ class SettingRow(Vertical):
         self.error = ""
         #: The backend's warning for this setting ("" when none), shown when there is no error.
         self.warning = ""
+        #: The control compose made: read on every change of any field of the form (a query per
+        #: read made the LoRA form's 38 mount-time checks take ~1 s of a start).
+        self._control_widget: Widget | None = None
 
     def compose(self) -> ComposeResult:
         field = self.field
         with Horizontal(classes="setting-line"):
             yield Label(field.name, classes="setting-label")
-            yield self._control(field)
+            self._control_widget = self._control(field)
+            yield self._control_widget
         yield Static("", classes="setting-error", markup=False)
 
     def _control(self, field: Field) -> Widget:
@@ -59,7 +63,9 @@ class SettingRow(Vertical):
 
     @property
     def control(self) -> Widget:
-        return self.query_one(".setting-control")
+        if self._control_widget is None:
+            self._control_widget = self.query_one(".setting-control")
+        return self._control_widget
 
     @property
     def raw(self) -> Any:
