@@ -9,9 +9,11 @@ stops the backend.
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
 from textual import on
 from textual.app import App, SystemCommand
@@ -26,6 +28,9 @@ from tui.messages import BackendEvent, ConnectionChanged
 from tui.screens.main_screen import MainScreen
 from tui.ui_state import UiState
 from tui.widgets.backend_requests import BackendRequests
+
+if TYPE_CHECKING:
+    from textual.pilot import Pilot
 
 
 class QlwApp(BackendRequests, App[None]):
@@ -58,15 +63,47 @@ class QlwApp(BackendRequests, App[None]):
         #: What the user typed and chose in each pane, kept by the backend (tui/ui_state.py).
         self.ui_state = UiState(self)
         self._client_worker: Worker | None = None
+        #: Set once every tab's pane has mounted (the hidden tabs' just after the first paint)
+        #: and the client may attach.
+        self.panes_mounted = asyncio.Event()
 
     def get_default_screen(self) -> Screen:
         return MainScreen(id="main")
 
     def on_mount(self) -> None:
         self._start_client()
-        # The first screen mounts after the app (its panes subscribe in their on_mount); its
-        # queue runs this once they all have, so the client's replay reaches every pane.
-        self.screen.call_later(self.backend.listen)
+        # The first screen mounts after the app (its panes subscribe in their on_mount, the
+        # hidden tabs' panes just after the first paint): the client attaches once they all
+        # have, so that its replay reaches every pane.
+        screen = self.screen
+        when = getattr(screen, "when_panes_mounted", None)
+        screen.call_later(when or (lambda callback: callback()), self._panes_mounted)
+
+    def _panes_mounted(self) -> None:
+        self.panes_mounted.set()
+        self.backend.listen()
+
+    # Tests drive the app once every pane is there (the hidden tabs' mount after the first paint).
+
+    @asynccontextmanager
+    async def run_test(self, **kwargs: Any) -> AsyncIterator[Pilot]:
+        """Textual's test harness, entered once every tab's pane has mounted."""
+        async with super().run_test(**kwargs) as pilot:
+            await self.panes_mounted.wait()
+            await pilot.pause()
+            yield pilot
+
+    async def run_async(self, *, auto_pilot: Any = None, **kwargs: Any) -> Any:
+        """As Textual's; an auto pilot (a snapshot test's) starts once every tab's pane has mounted."""
+        if auto_pilot is not None:
+            steer = auto_pilot
+
+            async def auto_pilot(pilot: Pilot) -> None:
+                await self.panes_mounted.wait()
+                await pilot.pause()
+                await steer(pilot)
+
+        return await super().run_async(auto_pilot=auto_pilot, **kwargs)
 
     # The channel ---------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ user looks); it takes the stored one only when it attaches."""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Callable
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -16,29 +19,37 @@ from textual.widgets import Footer, Input, TabbedContent, TabPane, Tabs, TextAre
 from backend import protocol as P
 from tui.client import CONNECTED
 from tui.ui_state import UiChange
-from tui.widgets.chat.chat_pane import ChatPane
-from tui.widgets.data.data_pane import DataPane
 from tui.widgets.gpu.gpu_pane import GpuPane
-from tui.widgets.lora.lora_pane import LoraPane
-from tui.widgets.merge.merge_pane import MergePane
-from tui.widgets.model.model_pane import ModelPane
-from tui.widgets.sessions.runs_pane import RunsPane
 from tui.widgets.shell.app_header import AppHeader
 from tui.widgets.shell.error_notice import TITLE, error_notice
 from tui.widgets.shell.job_indicator import JobIndicator
-from tui.widgets.train.train_pane import TrainPane
 
-#: (tab id, title, pane class, what the tab is for): keys 1..8 in this order.
+if TYPE_CHECKING:
+    from tui.widgets.data.data_pane import DataPane
+
+#: (tab id, title, pane class or "module:class", what the tab is for): keys 1..8 in this order.
+#: The first tab's pane paints at once; the others are imported and mounted just after the first
+#: paint (issue 15: their ~750 widgets took a cold start from ~1 s to ~2 s before anything showed).
 TABS = [
     ("gpu", "GPU", GpuPane, "the card's memory, utilisation and temperature"),
-    ("model", "Model", ModelPane, "load the base model and inspect it"),
-    ("data", "Data", DataPane, "load and preview a dataset"),
-    ("lora", "LoRA", LoraPane, "the adapter's and the run's settings"),
-    ("train", "Train", TrainPane, "start, follow and stop a training run"),
-    ("chat", "Chat", ChatPane, "talk to the base model or a trained adapter"),
-    ("merge", "Merge", MergePane, "merge an adapter into its base model and upload it"),
-    ("sessions", "Sessions", RunsPane, "past and present runs: open, compare, rename, delete; every session"),
+    ("model", "Model", "tui.widgets.model.model_pane:ModelPane", "load the base model and inspect it"),
+    ("data", "Data", "tui.widgets.data.data_pane:DataPane", "load and preview a dataset"),
+    ("lora", "LoRA", "tui.widgets.lora.lora_pane:LoraPane", "the adapter's and the run's settings"),
+    ("train", "Train", "tui.widgets.train.train_pane:TrainPane", "start, follow and stop a training run"),
+    ("chat", "Chat", "tui.widgets.chat.chat_pane:ChatPane", "talk to the base model or a trained adapter"),
+    ("merge", "Merge", "tui.widgets.merge.merge_pane:MergePane",
+     "merge an adapter into its base model and upload it"),
+    ("sessions", "Sessions", "tui.widgets.sessions.runs_pane:RunsPane",
+     "past and present runs: open, compare, rename, delete; every session"),
 ]
+
+
+def pane_class(pane: type | str) -> type:
+    """A TABS entry's pane class (its module imported now if named as "module:class")."""
+    if isinstance(pane, str):
+        module, _, name = pane.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return pane
 
 
 #: The key of the shell's state in the backend (tui/ui_state.py).
@@ -76,11 +87,46 @@ class MainScreen(Screen):
         with TabbedContent(initial=TABS[0][0], id="tabs"):
             for n, (tab, title, pane, _) in enumerate(TABS, 1):
                 with TabPane(f"{n} {title}", id=tab):
-                    yield pane(id=f"{tab}-pane")
+                    if n == 1:  # the others mount after the first paint (_mount_next_pane)
+                        yield pane_class(pane)(id=f"{tab}-pane")
         yield JobIndicator(id="job-indicator")
         yield Footer(compact=True)  # every key a little tighter: q Quit stays at 80 columns
 
+    @property
+    def panes_mounted(self) -> bool:
+        """Every tab's pane is mounted (and subscribed to the app's events)."""
+        return not self._unmounted_tabs
+
+    def when_panes_mounted(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once every tab's pane has mounted: the hidden tabs' panes mount just
+        after the first paint, and the client must not attach (and replay) before they listen."""
+        if self.panes_mounted:
+            callback()
+        else:
+            self._when_mounted.append(callback)
+
+    async def _mount_next_pane(self) -> None:
+        """Mount the next hidden tab's pane, then ask for the one after it after the next refresh
+        (one pane per frame: the GPU tab keeps drawing and keys keep working meanwhile)."""
+        tab, pane = self._unmounted_tabs[0]
+        tabs = self.query_one("#tabs", TabbedContent)
+        await tabs.get_pane(tab).mount(pane_class(pane)(id=f"{tab}-pane"))
+        self._unmounted_tabs.pop(0)
+        if tabs.active == tab and not isinstance(self.focused, (Input, TextArea)):
+            self._focus_in_pane()  # its key was pressed before the pane was there
+        if self._unmounted_tabs:
+            self.call_after_refresh(self._mount_next_pane)
+            return
+        waiting, self._when_mounted = self._when_mounted, []
+        for callback in waiting:
+            callback()
+
     def on_mount(self) -> None:
+        self._unmounted_tabs: list[tuple[str, type | str]] = [(tab, pane) for tab, _, pane, _ in TABS[1:]]
+        self._when_mounted: list[Callable[[], object]] = []
+        # After the first paint. (While the first screen mounts the app is not running yet, and
+        # Textual drops a call_after_refresh made then: the app's queue asks for it once it runs.)
+        self.app.call_later(self.call_after_refresh, self._mount_next_pane)
         self.app.backend_events.subscribe(self, self.on_backend)  # type: ignore[attr-defined]
         ui_state = getattr(self.app, "ui_state", None)
         if ui_state is not None:
@@ -108,6 +154,8 @@ class MainScreen(Screen):
     def on_data_pane_settings_changed(self, message: DataPane.SettingsChanged) -> None:
         # The LoRA tab's data line and check follow the Data tab even while the LoRA tab is the
         # one shown (a dataset opened again after a re-attach, or in another terminal).
+        from tui.widgets.lora.lora_pane import LoraPane
+
         for pane in self.query(LoraPane):
             pane.data_changed()
 
