@@ -137,7 +137,10 @@ def open_preference_sample(tmux: Tmux, name: str) -> None:
     screen = tmux.wait_for(name, "prompt/chosen/rejected", timeout=10)  # the detected shape
     assert "chosen" in screen and "rejected" in screen
     tmux.keys(name, "Escape")  # out of the path box: the number keys switch tabs again
-    time.sleep(0.5)  # a key right after esc would read as alt+key
+    # Wait until the path box has let the focus go: a number sent sooner reaches the box (under
+    # load, esc and the next key can also be read together, as alt+key, which the box types).
+    tmux.wait_until(name, lambda _: not tmux.focused(name, r"^\s*Open\b"), "the path box kept the focus after esc")
+    time.sleep(0.5)  # and the next key is not read with the esc
 
 
 def choose_dpo_from(tmux: Tmux, name: str, sft_adapter: str) -> None:
