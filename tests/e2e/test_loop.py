@@ -148,7 +148,7 @@ def merge_and_verify(tmux: Tmux, name: str, home) -> None:
     tmux.wait_for(name, "Merge ▶")
     tmux.keys(name, "F5")
     # The verdict and the table's rows paint in separate frames: wait for all of them.
-    screen = tmux.wait_until(name, lambda s: all(t in s for t in ("within the noise floor", "merged",
+    tmux.wait_until(name, lambda s: all(t in s for t in ("within the noise floor", "merged",
                                                                   "trained (4-bit base + adapter)")),
                              "the merge's verification never showed its verdict and rows", timeout=240)
     assert [p for p in (home / "merged").iterdir() if (p / "config.json").exists()]
