@@ -149,8 +149,8 @@ def merge_and_verify(tmux: Tmux, name: str, home) -> None:
     tmux.keys(name, "F5")
     # The verdict and the table's rows paint in separate frames: wait for all of them.
     tmux.wait_until(name, lambda s: all(t in s for t in ("within the noise floor", "merged",
-                                                                  "trained (4-bit base + adapter)")),
-                             "the merge's verification never showed its verdict and rows", timeout=240)
+                                                         "trained (4-bit base + adapter)")),
+                    "the merge's verification never showed its verdict and rows", timeout=240)
     assert [p for p in (home / "merged").iterdir() if (p / "config.json").exists()]
     tmux.keys(name, "C-n")  # the upload step: offline, a dry run lists the files
     tmux.wait_for(name, "local export only")
