@@ -1,6 +1,8 @@
 """The training run's speed levers, chosen against a memory budget (``training.speed``).
 
-None of the levers changes what is computed; each trades memory for time:
+Each lever trades memory for time. All but the fused optimizer compute exactly what the run
+without them computes; the fused optimizer keeps 32-bit moments where bitsandbytes keeps 8-bit
+ones (see below):
 
 - ``compile``: every decoder layer is compiled with ``torch.compile`` as one region (the layers
   share one graph, so the first steps compile once for all of them). bitsandbytes' 4-bit ops and
@@ -43,7 +45,7 @@ DEFAULT_BUDGET_SHARE = 0.9
 #: ``fast`` splits a micro-batch only while each micro-step keeps at least this many tokens
 #: (below it a step is bound by launching kernels, and checkpointing costs less than that).
 MIN_SPLIT_TOKENS = 2048
-#: The optimizers ``fast`` replaces with torch's fused AdamW (the same update rule; see above).
+#: The optimizers ``fast`` replaces with torch's fused AdamW (the same update rule, 32-bit moments).
 FUSED_OPTIMIZER = "adamw_torch_fused"
 FUSABLE_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw",
                       "adamw_torch")
@@ -67,6 +69,16 @@ class SpeedPlan:
     estimate_bytes: int | None = None
     budget_bytes: int | None = None
     reasons: list[str] = field(default_factory=list)
+
+    def training(self, training: dict[str, Any]) -> dict[str, Any]:
+        """``training`` (a run's training section) with the levers that go through the trainer's
+        arguments: checkpointing, the micro-batch and the optimizer."""
+        out = {**training, "gradient_checkpointing": self.gradient_checkpointing,
+               "per_device_train_batch_size": self.per_device_train_batch_size,
+               "gradient_accumulation_steps": self.gradient_accumulation_steps}
+        if self.optim:
+            out["optim"] = self.optim
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,11 +170,10 @@ def plan(training: dict[str, Any], device: str, *, tokens_per_sequence: int, est
         if need is not None and need <= budget:
             p.gradient_checkpointing, p.bf16_base, p.optim = gc, copy, optim
             if optim:
-                p.reasons.append(f"{optim} in place of {configured}: one fused update for every adapter tensor "
-                                 "(bitsandbytes updates them one at a time with a GPU synchronise after each), "
-                                 "the 32-bit moments the 8-bit ones approximate"
-                                 if "8bit" in configured else f"{optim} in place of {configured}: the same update, "
-                                 "one fused kernel")
+                why = ("one fused update for every adapter tensor (bitsandbytes updates them one at a time "
+                       "with a GPU synchronise after each), with the 32-bit moments the 8-bit ones approximate"
+                       if "8bit" in configured else "the same update in one fused kernel")
+                p.reasons.append(f"{optim} in place of {configured}: {why}")
             elif len(optims) > 1:
                 p.reasons.append(f"no room for {FUSED_OPTIMIZER}'s 32-bit moments: {configured} stays")
             p.per_device_train_batch_size, p.gradient_accumulation_steps = micro, acc

@@ -189,10 +189,7 @@ def plan_speed(eff: dict[str, Any], settings: P.ModelSettings, model, device: st
                                                                         t["gradient_accumulation_steps"])
         p.gradient_checkpointing = True
         p.reasons.append("kto: the micro-batch is not split (its KL term depends on it)")
-    t.update(gradient_checkpointing=p.gradient_checkpointing, per_device_train_batch_size=p.per_device_train_batch_size,
-             gradient_accumulation_steps=p.gradient_accumulation_steps)
-    if p.optim:
-        t["optim"] = p.optim
+    t.update(p.training(t))
     on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.2x's name
     if on is None:
         on = getattr(model, "is_gradient_checkpointing", False)

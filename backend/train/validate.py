@@ -203,11 +203,7 @@ def validate_run(config: Any, home: Path) -> dict[str, Any]:
                 copy_bytes=copy_bytes, quantized_4bit=quantized)
             out["speed"] = {**plan.as_dict(), "text": plan.describe()}
             if plan.estimate_bytes is not None:  # the footprint of the levers the run will take
-                planned = {**eff["training"], "gradient_checkpointing": plan.gradient_checkpointing,
-                           "per_device_train_batch_size": plan.per_device_train_batch_size,
-                           "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-                           **({"optim": plan.optim} if plan.optim else {})}
-                out["memory"] = estimate_memory({**eff, "training": planned}, est, trainable)
+                out["memory"] = estimate_memory({**eff, "training": plan.training(eff["training"])}, est, trainable)
                 if plan.bf16_base:
                     out["memory"]["parts"]["bf16_weight_copy"] = copy_bytes
                     out["memory"]["total_bytes"] += copy_bytes
