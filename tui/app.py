@@ -10,6 +10,7 @@ stops the backend.
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.signal import Signal
+from textual.timer import Timer
 from textual.worker import Worker
 
 from backend import protocol as P
@@ -66,6 +68,10 @@ class QlwApp(BackendRequests, App[None]):
         #: Set once every tab's pane has mounted (the hidden tabs' just after the first paint)
         #: and the client may attach.
         self.panes_mounted = asyncio.Event()
+        #: The watch that repaints the screen once a toast has gone (:meth:`notify`).
+        self._toast_watch: Timer | None = None
+        self._toasts_shown = 0
+        self._toasts_until = 0.0
 
     def get_default_screen(self) -> Screen:
         return MainScreen(id="main")
@@ -143,6 +149,30 @@ class QlwApp(BackendRequests, App[None]):
         self.connection_changed.publish(message)
 
     # Actions -------------------------------------------------------------------------------
+
+    # Notices ------------------------------------------------------------------------------------
+
+    def notify(self, message: str, *, title: str = "", severity: Any = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        """Textual's notice, and a full repaint of the screen once its toast has gone: Textual
+        8.2 can take an expired toast out of the DOM and leave its cells on the terminal (seen
+        over the chat's compare columns: a 10 s notice stood for minutes, until something
+        repainted that corner). qlw calls this on the app's loop only."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+        wait = self.NOTIFICATION_TIMEOUT if timeout is None else timeout
+        self._toasts_until = max(self._toasts_until, time.monotonic() + wait + 1.0)
+        if self._toast_watch is None:
+            self._toast_watch = self.set_interval(0.25, self._watch_toasts, name="toast watch")
+
+    def _watch_toasts(self) -> None:
+        """While notices may show: a toast fewer than at the last look repaints every cell."""
+        shown = len(self.screen.query("Toast"))
+        if shown < self._toasts_shown:
+            self.screen.refresh()
+        self._toasts_shown = shown
+        if shown == 0 and time.monotonic() > self._toasts_until and self._toast_watch is not None:
+            self._toast_watch.stop()
+            self._toast_watch = None
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "restart_backend":

@@ -143,7 +143,7 @@ class Tmux:
         limit = max(timeout, STALL_S)
         last_progress = time.monotonic()
         seen: tuple = ()
-        screen = ""
+        screen = header = ""
         while True:
             screen = self.screen(name)
             hit = found(screen)
@@ -152,10 +152,42 @@ class Tmux:
             now = time.monotonic()
             state = ("\n".join(screen.splitlines()[1:]), self._home_state())
             if state != seen:
-                seen, last_progress = state, now
+                seen, last_progress, header = state, now, screen.split("\n", 1)[0]
             elif now - last_progress > limit:
-                raise AssertionError(f"{what} (nothing moved for {limit:.0f} s); last screen:\n{screen}")
+                # A header that kept moving (its CPU figure) says the app still paints.
+                painted = "the header still moved" if screen.split("\n", 1)[0] != header else "the header too stood still"
+                raise AssertionError(f"{what} (nothing moved for {limit:.0f} s; {painted}); last screen:\n{screen}"
+                                     f"{self.stacks(name, screen)}")
             time.sleep(0.2)
+
+    def stacks(self, name: str, screen: str) -> str:
+        """Where the pane's processes and the backend (its pid read off the header) are: their
+        Python stacks by py-spy, when it is installed (a stalled wait says whether the app hangs
+        or waits on the backend); "" without it."""
+        import re
+        import shutil
+
+        spy = shutil.which("py-spy") or (str(Path(sys.executable).parent / "py-spy")
+                                         if (Path(sys.executable).parent / "py-spy").exists() else None)
+        if spy is None:
+            return ""
+        pids = []
+        pane = self.tmux("display-message", "-p", "-t", name, "#{pane_pid}", check=False).strip()
+        todo = [pane] if pane.isdigit() else []
+        while todo:  # the pane's shell and everything under it
+            pid = todo.pop()
+            pids.append(pid)
+            out = subprocess.run(["ps", "-o", "pid=", "--ppid", pid], capture_output=True, text=True).stdout
+            todo.extend(out.split())
+        m = re.search(r"backend pid (\d+)", screen)
+        if m:
+            pids.append(m.group(1))
+        parts = []
+        for pid in pids:
+            out = subprocess.run([spy, "dump", "--pid", pid], capture_output=True, text=True, timeout=60)
+            if out.returncode == 0:
+                parts.append(f"--- py-spy dump --pid {pid}\n{out.stdout}{out.stderr}")
+        return "\n\nstacks:\n" + "\n".join(parts) if parts else ""
 
     def _home_state(self) -> tuple:
         """Sizes and times of the watched data home's files (its log, store, runs)."""

@@ -333,3 +333,30 @@ def test_quit_stays_in_the_footer_at_80x24(qlw_home):
                 assert keys["q"].region.right <= palette.region.x and keys["q"].region.width > 0, (tab, keys["q"].region)
 
     asyncio.run(body())
+
+
+def test_the_screen_is_repainted_once_a_notice_has_gone(qlw_home):
+    """Textual can take an expired toast out of the DOM and leave its cells on the terminal: a
+    "Run finished" notice (10 s) stood over the chat's compare columns for minutes in the e2e
+    preference test. Once a toast has gone, the app repaints every cell of the screen."""
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(100, 30), notifications=True) as pilot:
+            await without_backend(pilot)
+            await until(pilot, lambda: not app.screen.query("Toast"), "the start-up notices gone")
+            repaints: list[tuple] = []
+            refresh = app.screen.refresh
+
+            def spy(*regions, **kwargs):
+                repaints.append((regions, kwargs, len(app.screen.query("Toast"))))
+                return refresh(*regions, **kwargs)
+
+            app.screen.refresh = spy  # type: ignore[method-assign]
+            app.notify("Run finished", title="Run finished", timeout=0.5)
+            await until(pilot, lambda: len(app.screen.query("Toast")) == 1, "the toast shown")
+            await until(pilot, lambda: not app.screen.query("Toast"), "the toast gone")
+            # A whole-screen repaint (no regions) asked after the toast left the DOM.
+            await until(pilot, lambda: any(not r and n == 0 for r, _, n in repaints), "a full repaint after the toast")
+
+    asyncio.run(body())
