@@ -1,7 +1,7 @@
 """End to end: the whole fine-tuning loop in the real `qlw`, driven in tmux with keys only.
 
 On the embedded default (the tiny model and the shipped sample data), as a newcomer would: load
-the model, browse the data, set the run, train 20 steps watching the loss table fill, chat with
+the model, browse the data, set the run, train 10 steps of QLoRA (4-bit) watching the loss table fill, chat with
 the base and then base and tuned side by side, export the transcript, free the memory, merge the
 adapter and verify the merged folder, and list what an upload would send; and (in the second
 test) close the terminal in the middle of training and attach a fresh `qlw` that shows every
@@ -24,7 +24,9 @@ pytestmark = [pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is n
 RUN_TOML = """version = 1
 name = "e2e loop"
 [model]
-source = ""
+source = ""{model}
+[data]
+max_length = 256
 [training]
 max_steps = {steps}
 logging_steps = 5
@@ -32,8 +34,12 @@ eval_steps = 10
 save_steps = 5
 per_device_train_batch_size = 4
 gradient_accumulation_steps = 1
-learning_rate = 0.002
+learning_rate = 0.002{training}
 """
+#: The run in fp32 without checkpointing (1.1 s a step at the default length on this CPU, against
+#: 1.6 s in 4-bit with checkpointing), for a test whose subject is the terminal, not the
+#: quantization (the 80x24 loop keeps 4-bit to the merge). Rows of 256 tokens at most, in both.
+FP32 = dict(model='\nprecision = "fp32"', training="\ngradient_checkpointing = false")
 
 
 @pytest.fixture
@@ -51,7 +57,7 @@ def open_qlw(tmux: Tmux, name: str, home, size) -> None:
 def load_tiny_model(tmux: Tmux, name: str) -> None:
     tmux.keys(name, "2")
     tmux.wait_for(name, "Load")
-    tmux.keys(name, "F4")  # the tiny model: built on first use
+    tmux.keys(name, "F4")  # the tiny model: built on first use (the tiny_seeded tests have it)
     tmux.wait_for(name, "qlw-tiny-llama", timeout=300)
     tmux.keys(name, "F5")
     screen = tmux.wait_for(name, "loaded on cpu", timeout=120)
@@ -67,8 +73,8 @@ def browse_sample_data(tmux: Tmux, name: str) -> None:
     assert "instruction" in screen
 
 
-def set_run(tmux: Tmux, name: str, toml_path, steps: int) -> None:
-    toml_path.write_text(RUN_TOML.format(steps=steps))
+def set_run(tmux: Tmux, name: str, toml_path, steps: int, fp32: bool = False) -> None:
+    toml_path.write_text(RUN_TOML.format(steps=steps, **(FP32 if fp32 else dict(model="", training=""))))
     tmux.keys(name, "4")
     tmux.wait_for(name, "LoRA · peft LoraConfig")
     time.sleep(1)  # the tab's focus settles (the first preset button)
@@ -160,18 +166,19 @@ def merge_and_verify(tmux: Tmux, name: str, home) -> None:
     tmux.wait_for(name, "model.safetensors", timeout=60)
 
 
-def test_the_loop_in_a_real_terminal_at_80x24(tmux, qlw_home, tmp_path):
+def test_the_loop_in_a_real_terminal_at_80x24(tmux, tiny_seeded, tmp_path):
+    qlw_home = tiny_seeded
     open_qlw(tmux, "t", qlw_home, (80, 24))
     load_tiny_model(tmux, "t")
     browse_sample_data(tmux, "t")
-    set_run(tmux, "t", tmp_path / "run.toml", steps=20)
+    set_run(tmux, "t", tmp_path / "run.toml", steps=10)
     tmux.keys("t", "F5")
     tmux.keys("t", "5")
-    tmux.wait_for("t", "finished at step 20/20", timeout=180)
+    tmux.wait_for("t", "finished at step 10/10", timeout=180)
     # The table follows the newest row (at 80x24 it shows the last few).
-    screen, _ = tmux.wait_match("t", r"^\s+20\s+\d+\.\d{4}\s+\d+\.\d{4}", timeout=10, flags=re.M)
+    screen, _ = tmux.wait_match("t", r"^\s+10\s+\d+\.\d{4}\s+\d+\.\d{4}", timeout=10, flags=re.M)
     rows = [int(s) for s in re.findall(r"^\s+(\d+)\s+\d+\.\d{4}", screen, re.M)]
-    assert rows == list(range(rows[0], 21, 5)) and len(rows) >= 2, screen
+    assert rows == [5, 10], screen
     assert "Validation Loss" in screen and "adapter:" in screen
     chat_with_base_then_compare(tmux, "t")
     export_transcript(tmux, "t", qlw_home)
@@ -179,10 +186,11 @@ def test_the_loop_in_a_real_terminal_at_80x24(tmux, qlw_home, tmp_path):
     merge_and_verify(tmux, "t", qlw_home)
 
 
-def test_a_terminal_closed_mid_training_and_a_new_one_attached_at_200x50(tmux, qlw_home, tmp_path):
+def test_a_terminal_closed_mid_training_and_a_new_one_attached_at_200x50(tmux, tiny_seeded, tmp_path):
+    qlw_home = tiny_seeded
     open_qlw(tmux, "first", qlw_home, (80, 24))
     load_tiny_model(tmux, "first")
-    set_run(tmux, "first", tmp_path / "run.toml", steps=40)
+    set_run(tmux, "first", tmp_path / "run.toml", steps=40, fp32=True)
     tmux.keys("first", "F5")
     tmux.keys("first", "5")
     tmux.wait_for("first", "step 5/40", timeout=120)  # rows are arriving

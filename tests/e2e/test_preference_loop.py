@@ -166,7 +166,8 @@ def choose_dpo_from(tmux: Tmux, name: str, sft_adapter: str) -> None:
     tmux.wait_until(name, checked, "the start adapter was never taken and checked", timeout=60)
 
 
-def test_sft_then_dpo_from_its_adapter_chat_and_merge(tmux, qlw_home, tmp_path):
+def test_sft_then_dpo_from_its_adapter_chat_and_merge(tmux, tiny_seeded, tmp_path):
+    qlw_home = tiny_seeded
     open_qlw(tmux, "t", qlw_home, SIZE)
     load_tiny_model(tmux, "t")
 

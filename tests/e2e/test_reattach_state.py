@@ -97,7 +97,7 @@ def set_everything(tmux: Tmux, name: str, data_path, toml_path) -> None:
     tmux.wait_for(name, "my run")
     press(tmux, name, "Escape")
 
-    # Model: the embedded tiny model filled in (f4 builds it the first time).
+    # Model: the embedded tiny model filled in (f4 finds the copy the fixture put in the home).
     press(tmux, name, "2")
     tmux.wait_for(name, "Load")
     time.sleep(0.5)
@@ -164,7 +164,8 @@ def quit_qlw(tmux: Tmux, name: str) -> None:
         time.sleep(0.2)
 
 
-def test_every_value_comes_back_after_q_and_after_a_backend_restart(tmux, qlw_home, tmp_path):
+def test_every_value_comes_back_after_q_and_after_a_backend_restart(tmux, tiny_seeded, tmp_path):
+    qlw_home = tiny_seeded
     data_path = tmp_path / "mine.jsonl"
     data_path.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{2 * i}."}) + "\n"
                                  for i in range(30)))
