@@ -360,3 +360,33 @@ def test_the_screen_is_repainted_once_a_notice_has_gone(qlw_home):
             await until(pilot, lambda: any(not r and n == 0 for r, _, n in repaints), "a full repaint after the toast")
 
     asyncio.run(body())
+
+
+def test_the_footer_is_rebuilt_once_for_many_binding_changes_in_a_frame(qlw_home):
+    """Textual's Footer rebuilds itself once per refresh_bindings(): 42 rebuilds of ~20 keys as
+    the app started. qlw's footer keeps one rebuild pending; the keys shown still follow the
+    focused pane."""
+    from tui.widgets.shell.footer import QlwFooter
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await without_backend(pilot)
+            footer = app.screen.query_one(QlwFooter)
+            rebuilds = []
+            recompose = footer.recompose
+
+            async def counted():
+                rebuilds.append(1)
+                await recompose()
+
+            footer.recompose = counted  # type: ignore[method-assign]
+            for _ in range(10):
+                app.screen.refresh_bindings()
+            await until(pilot, lambda: rebuilds and not footer._rebuild_pending, "the footer rebuilt")
+            await pilot.pause()
+            assert len(rebuilds) == 1
+            await pilot.press("4")  # the LoRA tab: its Start key (f5) is in the footer
+            await until(pilot, lambda: "f5" in [k.key for k in footer.query("FooterKey")], "the LoRA tab's keys")
+
+    asyncio.run(body())

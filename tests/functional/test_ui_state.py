@@ -190,3 +190,40 @@ def test_a_second_app_attached_at_the_same_time_sees_the_changes(qlw_home):
         asyncio.run(asyncio.wait_for(body(), 240))
     finally:
         stop_backend(proc)
+
+
+def test_settings_taken_from_the_data_tab_are_shown_not_sent_as_an_edit(qlw_home):
+    """The LoRA form takes the Data tab's max_length and loss when that tab changes. That is not
+    an edit of the LoRA pane: sent, its state would carry every other field as this terminal
+    shows it, over the edits another terminal made meanwhile (the second app of
+    test_a_second_app_attached_at_the_same_time_sees_the_changes lost its LoRA values so once,
+    in a loaded suite run). Only the user's edits are sent."""
+    from tests.functional.helpers import without_backend
+
+    async def body():
+        app = make_app(qlw_home)
+        async with app.run_test(size=SIZE) as pilot:
+            await without_backend(pilot)
+            lora = app.screen.query_one(LoraPane)
+            sent: list[tuple[str, dict]] = []
+            real_set = app.ui_state.set
+
+            def spy(key, value):
+                sent.append((key, value))
+                return real_set(key, value)
+
+            app.ui_state.set = spy  # type: ignore[method-assign]
+            data = {"source": {"path": "/data/mine.jsonl", "config": "", "split": ""}, "max_length": 333, "loss": "all"}
+            lora._data_pane_settings = lambda: data  # type: ignore[method-assign]
+            lora.data_changed()  # as the Data tab calls it when its dataset opens or is restored
+            await pilot.pause()
+            await pilot.pause()
+            assert lora.form.row("data.max_length").raw == "333" and lora.config()["data"]["max_length"] == 333
+            assert [key for key, _ in sent if key == "lora"] == []
+            # An edit of the user's is sent, with the value taken from the Data tab.
+            lora.form.row("lora.r").control.value = "32"
+            await until(pilot, lambda: any(key == "lora" for key, _ in sent), "the edit sent")
+            fields = [v for key, v in sent if key == "lora"][-1]["fields"]
+            assert fields["lora.r"] == "32" and fields["data.max_length"] == "333"
+
+    asyncio.run(body())

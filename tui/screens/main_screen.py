@@ -14,7 +14,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, Input, TabbedContent, TabPane, Tabs, TextArea
+from textual.widgets import Input, TabbedContent, TabPane, Tabs, TextArea
 
 from backend import protocol as P
 from tui.client import CONNECTED
@@ -22,6 +22,7 @@ from tui.ui_state import UiChange
 from tui.widgets.gpu.gpu_pane import GpuPane
 from tui.widgets.shell.app_header import AppHeader
 from tui.widgets.shell.error_notice import TITLE, error_notice
+from tui.widgets.shell.footer import QlwFooter
 from tui.widgets.shell.job_indicator import JobIndicator
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class MainScreen(Screen):
                     if n == 1:  # the others mount after the first paint (_mount_next_pane)
                         yield pane_class(pane)(id=f"{tab}-pane")
         yield JobIndicator(id="job-indicator")
-        yield Footer(compact=True)  # every key a little tighter: q Quit stays at 80 columns
+        yield QlwFooter(compact=True)  # every key a little tighter: q Quit stays at 80 columns
 
     @property
     def panes_mounted(self) -> bool:

@@ -419,14 +419,22 @@ class LoraPane(BackendRequests, Vertical):
             data, d_origin = self._data_override, self._data_override_origin
         else:
             data, d_origin = (pane_data or {}), ("Data tab" if pane_data else "")
+        adopted = False
         if pane_data is not None and pane_data != self._data_adopted:
             self._data_adopted = pane_data
             if self._data_override is None:
+                # Derived from the Data tab, not typed here: no Changed, hence no save of this
+                # pane's state. Saved, it would carry every other field as this terminal shows
+                # it, and a second terminal whose Data tab follows the first's would send its
+                # stale fields over the edits the first made meanwhile (lost LoRA values, seen
+                # in test_ui_state under load). A restore takes these values again from the
+                # Data tab; the user's next edit here saves them.
                 self.form.set_values({"data.max_length": pane_data.get("max_length"),
-                                      "data.loss": pane_data.get("loss")})
+                                      "data.loss": pane_data.get("loss")}, announce=False)
+                adopted = True
         self.data, self.data_origin = data, d_origin
         self.form.show_sections(self.model, self.model_origin, self.data, self.data_origin)
-        return (self.model, self.data) != before
+        return adopted or (self.model, self.data) != before
 
     def _base_model(self) -> tuple[dict[str, Any], str]:
         """The model section before any override, and where it comes from: the Model tab; the

@@ -167,8 +167,9 @@ class RunForm(VerticalScroll):
 
     # Writing ------------------------------------------------------------------------------------
 
-    def set_values(self, values: dict[str, Any], name: str | None = None) -> None:
-        """Show config values by dotted path (a preset or an imported file); one Changed follows."""
+    def set_values(self, values: dict[str, Any], name: str | None = None, announce: bool = True) -> None:
+        """Show config values by dotted path (a preset or an imported file); one Changed follows,
+        unless ``announce`` is false (values the pane derived, not an edit of the user's)."""
         with self.prevent(Input.Changed, Select.Changed, Checkbox.Changed, TargetModulesPicker.Changed):
             for path, value in values.items():
                 if path == TARGET_MODULES:
@@ -178,7 +179,8 @@ class RunForm(VerticalScroll):
             if name is not None:
                 self.query_one("#run-name", Input).value = name
         self._show_method_fields()
-        self.post_message(self.Changed(self))
+        if announce:
+            self.post_message(self.Changed(self))
 
     def offer_adapters(self, adapters: list[dict[str, Any]]) -> None:
         """Finished runs' adapters (``merge.adapters``, newest first) as the start adapter's
