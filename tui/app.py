@@ -148,8 +148,6 @@ class QlwApp(BackendRequests, App[None]):
         self.refresh_bindings()
         self.connection_changed.publish(message)
 
-    # Actions -------------------------------------------------------------------------------
-
     # Notices ------------------------------------------------------------------------------------
 
     def notify(self, message: str, *, title: str = "", severity: Any = "information",
@@ -173,6 +171,8 @@ class QlwApp(BackendRequests, App[None]):
         if shown == 0 and time.monotonic() > self._toasts_until and self._toast_watch is not None:
             self._toast_watch.stop()
             self._toast_watch = None
+
+    # Actions -------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "restart_backend":
