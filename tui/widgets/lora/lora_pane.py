@@ -427,7 +427,7 @@ class LoraPane(BackendRequests, Vertical):
                 # pane's state. Saved, it would carry every other field as this terminal shows
                 # it, and a second terminal whose Data tab follows the first's would send its
                 # stale fields over the edits the first made meanwhile (lost LoRA values, seen
-                # in test_ui_state under load). A restore takes these values again from the
+                # once in test_ui_state, in a quiet suite run). A restore takes these values again from the
                 # Data tab; the user's next edit here saves them.
                 self.form.set_values({"data.max_length": pane_data.get("max_length"),
                                       "data.loss": pane_data.get("loss")}, announce=False)
