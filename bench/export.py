@@ -91,6 +91,14 @@ def device_info() -> dict:
     return info
 
 
+def write_record(out: Path, name: str, params: int, made, prompts: list[str], results: list[dict]) -> None:
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "model": name, "parameters": params, "made": made, "rows_scored": len(prompts),
+              "device": device_info(), "versions": versions(), "results": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = parser.add_mutually_exclusive_group(required=True)
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {name}: {params:,} parameters", flush=True)
         prompts = texts(args.rows)
         results = []
+        out = args.out or ROOT / "bench" / "results" / ("export_smoke.json" if args.smoke else "export.json")
         for level in [x.strip() for x in args.levels.split(",") if x.strip()]:
             print(f"{level}:", flush=True)
             ctx = Recorder()
@@ -148,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                            greedy_same=got["greedy_same"], noise_floor=v["noise_floor"], noise_dtype=v["noise_dtype"],
                            checks=v["checks"], merged_bytes=merged["size_bytes"])
             results.append(row)
-            print(f"  {result['size_bytes'] / MIB:,.1f} MiB in {result['write_s']:.1f} s", flush=True)
+            print(f"  {result['size_bytes'] / MIB:,.1f} MiB in {result['write_s']:.1f} s, {total:.1f} s with the "
+                  "verification", flush=True)
             (work / "out" / f"model-{level}.gguf").unlink(missing_ok=True)
+            write_record(out, name, params, made, prompts, results)  # after every level: a killed run keeps its rows
         print()
         print("| level | file | export s | ppl merged | ppl gguf | Δ ppl | max abs Δlogit | noise floor | top-1 agree |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -162,12 +173,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['top1_agreement']:.2%} |")
             else:
                 print(f"| {r['level']} | {r['size_bytes'] / MIB:,.1f} MiB | {r['export_s']:.1f} | | | | | | |")
-        record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "model": name, "parameters": params, "made": made, "rows_scored": len(prompts),
-                  "device": device_info(), "versions": versions(), "results": results}
-        out = args.out or ROOT / "bench" / "results" / ("export_smoke.json" if args.smoke else "export.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {out}")
     finally:
         if args.work is None:
