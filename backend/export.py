@@ -440,10 +440,15 @@ def verify(folder: str, gguf_path: str, home: Path, ctx, quant: str = "", adapte
     agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got["logits"], ref["logits"]))
     positions = sum(a.shape[0] for a in ref["logits"])
     greedy_same = sum(a == b for a, b in zip(got["greedy"], ref["greedy"]))
-    # The tokenizer inside the file: template, EOS, and a conversation tokenised the same.
+    # The tokenizer inside the file: template, EOS, and a conversation tokenised the same. The
+    # special tokens and the BOS flag are read from the file's own metadata, as llama.cpp reads
+    # them: transformers 5.17's GGUF tokenizer took EOS for `<s>` and added no BOS on files that
+    # say eos 2 and add_bos_token true (5.25 reads them right; bench/README.md, GGUF export).
     gtok = AutoTokenizer.from_pretrained(str(gguf_p.parent), gguf_file=gguf_p.name)
+    special = G.read_special(gguf_p)
+    bos = [special["bos"]] if special.get("add_bos") and special.get("bos") is not None else []
     conv = [{"role": r, "content": c} for r, c in ollama.CHECK_CONVERSATIONS[3]]
-    checks: dict[str, Any] = {"chat_template": None, "eos": tok.eos_token_id == gtok.eos_token_id,
+    checks: dict[str, Any] = {"chat_template": None, "eos": tok.eos_token_id == special.get("eos"),
                               "conversation_tokens": None, "modelfile_template": None}
     if tok.chat_template:
         checks["chat_template"] = gtok.chat_template == tok.chat_template
@@ -452,8 +457,10 @@ def verify(folder: str, gguf_path: str, home: Path, ctx, quant: str = "", adapte
         text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         checks["conversation_tokens"] = list(gtok(text, add_special_tokens=False)["input_ids"]) == want
         if template:
-            # What Ollama sends llama.cpp: the Go template's text, BOS added by the tokenizer.
-            checks["modelfile_template"] = list(gtok(ollama.render_go(template, conv))["input_ids"]) == want
+            # What Ollama sends llama.cpp: the Go template's text, with BOS in front where the file
+            # asks for it (add_bos_token).
+            rendered = gtok(ollama.render_go(template, conv), add_special_tokens=False)["input_ids"]
+            checks["modelfile_template"] = bos + list(rendered) == want
     rows = [
         {"model": "merged", "perplexity": ref["perplexity"], "max_abs_logit_diff": None, "top1_agreement": None,
          "greedy_same": None, "size_bytes": evaluate.weights_bytes(folder_p)},

@@ -557,6 +557,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_special(path: Path) -> dict[str, Any]:
+    """The special tokens a GGUF file declares, as llama.cpp reads them: ``bos``, ``eos``, ``pad``
+    (ids or None) and ``add_bos`` / ``add_eos`` (bool or None). Reads the metadata only."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    return {"bos": field("tokenizer.ggml.bos_token_id"), "eos": field("tokenizer.ggml.eos_token_id"),
+            "pad": field("tokenizer.ggml.padding_token_id"), "add_bos": field("tokenizer.ggml.add_bos_token"),
+            "add_eos": field("tokenizer.ggml.add_eos_token")}
+
+
 def planned_bytes(folder: Path, level: str) -> int:
     """About how large the file will be at ``level`` (tensors only; k-quants estimated by their
     bits per weight)."""

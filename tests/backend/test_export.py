@@ -97,6 +97,40 @@ def test_gguf_reads_back_within_the_levels_noise(exported):
     assert "noise floor of a fp16 file" in table and f"gguf {level}" in table
 
 
+def test_checks_read_the_files_own_special_tokens_not_transformers_reader(exported, tiny_folder, home,
+                                                                           monkeypatch):
+    """transformers 5.17's GGUF tokenizer (the GPU machine's) read EOS as `<s>` and added no BOS on
+    files that declare eos 2 and add_bos_token true: the 7B run's checks said "eos: False,
+    modelfile_template: False" for a correct file. The checks take the special tokens and the BOS
+    flag from the file's metadata, as llama.cpp does; this reader is made to behave like 5.17's."""
+    import transformers
+
+    level, result, _ = exported
+    if level != "f16":
+        pytest.skip("one level is enough")
+    assert G.read_special(Path(result["path"])) == {"bos": 1, "eos": 2, "pad": 0, "add_bos": True, "add_eos": False}
+    real = transformers.AutoTokenizer.from_pretrained
+
+    class Like517:
+        """The GGUF tokenizer as transformers 5.17 gave it: EOS `<s>`, no BOS added."""
+
+        def __init__(self, tok):
+            self.tok, self.chat_template, self.eos_token_id = tok, tok.chat_template, tok.bos_token_id
+
+        def __call__(self, text, add_special_tokens=True, **kw):
+            return self.tok(text, add_special_tokens=False, **kw)
+
+    def from_pretrained(path, *args, **kw):
+        tok = real(path, *args, **kw)
+        return Like517(tok) if kw.get("gguf_file") else tok
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    template = Path(result["modelfile"]).read_text(encoding="utf-8").split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    v = E.verify(str(tiny_folder), result["path"], home, Ctx(), quant=level, template=template,
+                 prompts=["Name a colour."])
+    assert v["checks"] == {"chat_template": True, "eos": True, "conversation_tokens": True, "modelfile_template": True}
+
+
 def test_relative_logit_error_of_f16_is_about_1e_3(exported, tiny_folder):
     level, result, _ = exported
     if level != "f16":
