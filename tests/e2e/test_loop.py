@@ -87,21 +87,29 @@ def set_run(tmux: Tmux, name: str, toml_path, steps: int, fp32: bool = False) ->
     assert "trainable params: 65,536" in screen and "fits" in screen
 
 
+def send_message(tmux: Tmux, name: str, text: str) -> None:
+    """`m` into the message box, then the message once the box has the focus, then enter once the
+    text shows in the box. Sent at once after `m`, the text reached whatever had the focus before
+    (a two-worker run lost a whole message that way: nothing moved for 180 s)."""
+    tmux.keys(name, "m")
+    # The box's first cell is its placeholder's "›", under the blinking cursor once it has the focus.
+    tmux.wait_until(name, lambda _: tmux.focused(name, r"^\s*(?=› message)"), "the message box never took the focus")
+    tmux.keys(name, text)
+    tmux.wait_for(name, text)
+    tmux.keys(name, "Enter")
+
+
 def chat_with_base_then_compare(tmux: Tmux, name: str) -> None:
     tmux.keys(name, "6")
     tmux.wait_for(name, "Load")
     time.sleep(0.5)
     tmux.keys(name, "F5")  # the base target: the model loaded in the Model tab
     tmux.wait_for(name, "loaded base", timeout=60)
-    tmux.keys(name, "m")
-    time.sleep(0.3)
-    tmux.keys(name, "What is the capital of Norway?", "Enter")
+    send_message(tmux, name, "What is the capital of Norway?")
     tmux.wait_match(name, r"\d+ tokens · first token [\d.]+ s", timeout=120)
     tmux.keys(name, "Escape", "F3")  # compare: the newest adapter beside the base
     tmux.wait_for(name, "compare: base | tuned")
-    tmux.keys(name, "m")
-    time.sleep(0.3)
-    tmux.keys(name, "Name the capital city of Norway.", "Enter")
+    send_message(tmux, name, "Name the capital city of Norway.")
 
     def both_answered(screen: str) -> bool:  # two sets of figures below the compare header
         tail = screen[screen.rfind("▏ tuned"):] if "▏ tuned" in screen else ""
