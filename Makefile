@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/qlw
 
+# Two workers: a module's tests stay together, the tmux tests run one after the other
+# (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench-channel: $(STAMP)
 	$(VENV)/bin/python bench/channel.py

@@ -16,6 +16,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Several pytest-xdist workers (`make test` runs two): one torch thread per process, so that two
+# tiny trainings on two cores do not each spin two threads (set before any test imports torch;
+# the backends and CLIs the tests start inherit it).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """For ``--dist loadgroup``: a test module's tests stay on one worker (its module fixtures,
+    such as a trained tiny run, are made once), and the tmux end-to-end tests run one after the
+    other on one worker (each drives a whole qlw and backend)."""
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group("e2e" if path.startswith("tests/e2e/") else path))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _offline_env():
